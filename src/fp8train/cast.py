@@ -1,0 +1,169 @@
+"""Bit-exact casts onto a format's grid.
+
+Contract (stated once, tested against ``ml_dtypes`` and torch's float8 dtypes):
+
+* The input (fp32, bf16 or fp16) is widened to fp32, which is exact for all three.
+* ``rounding="nearest"``: round to nearest, ties to even (on the code's last bit), with
+  subnormals. ``rounding="stochastic"``: round up with probability equal to the
+  distance from the lower grid point in units of the local step, so E[cast(x)] == x
+  for every x inside the range (up to the 2^-24 resolution of the uniform draw).
+* Overflow is decided *after* rounding: a value overflows when it rounds past ``max``.
+  ``saturate=True``: finite overflow and +-inf become +-max. ``saturate=False``: the
+  hardware policy -- E5M2 gives +-inf, E4M3 (no inf) gives NaN; formats with neither
+  inf nor NaN (E2M1, INT8) only allow ``saturate=True``.
+* NaN stays NaN in formats that have one. Formats without a NaN code (E2M1, INT8)
+  reject NaN input with ``ValueError`` rather than invent a value (ml_dtypes maps NaN
+  to 6.0 in E2M1; we refuse).
+* E8M0 (unsigned, no zero): positive values below 2^-127 round to 2^-127 as in
+  ml_dtypes; zero becomes 2^-127 when saturating and NaN otherwise; negative values
+  are NaN (no sign bit).  torch's own E8M0 cast drops the sign instead -- we do not.
+* ``-0`` stays ``-0`` in formats with a negative zero; fnuz formats return ``+0``.
+
+We never rely on torch's own overflow behaviour (it changed across releases): where we
+use torch's native float8 conversion for speed, the overflow policy is applied first.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from fp8train.formats import E4M3, E5M2, Format, by_name
+
+Rounding = Literal["nearest", "stochastic"]
+
+__all__ = ["cast", "round_to_grid", "overflow_threshold"]
+
+_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def overflow_threshold(fmt: Format) -> float:
+    """Smallest magnitude that rounds (to nearest even) past ``fmt.max``.
+
+    Values strictly above it overflow; the value itself overflows only when ``max`` has
+    an odd last mantissa bit (E5M2: 61440 -> inf; E4M3: 464 -> 448).
+    """
+    values = fmt.values
+    step = values[-1] - values[-2]
+    return fmt.max + step / 2
+
+
+def _check_args(x: torch.Tensor, fmt: Format, saturate: bool, rounding: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"cast expects a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _INPUT_DTYPES:
+        raise TypeError(
+            f"cast supports float32, bfloat16 and float16 inputs, got {x.dtype} "
+            f"(shape {tuple(x.shape)}); convert with .float() first"
+        )
+    if rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+    if not saturate and not (fmt.has_inf or fmt.has_nan):
+        raise ValueError(
+            f"{fmt.name} has neither inf nor NaN, so overflow can only saturate; "
+            "pass saturate=True"
+        )
+
+
+def round_to_grid(
+    x: torch.Tensor,
+    fmt: Format | str,
+    *,
+    saturate: bool = True,
+    rounding: Rounding = "nearest",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Reference cast: float32 tensor holding exactly the values ``cast`` would encode.
+
+    Pure integer-exponent arithmetic in fp32 (frexp / round / ldexp are exact), so it
+    works for every format, including those torch has no dtype for.
+    """
+    fmt = by_name(fmt)
+    _check_args(x, fmt, saturate, rounding)
+    x32 = x.float()
+    if not fmt.has_nan and bool(torch.isnan(x32).any()):
+        raise ValueError(
+            f"{fmt.name} has no NaN code; input of shape {tuple(x.shape)} contains NaN"
+        )
+    mag = x32.abs()
+    if fmt.is_integer:
+        # A uniform grid: the step is 1 everywhere.
+        quantum_exp = torch.zeros_like(mag, dtype=torch.int32)
+    else:
+        # floor(log2 |x|), clamped to the smallest normal binade so that subnormals share
+        # its quantum; frexp returns |x| = m * 2^e with m in [0.5, 1).
+        _, e = torch.frexp(mag)
+        quantum_exp = (e - 1).clamp(min=fmt.min_exponent) - fmt.mantissa_bits
+    significand = torch.ldexp(mag, -quantum_exp)  # exact: scaling by a power of two
+    if rounding == "nearest":
+        rounded = torch.round(significand)  # ties to even integer == even last code bit
+    else:
+        low = torch.floor(significand)
+        frac = significand - low  # exact in fp32
+        u = torch.rand(mag.shape, generator=generator, device=mag.device)
+        rounded = low + (u < frac).to(low.dtype)
+    q = torch.ldexp(rounded, quantum_exp)
+
+    over = q > fmt.max  # also true for +inf input; NaN compares false
+    if saturate:
+        q = torch.where(over, torch.full_like(q, fmt.max), q)
+    else:
+        q = torch.where(over, torch.full_like(q, torch.inf if fmt.has_inf else torch.nan), q)
+
+    if fmt.special == "e8m0":
+        tiny = torch.full_like(q, fmt.min_subnormal)
+        q = torch.where((q == 0) & (mag > 0), tiny, q)  # no zero code: underflow to min
+        zero_to = fmt.min_subnormal if saturate else torch.nan
+        q = torch.where(mag == 0, torch.full_like(q, zero_to), q)
+        q = torch.where(x32 < 0, torch.full_like(q, torch.nan), q)  # no sign bit
+        return torch.where(torch.isnan(x32), x32, q)
+    q = torch.where(torch.isnan(x32), x32, q)
+    if fmt.has_negative_zero:
+        return torch.copysign(q, x32)
+    signed = torch.copysign(q, x32)
+    return torch.where(signed == 0, torch.zeros_like(signed), signed)  # no -0 code
+
+
+def _to_storage(q: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Exact values (fp32) -> the format's torch dtype; the conversion is exact."""
+    return q if fmt.torch_dtype is None else q.to(fmt.torch_dtype)
+
+
+def cast(
+    x: torch.Tensor,
+    fmt: Format | str,
+    *,
+    saturate: bool = True,
+    rounding: Rounding = "nearest",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Cast ``x`` onto ``fmt``; see the module docstring for the full contract.
+
+    Returns a tensor of ``fmt.torch_dtype`` with ``x``'s shape, or float32 holding
+    exact grid values when torch has no dtype for ``fmt`` (E2M1). Not differentiable.
+    """
+    fmt = by_name(fmt)
+    _check_args(x, fmt, saturate, rounding)
+    if rounding == "nearest" and fmt in (E4M3, E5M2):
+        return _cast_native(x, fmt, saturate)
+    return _to_storage(round_to_grid(x, fmt, saturate=saturate, rounding=rounding,
+                                     generator=generator), fmt)
+
+
+def _cast_native(x: torch.Tensor, fmt: Format, saturate: bool) -> torch.Tensor:
+    """torch's own RNE conversion with our overflow policy applied first.
+
+    torch's conversion rounds like ours (the tests prove it, code by code) but its
+    overflow handling is version-dependent, so we decide overflow ourselves.
+    """
+    assert fmt.torch_dtype is not None
+    if saturate:
+        # clamp passes NaN through; +-inf become +-max.
+        return x.clamp(-fmt.max, fmt.max).to(fmt.torch_dtype)
+    if fmt.has_inf:
+        # E5M2: torch rounds finite overflow to inf and keeps inf, as IEEE does.
+        return x.to(fmt.torch_dtype)
+    # E4M3 has no inf: everything that rounds past max (and +-inf) is NaN.
+    too_big = x.abs() > overflow_threshold(fmt)
+    return torch.where(too_big, torch.full_like(x, torch.nan), x).to(fmt.torch_dtype)

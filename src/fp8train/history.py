@@ -1,0 +1,94 @@
+"""Delayed scaling state: a window of past amax values.
+
+Delayed scaling quantises step t with a scale derived from amaxes seen *before* step t
+(the window's max or its most recent entry), so the cast needs no reduction over the
+tensor it is casting. The current amax is recorded afterwards. A NaN or inf amax is
+never recorded: ``record`` returns False and the window is left untouched, so one bad
+batch cannot poison the scale of every later step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+
+__all__ = ["AmaxHistory"]
+
+_STATE_VERSION = 1
+
+
+class AmaxHistory:
+    """Ring buffer of the last ``length`` amax values of one operand.
+
+    ``algo="max"`` reduces the window with max (robust to a transient dip);
+    ``"most_recent"`` uses the last value (reacts fastest, no protection from spikes).
+    Amax values may be scalars (per-tensor) or any fixed shape (one window per element).
+    """
+
+    def __init__(self, length: int = 16, algo: Literal["max", "most_recent"] = "max") -> None:
+        if length < 1:
+            raise ValueError(f"amax history length must be >= 1, got {length}")
+        if algo not in ("max", "most_recent"):
+            raise ValueError(f"amax history algo must be 'max' or 'most_recent', got {algo!r}")
+        self.length = length
+        self.algo = algo
+        self.window: torch.Tensor | None = None  # (length, *amax_shape), fp32
+        self.count = 0  # amaxes recorded so far (saturates at nothing; used for ring index)
+
+    def __len__(self) -> int:
+        return min(self.count, self.length)
+
+    @property
+    def empty(self) -> bool:
+        return self.count == 0
+
+    def reduced(self) -> torch.Tensor:
+        """The window's amax per the algo. Raises if nothing was recorded yet."""
+        if self.window is None or self.count == 0:
+            raise RuntimeError("amax history is empty; record an amax first")
+        if self.algo == "most_recent":
+            return self.window[(self.count - 1) % self.length]
+        return self.window[: len(self)].amax(dim=0)
+
+    def record(self, amax: torch.Tensor) -> bool:
+        """Append ``amax`` if every entry is finite; return whether it was recorded."""
+        amax = amax.detach().float()
+        if not bool(torch.isfinite(amax).all()):
+            return False
+        if self.window is None:
+            self.window = torch.zeros((self.length, *amax.shape), device=amax.device)
+        elif self.window.shape[1:] != amax.shape:
+            raise ValueError(
+                f"amax shape changed from {tuple(self.window.shape[1:])} to {tuple(amax.shape)}"
+            )
+        self.window[self.count % self.length] = amax
+        self.count += 1
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "length": self.length,
+            "algo": self.algo,
+            "count": self.count,
+            "window": None if self.window is None else self.window.clone(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(
+                f"amax history state version {state.get('version')!r} is not supported "
+                f"(expected {_STATE_VERSION})"
+            )
+        if state["length"] != self.length or state["algo"] != self.algo:
+            raise ValueError(
+                f"amax history config mismatch: checkpoint has length={state['length']}, "
+                f"algo={state['algo']!r}; this module has length={self.length}, algo={self.algo!r}"
+            )
+        self.count = int(state["count"])
+        window = state["window"]
+        self.window = None if window is None else window.clone().float()
+
+    def __repr__(self) -> str:
+        return f"AmaxHistory(length={self.length}, algo={self.algo!r}, recorded={self.count})"

@@ -1,0 +1,128 @@
+"""The scaled GEMM: ``out = dequant(a) @ dequant(b)`` with fp32 accumulation.
+
+Two backends compute the same arithmetic:
+
+* ``"scaled_mm"`` -- ``torch._scaled_mm``: FP8 operands, tensorwise or rowwise scales
+  (the layouts it takes on CPU and GPU alike). ``b`` is passed column-major.
+* ``"emulate"`` -- exact emulation for every granularity. FP8 (and INT8) values times
+  power-of-two scales are exactly representable in bf16 (E4M3 has 4 significant bits,
+  INT8 7, bf16 8, and bf16 shares fp32's exponent range), so when the scales are powers
+  of two and the output is bf16, dequantising into bf16 and running a bf16 GEMM (fp32
+  accumulation inside) reproduces the FP8 GEMM at bf16 speed. Otherwise (non-power-of-two
+  scales, or an fp32 output) both operands are dequantised to fp32 (payload times the
+  fp32 reciprocal of the scale) and multiplied in fp32 -- what ``torch._scaled_mm`` does
+  on CPU, bit for bit.
+
+``"auto"`` takes ``torch._scaled_mm`` on CUDA where the layout allows, and the emulation
+on CPU, where it measured faster (benchmarks/linear.py).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from fp8train.formats import E2M1, E4M3, E5M2, INT8
+from fp8train.scaling import Granularity, ScaleSpec
+from fp8train.tensor import ScaledTensor
+
+__all__ = ["scaled_mm", "check_pair", "Backend"]
+
+Backend = Literal["auto", "scaled_mm", "emulate"]
+
+_FP8 = (E4M3, E5M2)
+_OUT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
+
+
+def _k_axis_varies(spec: ScaleSpec, k_axis: int) -> bool:
+    """Whether a ROW scale changes along the contraction axis (0 or -1 of the operand)."""
+    return spec.granularity is Granularity.ROW and spec.axis != k_axis
+
+
+def check_pair(a: ScaledTensor, b: ScaledTensor) -> None:
+    """Raise ValueError (naming both operands) unless ``a @ b`` is a valid scaled GEMM.
+
+    Valid: 2-D ``a (M, K)`` and ``b (K, N)``; element formats both FP8 (E4M3/E5M2, any
+    mix), both INT8, or both E2M1; and scale grids a hardware GEMM can apply:
+    tensor/row scales constant along K (``a`` reduced over its last axis, ``b`` over its
+    first), or block/MX scales of both operands on the same K chunk.
+    """
+    desc = f"a={a!r}, b={b!r}"
+    if a.data.dim() != 2 or b.data.dim() != 2:
+        raise ValueError(f"scaled_mm needs 2-D operands; {desc}")
+    if a.shape[1] != b.shape[0]:
+        raise ValueError(f"scaled_mm shape mismatch: a is {tuple(a.shape)}, b is "
+                         f"{tuple(b.shape)} (a's columns must equal b's rows); {desc}")
+    fa, fb = a.fmt, b.fmt
+    if not ((fa in _FP8 and fb in _FP8) or fa is fb is INT8 or fa is fb is E2M1):
+        raise ValueError(f"scaled_mm element formats {fa.name} x {fb.name} do not pair "
+                         f"(FP8 with FP8, INT8 with INT8, E2M1 with E2M1); {desc}")
+    ga, gb = a.granularity, b.granularity
+    per_operand = (Granularity.TENSOR, Granularity.ROW)
+    if ga in per_operand and gb in per_operand:
+        if _k_axis_varies(a.spec, -1) or _k_axis_varies(b.spec, 0):
+            raise ValueError(
+                "scaled_mm row scales must be constant along K: quantise a with axis=-1 "
+                f"(one scale per row) and b with axis=0 (one per column); {desc}")
+        return
+    if ga is gb and ga in (Granularity.BLOCK, Granularity.MX):
+        if a.spec.block[1] != b.spec.block[0]:
+            raise ValueError(
+                f"scaled_mm block scales must share the K chunk: a's tiles are "
+                f"{a.spec.block}, b's {b.spec.block} (need a.block[1] == b.block[0]); {desc}")
+        return
+    raise ValueError(f"scaled_mm granularities {ga.value} x {gb.value} do not pair "
+                     f"(tensor/row with tensor/row, block with block, mx with mx); {desc}")
+
+
+def _supports_scaled_mm(a: ScaledTensor, b: ScaledTensor) -> bool:
+    per_operand = (Granularity.TENSOR, Granularity.ROW)
+    return (a.fmt in _FP8 and b.fmt in _FP8
+            and a.granularity in per_operand and b.granularity in per_operand
+            # torch._scaled_mm takes rowwise only when both operands are rowwise
+            and (a.granularity is b.granularity))
+
+
+def scaled_mm(
+    a: ScaledTensor,
+    b: ScaledTensor,
+    *,
+    out_dtype: torch.dtype = torch.bfloat16,
+    backend: Backend = "auto",
+) -> torch.Tensor:
+    """``a (M, K) @ b (K, N) -> (M, N)`` in ``out_dtype``, accumulated in fp32.
+
+    Not promised: bitwise equality across backends (summation order may differ; the
+    tests bound the difference at fp32-accumulation level).
+    """
+    check_pair(a, b)
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    if backend not in ("auto", "scaled_mm", "emulate"):
+        raise ValueError(f"backend must be 'auto', 'scaled_mm' or 'emulate', got {backend!r}")
+    if backend == "scaled_mm" or (backend == "auto" and a.data.is_cuda
+                                  and _supports_scaled_mm(a, b)):
+        if not _supports_scaled_mm(a, b):
+            raise ValueError(
+                "torch._scaled_mm takes FP8 operands with tensorwise x tensorwise or rowwise "
+                f"x rowwise scales; got {a!r} and {b!r}; use backend='emulate'")
+        return _torch_scaled_mm(a, b, out_dtype)
+    return _emulated_mm(a, b, out_dtype)
+
+
+def _torch_scaled_mm(a: ScaledTensor, b: ScaledTensor, out_dtype: torch.dtype) -> torch.Tensor:
+    # torch._scaled_mm multiplies by its scales (dequantisation), the inverse of ours.
+    inv_a = a.scale.reciprocal()
+    inv_b = b.scale.reciprocal()
+    b_col_major = b.data.t().contiguous().t()
+    return torch._scaled_mm(a.data.contiguous(), b_col_major, scale_a=inv_a, scale_b=inv_b,
+                            out_dtype=out_dtype)
+
+
+def _emulated_mm(a: ScaledTensor, b: ScaledTensor, out_dtype: torch.dtype) -> torch.Tensor:
+    exact_in_bf16 = a.spec.scales_are_power_of_two and b.spec.scales_are_power_of_two
+    if out_dtype == torch.bfloat16 and exact_in_bf16:
+        # Every dequantised operand value is exact in bf16 (see module docstring).
+        return torch.mm(a.dequantize(torch.bfloat16), b.dequantize(torch.bfloat16))
+    return torch.mm(a.dequantize(torch.float32), b.dequantize(torch.float32)).to(out_dtype)

@@ -1,0 +1,139 @@
+"""``Fp8Linear`` and ``convert``: swap ``nn.Linear`` layers of any model for FP8 ones.
+
+The module is thin: it holds the recipe and the layer's state and calls
+:func:`fp8train.autograd.fp8_linear`. Conversion reuses the original Parameters, so an
+optimizer built before ``convert`` keeps working and ``model.state_dict()`` keeps its
+keys and loads into the unconverted model (strictly) and back. Recipe state (amax
+histories) lives outside ``state_dict()``, in :func:`recipe_state_dict`, a versioned
+entry of its own.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from fp8train.autograd import LayerState, fp8_linear
+from fp8train.recipes import Recipe, RecipeName
+
+__all__ = ["Fp8Linear", "convert", "recipe_state_dict", "load_recipe_state_dict", "fp8_layers"]
+
+log = logging.getLogger("fp8train")
+
+Filter = Callable[[nn.Linear, str], bool]
+
+_STATE_VERSION = 1
+
+
+class Fp8Linear(nn.Linear):
+    """``nn.Linear`` whose three GEMMs run under an FP8 recipe.
+
+    Same parameters, same ``state_dict`` keys as ``nn.Linear``; ``fp8_state`` holds the
+    delayed-scaling histories and non-finite counters.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 recipe: Recipe | str, name: str = "", device: Any = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.recipe = Recipe.from_name(recipe)
+        self.fp8_state = LayerState(name or "linear", self.recipe)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.bias, self.fp8_state)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, recipe={self.recipe.name}"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, recipe: Recipe, name: str) -> Fp8Linear:
+        """Wrap ``linear``'s own Parameters (built on meta: no second weight allocation)."""
+        with torch.device("meta"):
+            new = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                      recipe=recipe, name=name)
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.train(linear.training)
+        return new
+
+
+def fp8_layers(model: nn.Module) -> Iterable[tuple[str, Fp8Linear]]:
+    """``(qualified name, layer)`` for every converted layer, in registration order."""
+    return ((n, m) for n, m in model.named_modules() if isinstance(m, Fp8Linear))
+
+
+def convert(
+    model: nn.Module,
+    recipe: Recipe | RecipeName | str,
+    *,
+    filter: Filter | None = None,
+    skip: str | Iterable[str] = (),
+    skip_first_last: bool = False,
+    min_features: int = 0,
+) -> nn.Module:
+    """Swap ``nn.Linear`` layers of ``model`` for :class:`Fp8Linear` in place; return it.
+
+    A layer is converted when every condition holds: ``filter(module, qualified_name)``
+    is true (if given); its name matches none of the ``skip`` fnmatch patterns (e.g.
+    ``"lm_head"``, ``"*.attn.*"``); it is not the first or last Linear when
+    ``skip_first_last``; both its features are >= ``min_features`` (small layers gain
+    nothing from FP8); and the recipe can take its shape (else one log line says why).
+    """
+    recipe = Recipe.from_name(recipe)
+    if isinstance(model, nn.Linear) and not isinstance(model, Fp8Linear):
+        raise TypeError("convert swaps Linear layers inside a model; wrap a bare nn.Linear "
+                        "in a container (e.g. nn.Sequential) or use Fp8Linear.from_linear")
+    patterns = [skip] if isinstance(skip, str) else list(skip)
+    linears = [(n, m) for n, m in model.named_modules()
+               if type(m) is nn.Linear or (isinstance(m, nn.Linear)
+                                           and not isinstance(m, Fp8Linear))]
+    edge = {linears[0][0], linears[-1][0]} if linears and skip_first_last else set()
+    for name, module in linears:
+        if filter is not None and not filter(module, name):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in patterns) or name in edge:
+            continue
+        if min(module.in_features, module.out_features) < min_features:
+            continue
+        reason = recipe.unsupported_reason(module.in_features, module.out_features)
+        if reason is not None:
+            log.warning("fp8train: layer %r stays in high precision: recipe %r needs %s",
+                        name, recipe.name, reason)
+            continue
+        _set_submodule(model, name, Fp8Linear.from_linear(module, recipe, name))
+    return model
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def recipe_state_dict(model: nn.Module) -> dict[str, Any]:
+    """Versioned recipe state of every converted layer (amax histories, counters)."""
+    layers = {name: {"recipe": m.recipe.name, **m.fp8_state.state_dict()}
+              for name, m in fp8_layers(model)}
+    return {"version": _STATE_VERSION, "layers": layers}
+
+
+def load_recipe_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
+    """Restore :func:`recipe_state_dict` output exactly; mismatched layers raise."""
+    if state.get("version") != _STATE_VERSION:
+        raise ValueError(f"fp8train recipe state version {state.get('version')!r} is not "
+                         f"supported (expected {_STATE_VERSION})")
+    ours = dict(fp8_layers(model))
+    if set(ours) != set(state["layers"]):
+        missing, extra = set(ours) - set(state["layers"]), set(state["layers"]) - set(ours)
+        raise ValueError(f"recipe state does not match the model's FP8 layers: missing "
+                         f"{sorted(missing)}, unexpected {sorted(extra)}")
+    for name, layer_state in state["layers"].items():
+        if layer_state["recipe"] != ours[name].recipe.name:
+            raise ValueError(f"layer {name!r}: checkpoint recipe {layer_state['recipe']!r} "
+                             f"!= model recipe {ours[name].recipe.name!r}")
+        ours[name].fp8_state.load_state_dict(layer_state)

@@ -1,0 +1,235 @@
+"""Training recipes: named, frozen, validated descriptions of the three GEMMs.
+
+A linear layer ``y = x W^T + b`` with ``x (M, K)``, ``W (N, K)``, ``dy (M, N)`` runs::
+
+    output      y  = x  . W^T    (contracts K)
+    grad_input  dx = dy . W      (contracts N)
+    grad_weight dW = dy^T . x    (contracts M, the tokens)
+
+A recipe gives one :class:`~fp8train.scaling.ScaleSpec` per operand *as the forward
+(or grad_input) GEMM sees it*, reduced along that GEMM's contraction axis. When the
+other GEMM contracts the other axis of the same tensor, the operand is quantised with
+``spec.transposed()`` (row scales become column scales, 1x128 tiles become 128x1). A
+quantisation is reused as is when transposition does not change it: tensorwise scales
+and square blocks.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Literal
+
+from fp8train.formats import E4M3, E5M2, INT8
+from fp8train.scaling import Granularity, ScaleSpec
+
+__all__ = ["RecipeName", "Recipe", "RECIPE_NAMES"]
+
+G = Granularity
+
+
+class RecipeName(str, enum.Enum):
+    TENSORWISE = "tensorwise"
+    DELAYED = "delayed"
+    ROWWISE = "rowwise"
+    BLOCKWISE = "blockwise"
+    MXFP8 = "mxfp8"
+    INT8 = "int8"
+    INT8_ROWWISE = "int8_rowwise"
+
+
+RECIPE_NAMES: tuple[str, ...] = tuple(r.value for r in RecipeName)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One FP8 (or INT8) training recipe. Build variants with ``dataclasses.replace``.
+
+    ``input``/``weight``: operands of the forward GEMM; ``grad_output``: ``dy`` as the
+    grad_input GEMM sees it. ``scaling``: ``"current"`` derives each scale from the
+    tensor being cast; ``"delayed"`` from an amax history of ``history_len`` steps
+    reduced with ``history_algo`` (tensorwise specs only, as in Transformer Engine).
+    ``fp8_dgrad``/``fp8_wgrad``: run that backward GEMM in FP8 (else in the compute
+    dtype on unquantised operands). ``save_fp8_activations``: keep the layer input for
+    backward as its FP8 payload (1 byte/element) instead of in the compute dtype.
+    ``min_multiple``: in/out features must be multiples of this (FP8 tensor-core GEMMs
+    need 16; MX needs 32 along K) or the layer is left in high precision by ``convert``.
+    """
+
+    name: str
+    input: ScaleSpec
+    weight: ScaleSpec
+    grad_output: ScaleSpec
+    scaling: Literal["current", "delayed"] = "current"
+    history_len: int = 16
+    history_algo: Literal["max", "most_recent"] = "max"
+    fp8_dgrad: bool = True
+    fp8_wgrad: bool = True
+    save_fp8_activations: bool = True
+    min_multiple: int = 16
+    description: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        specs = {"input": self.input, "weight": self.weight, "grad_output": self.grad_output}
+        for role, spec in specs.items():
+            if not isinstance(spec, ScaleSpec):
+                raise TypeError(f"recipe {self.name!r}: {role} must be a ScaleSpec, got "
+                                f"{type(spec).__name__}")
+            if spec.granularity is G.ROW and spec.axis != -1:
+                raise ValueError(f"recipe {self.name!r}: {role} row scales must reduce the "
+                                 "contraction axis (axis=-1); the backward derives the other axis")
+            if spec.granularity in (G.BLOCK, G.MX) and spec.block[0] > 1 and role == "input":
+                raise ValueError(f"recipe {self.name!r}: input tiles must be 1xB (tokens are "
+                                 f"independent rows), got {spec.block}")
+        if self.scaling not in ("current", "delayed"):
+            raise ValueError(f"recipe {self.name!r}: scaling must be 'current' or 'delayed', "
+                             f"got {self.scaling!r}")
+        if self.scaling == "delayed":
+            for role, spec in specs.items():
+                if spec.granularity is not G.TENSOR:
+                    raise ValueError(
+                        f"recipe {self.name!r}: delayed scaling keeps one amax per tensor, so "
+                        f"{role} must be tensorwise, not {spec.granularity.value}")
+        if self.history_len < 1:
+            raise ValueError(f"recipe {self.name!r}: history_len must be >= 1")
+        if self.history_algo not in ("max", "most_recent"):
+            raise ValueError(f"recipe {self.name!r}: history_algo must be 'max' or "
+                             f"'most_recent', got {self.history_algo!r}")
+        int8 = [s.fmt is INT8 for s in specs.values()]
+        if any(int8) and not all(int8):
+            raise ValueError(f"recipe {self.name!r}: INT8 and FP8 operands cannot share a GEMM")
+        kinds = {s.granularity for s in specs.values()}
+        if G.MX in kinds and kinds != {G.MX}:
+            raise ValueError(f"recipe {self.name!r}: MX scaling must be used for every operand")
+        if G.BLOCK in kinds and kinds != {G.BLOCK}:
+            raise ValueError(f"recipe {self.name!r}: block scaling must be used for every operand")
+        if self.min_multiple < 1:
+            raise ValueError(f"recipe {self.name!r}: min_multiple must be >= 1")
+
+    @classmethod
+    def from_name(cls, name: str | RecipeName | Recipe) -> Recipe:
+        """Look a recipe up by name (or pass a Recipe through)."""
+        if isinstance(name, Recipe):
+            return name
+        try:
+            key = RecipeName(name.value if isinstance(name, RecipeName) else name.lower())
+        except ValueError:
+            raise ValueError(
+                f"unknown recipe {name!r}; known recipes: {', '.join(RECIPE_NAMES)}") from None
+        return _RECIPES[key]
+
+    def unsupported_reason(self, in_features: int, out_features: int) -> str | None:
+        """Why a Linear of this shape cannot run this recipe, or None if it can."""
+        m = self.min_multiple
+        if in_features % m or out_features % m:
+            return (f"in_features={in_features}, out_features={out_features} are not both "
+                    f"multiples of {m}")
+        return None
+
+    def gemms(self) -> str:
+        """The three GEMMs with each operand's format and granularity, one per line."""
+        x, w, dy = self.input, self.weight, self.grad_output
+        hp = "compute dtype (high precision)"
+        dgrad = (f"{dy.describe()} . {w.transposed().describe()}" if self.fp8_dgrad else hp)
+        wgrad = (f"{dy.transposed().describe()}^T . {x.transposed().describe()}"
+                 if self.fp8_wgrad else hp)
+        return (f"output      = x.W^T : {x.describe()} . {w.describe()}^T\n"
+                f"grad_input  = dy.W  : {dgrad}\n"
+                f"grad_weight = dy^T.x: {wgrad}")
+
+
+def _spec(fmt=E4M3, g: Granularity = G.TENSOR, **kw: object) -> ScaleSpec:  # type: ignore[no-untyped-def]
+    return ScaleSpec(fmt=fmt, granularity=g, **kw)  # type: ignore[arg-type]
+
+
+# Power-of-two scales are on for every FP8 recipe: FP8 is floating point, so a scale
+# rounded down to a power of two costs at most one of E4M3's ~18 binades of range and no
+# precision, while it keeps every dequantised value exact in bf16 (the fast CPU path) and
+# makes re-quantisation in backward lossless except in the subnormal range.
+_RECIPES: dict[RecipeName, Recipe] = {
+    # tensorwise:
+    #   output      = x.W^T : e4m3 tensorwise, pow2 . e4m3 tensorwise, pow2^T
+    #   grad_input  = dy.W  : e5m2 tensorwise, pow2 . e4m3 tensorwise, pow2
+    #   grad_weight = dy^T.x: e5m2 tensorwise, pow2^T . e4m3 tensorwise, pow2
+    RecipeName.TENSORWISE: Recipe(
+        "tensorwise",
+        input=_spec(E4M3, power_of_two=True),
+        weight=_spec(E4M3, power_of_two=True),
+        grad_output=_spec(E5M2, power_of_two=True),
+        description="current per-tensor scaling; E4M3 forward, E5M2 gradients",
+    ),
+    # delayed:
+    #   output      = x.W^T : e4m3 tensorwise, pow2 . e4m3 tensorwise, pow2^T
+    #   grad_input  = dy.W  : e5m2 tensorwise, pow2 . e4m3 tensorwise, pow2
+    #   grad_weight = dy^T.x: e5m2 tensorwise, pow2^T . e4m3 tensorwise, pow2
+    RecipeName.DELAYED: Recipe(
+        "delayed",
+        input=_spec(E4M3, power_of_two=True),
+        weight=_spec(E4M3, power_of_two=True),
+        grad_output=_spec(E5M2, power_of_two=True),
+        scaling="delayed",
+        history_len=16,
+        history_algo="max",
+        description="per-tensor scales from a 16-step amax history (max); E4M3 fwd, E5M2 grads",
+    ),
+    # rowwise:
+    #   output      = x.W^T : e4m3 rowwise, pow2 . e4m3 rowwise, pow2^T
+    #   grad_input  = dy.W  : e4m3 rowwise, pow2 . e4m3 columnwise, pow2
+    #   grad_weight = dy^T.x: e4m3 columnwise, pow2^T . e4m3 columnwise, pow2
+    RecipeName.ROWWISE: Recipe(
+        "rowwise",
+        input=_spec(E4M3, G.ROW, power_of_two=True),
+        weight=_spec(E4M3, G.ROW, power_of_two=True),
+        grad_output=_spec(E4M3, G.ROW, power_of_two=True),
+        description="one scale per row of each operand along K; E4M3 everywhere",
+    ),
+    # blockwise:
+    #   output      = x.W^T : e4m3 1x128 blocks, pow2 . e4m3 128x128 blocks, pow2^T
+    #   grad_input  = dy.W  : e4m3 1x128 blocks, pow2 . e4m3 128x128 blocks, pow2
+    #   grad_weight = dy^T.x: e4m3 128x1 blocks, pow2^T . e4m3 128x1 blocks, pow2
+    RecipeName.BLOCKWISE: Recipe(
+        "blockwise",
+        input=_spec(E4M3, G.BLOCK, block=(1, 128), power_of_two=True),
+        weight=_spec(E4M3, G.BLOCK, block=(128, 128), power_of_two=True),
+        grad_output=_spec(E4M3, G.BLOCK, block=(1, 128), power_of_two=True),
+        description="DeepSeek-V3: 1x128 activation/gradient tiles, 128x128 weight blocks, E4M3",
+    ),
+    # mxfp8:
+    #   output      = x.W^T : e4m3 MX 1x32 E8M0 . e4m3 MX 1x32 E8M0^T
+    #   grad_input  = dy.W  : e4m3 MX 1x32 E8M0 . e4m3 MX 32x1 E8M0
+    #   grad_weight = dy^T.x: e4m3 MX 32x1 E8M0^T . e4m3 MX 32x1 E8M0
+    RecipeName.MXFP8: Recipe(
+        "mxfp8",
+        input=_spec(E4M3, G.MX, block=(1, 32)),
+        weight=_spec(E4M3, G.MX, block=(1, 32)),
+        grad_output=_spec(E4M3, G.MX, block=(1, 32)),
+        min_multiple=32,
+        description="OCP MXFP8: 1x32 blocks along K with E8M0 scales (floor rule), E4M3",
+    ),
+    # int8:
+    #   output      = x.W^T : int8 tensorwise . int8 tensorwise^T
+    #   grad_input  = dy.W  : int8 tensorwise . int8 tensorwise
+    #   grad_weight = dy^T.x: int8 tensorwise^T . int8 tensorwise
+    RecipeName.INT8: Recipe(
+        "int8",
+        input=_spec(INT8),
+        weight=_spec(INT8),
+        grad_output=_spec(INT8),
+        description="symmetric INT8, per-tensor scales, same pipeline (for comparison)",
+    ),
+    # int8_rowwise:
+    #   output      = x.W^T : int8 rowwise . int8 rowwise^T
+    #   grad_input  = dy.W  : int8 rowwise . int8 columnwise
+    #   grad_weight = dy^T.x: int8 columnwise^T . int8 columnwise
+    RecipeName.INT8_ROWWISE: Recipe(
+        "int8_rowwise",
+        input=_spec(INT8, G.ROW),
+        weight=_spec(INT8, G.ROW),
+        grad_output=_spec(INT8, G.ROW),
+        description="symmetric INT8, per-row scales along K (for comparison)",
+    ),
+}
+
+def describe_all() -> str:
+    """Every recipe with its three GEMMs (used in docs and ``fp8train recipes``)."""
+    return "\n\n".join(f"{r.name}: {r.description}\n{r.gemms()}" for r in _RECIPES.values())

@@ -1,0 +1,247 @@
+"""One scaling pipeline: amax -> scale -> cast.
+
+Scale direction, stated once for the whole library: **multiply to enter FP8, divide to
+leave it**: ``payload = cast(x * scale)``, ``x ~= payload / scale``. (``torch._scaled_mm``
+takes the inverse, the dequantisation factor; :mod:`fp8train.matmul` converts.)
+
+Granularity is a parameter of :class:`ScaleSpec`, not a separate function. Every
+non-tensor granularity works on the 2-D view ``x.reshape(-1, x.shape[-1])``; dimensions
+that are not multiples of a block are zero-padded internally for the amax (zeros do
+not change a maximum) and the payload keeps the original shape, so no element is
+ever dropped.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from fp8train.cast import Rounding, cast
+from fp8train.formats import E4M3, E8M0, Format, by_name
+
+__all__ = [
+    "Granularity",
+    "ScaleSpec",
+    "NonFiniteAmaxError",
+    "compute_amax",
+    "scale_from_amax",
+    "check_finite_amax",
+    "expand_scale",
+    "AMAX_FLOOR",
+]
+
+# An all-zero tensor or block has amax 0; we clamp amax to this floor so its scale stays
+# finite (any finite scale reproduces zeros exactly). 2^-40 ~ 9.1e-13: small enough not to
+# clip real data, large enough that fmt.max / floor stays far from fp32 overflow.
+AMAX_FLOOR = 2.0**-40
+
+
+class Granularity(enum.Enum):
+    """How many scales a tensor gets.
+
+    * ``TENSOR`` -- one scale for the whole tensor: cheapest; one outlier shrinks the
+      resolution of every element.
+    * ``ROW`` -- one scale per row (``axis=-1``) or per column (``axis=0``) of the 2-D
+      view; the reduced axis must be a GEMM's contraction axis.
+    * ``BLOCK`` -- one scale per ``block`` tile (1x128 for activations, 128x128 for
+      weights in the DeepSeek-V3 recipe); outliers only affect their own tile.
+    * ``MX`` -- OCP Microscaling: 32-element blocks along one axis with E8M0 (pure
+      power-of-two) scales chosen from the block's exponent.
+    """
+
+    TENSOR = "tensor"
+    ROW = "row"
+    BLOCK = "block"
+    MX = "mx"
+
+
+class NonFiniteAmaxError(ValueError):
+    """An amax was NaN or inf: it must never become a scale or enter a history."""
+
+
+@dataclass(frozen=True)
+class ScaleSpec:
+    """How one operand is quantised.
+
+    ``fmt``: element format. ``granularity``/``axis``/``block``: see :class:`Granularity`
+    (``axis`` is the axis the amax is reduced over for ``ROW``; ``block`` is (rows, cols)
+    of one tile for ``BLOCK`` and ``MX``). ``margin``: scale is divided by ``2**margin``
+    to leave headroom. ``power_of_two``: round the scale *down* to a power of two, which
+    keeps ``x * scale`` exact in its significand and lets the emulated GEMM run in bf16.
+    ``mx_rounding``: ``"floor"`` is the OCP spec rule (shared exponent
+    ``floor(log2 amax) - emax``; the block maximum may saturate), ``"rceil"`` rounds the
+    scale so nothing saturates. ``saturate``/``rounding``: passed to :func:`fp8train.cast`.
+    """
+
+    fmt: Format = E4M3
+    granularity: Granularity = Granularity.TENSOR
+    axis: int = -1
+    block: tuple[int, int] = (1, 128)
+    margin: int = 0
+    power_of_two: bool = False
+    mx_rounding: Literal["floor", "rceil"] = "floor"
+    saturate: bool = True
+    rounding: Rounding = "nearest"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fmt", by_name(self.fmt))
+        if isinstance(self.granularity, str):
+            object.__setattr__(self, "granularity", Granularity(self.granularity))
+        if self.fmt is E8M0:
+            raise ValueError("E8M0 is a scale format, not an element format; pick e.g. e4m3")
+        if self.axis not in (0, -1, 1):
+            raise ValueError(f"axis must be 0 or -1 (the 2-D view's axes), got {self.axis}")
+        if self.axis == 1:
+            object.__setattr__(self, "axis", -1)
+        br, bc = self.block
+        if br < 1 or bc < 1:
+            raise ValueError(f"block sizes must be positive, got {self.block}")
+        if self.granularity is Granularity.MX:
+            if 1 not in self.block:
+                raise ValueError(f"MX blocks are one-dimensional (1xB or Bx1), got {self.block}")
+            if self.margin:
+                raise ValueError("MX scales come from the block exponent; margin is not used")
+        if self.mx_rounding not in ("floor", "rceil"):
+            raise ValueError(f"mx_rounding must be 'floor' or 'rceil', got {self.mx_rounding!r}")
+        if self.margin < 0:
+            raise ValueError(f"margin must be >= 0, got {self.margin}")
+
+    @property
+    def scales_are_power_of_two(self) -> bool:
+        return self.power_of_two or self.granularity is Granularity.MX
+
+    def transposed(self) -> ScaleSpec:
+        """The spec describing the transpose of a tensor quantised with this spec."""
+        from dataclasses import replace
+
+        return replace(self, axis=0 if self.axis == -1 else -1, block=self.block[::-1])
+
+    def describe(self) -> str:
+        g = self.granularity
+        if g is Granularity.TENSOR:
+            where = "tensorwise"
+        elif g is Granularity.ROW:
+            where = "rowwise" if self.axis == -1 else "columnwise"
+        elif g is Granularity.BLOCK:
+            where = f"{self.block[0]}x{self.block[1]} blocks"
+        else:
+            where = f"MX {self.block[0]}x{self.block[1]} E8M0"
+        pow2 = ", pow2" if self.power_of_two and g is not Granularity.MX else ""
+        return f"{self.fmt.name} {where}{pow2}"
+
+
+def _as_2d(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 0:
+        return x.reshape(1, 1)
+    return x.reshape(-1, x.shape[-1])
+
+
+def _blocks(spec: ScaleSpec) -> tuple[int, int]:
+    return spec.block
+
+
+def _pad_to_blocks(x2d: torch.Tensor, br: int, bc: int) -> torch.Tensor:
+    pad_r, pad_c = (-x2d.shape[0]) % br, (-x2d.shape[1]) % bc
+    if pad_r or pad_c:
+        x2d = F.pad(x2d, (0, pad_c, 0, pad_r))
+    return x2d
+
+
+def compute_amax(x: torch.Tensor, spec: ScaleSpec) -> torch.Tensor:
+    """Max |x| per scaling group, fp32, shaped like the scale grid.
+
+    Shapes: TENSOR ``()``; ROW ``(M, 1)`` for ``axis=-1`` or ``(1, K)`` for ``axis=0``;
+    BLOCK and MX ``(ceil(M/br), ceil(K/bc))`` on the 2-D view ``(M, K)``.
+    """
+    g = spec.granularity
+    if g is Granularity.TENSOR:
+        return x.abs().amax().float() if x.numel() else torch.zeros((), device=x.device)
+    x2d = _as_2d(x)
+    if g is Granularity.ROW:
+        return x2d.abs().amax(dim=spec.axis, keepdim=True).float()
+    br, bc = _blocks(spec)
+    xp = _pad_to_blocks(x2d, br, bc)
+    # (Mp, Kp) -> (Mp/br, br, Kp/bc, bc): one tile per (i, j)
+    tiles = xp.reshape(xp.shape[0] // br, br, xp.shape[1] // bc, bc)
+    return tiles.abs().amax(dim=(1, 3)).float()
+
+
+def check_finite_amax(amax: torch.Tensor, name: str = "tensor") -> None:
+    """Raise :class:`NonFiniteAmaxError` naming ``name`` if any amax is NaN or inf."""
+    if not bool(torch.isfinite(amax).all()):
+        bad = int((~torch.isfinite(amax)).sum())
+        raise NonFiniteAmaxError(
+            f"{name}: {bad} of {amax.numel()} amax values are NaN/inf (scale grid shape "
+            f"{tuple(amax.shape)}); the tensor holds non-finite values and no scale was "
+            "computed from it"
+        )
+
+
+def _floor_log2(v: torch.Tensor) -> torch.Tensor:
+    """Exact floor(log2 v) for positive finite fp32 v (frexp: v = m * 2^e, m in [0.5, 1))."""
+    _, e = torch.frexp(v)
+    return e - 1
+
+
+def _ceil_log2(v: torch.Tensor) -> torch.Tensor:
+    m, e = torch.frexp(v)
+    return torch.where(m == 0.5, e - 1, e)
+
+
+def scale_from_amax(amax: torch.Tensor, spec: ScaleSpec) -> torch.Tensor:
+    """Multiply-to-enter scale from amax (fp32, same shape as ``amax``).
+
+    ``scale = fmt.max / (max(amax, AMAX_FLOOR) * 2**margin)``, optionally rounded down
+    to a power of two. MX: ``scale = 2**-E`` with the shared exponent
+    ``E = floor(log2 amax) - floor(log2 fmt.max)`` (``"floor"``, the OCP rule) or
+    ``E = ceil(log2(amax / fmt.max))`` (``"rceil"``), clamped to E8M0's range.
+    The caller must have checked that amax is finite.
+    """
+    fmt = spec.fmt
+    a = amax.float().clamp(min=AMAX_FLOOR)
+    if spec.granularity is Granularity.MX:
+        if spec.mx_rounding == "floor":
+            emax_elem = math.floor(math.log2(fmt.max))
+            shared_exp = _floor_log2(a) - emax_elem
+        else:
+            shared_exp = _ceil_log2(a / fmt.max)
+        lo, hi = math.frexp(E8M0.min_subnormal)[1] - 1, math.frexp(E8M0.max)[1] - 1
+        shared_exp = shared_exp.clamp(lo, hi)
+        return torch.ldexp(torch.ones_like(a), -shared_exp)
+    scale = fmt.max / a
+    if spec.margin:
+        scale = scale / 2.0**spec.margin
+    if spec.power_of_two:
+        # Round down, so amax * scale never exceeds max; computed on the exponent, so
+        # a scale near fp32's top cannot become inf.
+        scale = torch.ldexp(torch.ones_like(scale), _floor_log2(scale))
+    return scale
+
+
+def expand_scale(scale: torch.Tensor, shape2d: tuple[int, int], spec: ScaleSpec) -> torch.Tensor:
+    """Broadcast a scale grid to the 2-D view's element shape ``(M, K)``."""
+    if spec.granularity in (Granularity.TENSOR, Granularity.ROW):
+        return scale
+    br, bc = _blocks(spec)
+    m, k = shape2d
+    full = scale.repeat_interleave(br, dim=0).repeat_interleave(bc, dim=1)
+    return full[:m, :k]
+
+
+def apply_scale_and_cast(x: torch.Tensor, scale: torch.Tensor, spec: ScaleSpec,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """``cast(x * scale)`` with the product taken in fp32; returns the payload in x's shape.
+
+    We upcast before scaling so that eager and compiled code round identically and a
+    bf16 input is not scaled in bf16 (which would round twice).
+    """
+    x2d = _as_2d(x).float()
+    scaled = x2d * expand_scale(scale, (x2d.shape[0], x2d.shape[1]), spec)
+    payload = cast(scaled, spec.fmt, saturate=spec.saturate, rounding=spec.rounding,
+                   generator=generator)
+    return payload.reshape(x.shape)

@@ -1,0 +1,115 @@
+"""``ScaledTensor``: an FP8 (or INT8) payload with its scales, and ``quantize``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from fp8train.formats import Format
+from fp8train.scaling import (
+    Granularity,
+    ScaleSpec,
+    apply_scale_and_cast,
+    check_finite_amax,
+    compute_amax,
+    expand_scale,
+    scale_from_amax,
+)
+
+__all__ = ["ScaledTensor", "quantize"]
+
+
+@dataclass(frozen=True)
+class ScaledTensor:
+    """A quantised tensor: ``data ~= original * scale`` (multiply to enter).
+
+    ``data``: payload in the format's torch dtype, the original shape. ``scale``: fp32
+    scale grid (see :func:`fp8train.scaling.compute_amax` for its shape per granularity).
+    ``orig_dtype``: dtype ``dequantize()`` returns by default.
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    spec: ScaleSpec
+    orig_dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.data.shape
+
+    @property
+    def fmt(self) -> Format:
+        return self.spec.fmt
+
+    @property
+    def granularity(self) -> Granularity:
+        return self.spec.granularity
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``data * (1 / scale)`` in fp32, then cast to ``dtype`` (default ``orig_dtype``).
+
+        Leaving FP8 multiplies by the fp32 reciprocal of the scale -- the dequantisation
+        factor a hardware GEMM receives -- so that the emulated GEMM and
+        ``torch._scaled_mm`` see identical operands. For power-of-two scales this equals
+        ``data / scale`` exactly.
+        """
+        d2 = self.data.float().reshape(-1, self.shape[-1]) if self.data.dim() else self.data.float()
+        shape2d = (d2.shape[0], d2.shape[1]) if d2.dim() == 2 else (1, 1)
+        out = d2 * expand_scale(self.scale.reciprocal(), shape2d, self.spec)
+        return out.reshape(self.shape).to(dtype or self.orig_dtype)
+
+    def t(self) -> ScaledTensor:
+        """Transpose of a 2-D scaled tensor (payload and scale grid transposed; no requantisation)."""
+        if self.data.dim() != 2:
+            raise ValueError(f"t() needs a 2-D ScaledTensor, got shape {tuple(self.shape)}")
+        scale = self.scale if self.scale.dim() == 0 else self.scale.t()
+        return ScaledTensor(self.data.t(), scale, self.spec.transposed(), self.orig_dtype)
+
+    def __repr__(self) -> str:
+        return (f"ScaledTensor({self.spec.describe()}, shape={tuple(self.shape)}, "
+                f"scale shape={tuple(self.scale.shape)}, orig_dtype={self.orig_dtype})")
+
+
+def quantize(
+    x: torch.Tensor,
+    spec: ScaleSpec | Format | str,
+    granularity: Granularity | str | None = None,
+    *,
+    scale: torch.Tensor | None = None,
+    name: str = "tensor",
+    generator: torch.Generator | None = None,
+    **spec_fields: object,
+) -> ScaledTensor:
+    """Quantise ``x``: amax -> scale -> cast.
+
+    ``spec`` is a :class:`ScaleSpec`, or a format (then ``granularity`` and other
+    ``ScaleSpec`` fields may be given as keywords, e.g. ``block=(128, 128)``).
+    ``scale``: use this precomputed scale grid instead of one from ``x``'s amax (delayed
+    scaling). ``name`` appears in errors. Raises :class:`NonFiniteAmaxError` if ``x``
+    holds NaN/inf and the scale would come from it.
+    """
+    if not isinstance(spec, ScaleSpec):
+        fields: dict[str, object] = dict(spec_fields)
+        fields["fmt"] = spec
+        if granularity is not None:
+            fields["granularity"] = granularity
+        spec = ScaleSpec(**fields)  # type: ignore[arg-type]
+    elif granularity is not None or spec_fields:
+        extra = dict(spec_fields)
+        if granularity is not None:
+            extra["granularity"] = granularity
+        spec = replace(spec, **extra)  # type: ignore[arg-type]
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: quantize expects a floating tensor, got {x.dtype}")
+    if spec.granularity is not Granularity.TENSOR and x.dim() < 2:
+        raise ValueError(
+            f"{name}: {spec.granularity.value} scaling needs at least 2 dims, got shape "
+            f"{tuple(x.shape)}"
+        )
+    if scale is None:
+        amax = compute_amax(x, spec)
+        check_finite_amax(amax, name)
+        scale = scale_from_amax(amax, spec)
+    data = apply_scale_and_cast(x, scale, spec, generator)
+    return ScaledTensor(data, scale, spec, x.dtype)
