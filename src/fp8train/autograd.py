@@ -151,11 +151,11 @@ class _Fp8Linear(torch.autograd.Function):
             qx = _quantize_operand(x2d, recipe.input, "input", state)
             qw = _quantize_operand(weight, recipe.weight, "weight", state)
             if qx is not None and qw is not None:
-                y = scaled_mm(qx, qw.t(), out_dtype=out_dtype)  # (M,K)@(K,N) -> (M,N)
+                # (M, K) @ (K, N) -> (M, N), bias added before the output rounding
+                y = scaled_mm(qx, qw.t(), bias=bias, out_dtype=out_dtype)
             else:
-                y = x2d.to(out_dtype) @ weight.to(out_dtype).t()
-            if bias is not None:
-                y = y + bias.to(out_dtype)
+                y = torch.nn.functional.linear(x2d.to(out_dtype), weight.to(out_dtype),
+                                               None if bias is None else bias.to(out_dtype))
 
         # What backward needs of x: its FP8 payload (1 byte/element) or the compute-dtype copy.
         fp8_saved = recipe.save_fp8_activations and qx is not None and recipe.fp8_wgrad

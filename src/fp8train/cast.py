@@ -12,23 +12,27 @@ Contract (stated once, tested against ``ml_dtypes`` and torch's float8 dtypes):
   hardware policy -- E5M2 gives +-inf, E4M3 (no inf) gives NaN; formats with neither
   inf nor NaN (E2M1, INT8) only allow ``saturate=True``.
 * NaN stays NaN in formats that have one. Formats without a NaN code (E2M1, INT8)
-  reject NaN input with ``ValueError`` rather than invent a value (ml_dtypes maps NaN
-  to 6.0 in E2M1; we refuse).
+  reject NaN input with ``ValueError`` rather than invent a value (ml_dtypes 0.6 maps
+  NaN to -0.0 in E2M1; we refuse).
 * E8M0 (unsigned, no zero): positive values below 2^-127 round to 2^-127 as in
   ml_dtypes; zero becomes 2^-127 when saturating and NaN otherwise; negative values
   are NaN (no sign bit).  torch's own E8M0 cast drops the sign instead -- we do not.
 * ``-0`` stays ``-0`` in formats with a negative zero; fnuz formats return ``+0``.
 
-We never rely on torch's own overflow behaviour (it changed across releases): where we
-use torch's native float8 conversion for speed, the overflow policy is applied first.
+We do not rely on torch's overflow behaviour where it changed across releases (E4M3):
+where we use torch's native float8 conversion for speed, the overflow policy is applied
+first. E5M2 without saturation is the IEEE rule (overflow to inf), which torch follows
+and the bit-exactness tests pin down.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 
+from fp8train._bits import exp2i, floor_log2
 from fp8train.formats import E4M3, E5M2, Format, by_name
 
 Rounding = Literal["nearest", "stochastic"]
@@ -44,8 +48,10 @@ def overflow_threshold(fmt: Format) -> float:
     Values strictly above it overflow; the value itself overflows only when ``max`` has
     an odd last mantissa bit (E5M2: 61440 -> inf; E4M3: 464 -> 448).
     """
-    values = fmt.values
-    step = values[-1] - values[-2]
+    # The step *above* max: max's own binade quantum. (Not max minus its predecessor,
+    # which is the binade below when max has a zero mantissa, as in E8M0.)
+    step = 1.0 if fmt.is_integer else math.ldexp(1.0, math.frexp(fmt.max)[1] - 1
+                                                  - fmt.mantissa_bits)
     return fmt.max + step / 2
 
 
@@ -76,8 +82,8 @@ def round_to_grid(
 ) -> torch.Tensor:
     """Reference cast: float32 tensor holding exactly the values ``cast`` would encode.
 
-    Pure integer-exponent arithmetic in fp32 (frexp / round / ldexp are exact), so it
-    works for every format, including those torch has no dtype for.
+    Integer-exponent arithmetic in fp32 (scaling by exact powers of two, then round),
+    so it works for every format, including those torch has no dtype for.
     """
     fmt = by_name(fmt)
     _check_args(x, fmt, saturate, rounding)
@@ -88,14 +94,14 @@ def round_to_grid(
         )
     mag = x32.abs()
     if fmt.is_integer:
-        # A uniform grid: the step is 1 everywhere.
-        quantum_exp = torch.zeros_like(mag, dtype=torch.int32)
+        # A uniform grid: the step is 1 everywhere, no exponent to find.
+        quantum = torch.ones_like(mag)
     else:
         # floor(log2 |x|), clamped to the smallest normal binade so that subnormals share
-        # its quantum; frexp returns |x| = m * 2^e with m in [0.5, 1).
-        _, e = torch.frexp(mag)
-        quantum_exp = (e - 1).clamp(min=fmt.min_exponent) - fmt.mantissa_bits
-    significand = torch.ldexp(mag, -quantum_exp)  # exact: scaling by a power of two
+        # its quantum (the step between neighbouring values).
+        quantum_exp = floor_log2(mag).clamp(fmt.min_exponent, 127) - fmt.mantissa_bits
+        quantum = exp2i(quantum_exp)
+    significand = mag / quantum  # exact: division by a power of two
     if rounding == "nearest":
         rounded = torch.round(significand)  # ties to even integer == even last code bit
     else:
@@ -103,7 +109,7 @@ def round_to_grid(
         frac = significand - low  # exact in fp32
         u = torch.rand(mag.shape, generator=generator, device=mag.device)
         rounded = low + (u < frac).to(low.dtype)
-    q = torch.ldexp(rounded, quantum_exp)
+    q = rounded * quantum
 
     over = q > fmt.max  # also true for +inf input; NaN compares false
     if saturate:

@@ -88,10 +88,15 @@ def scaled_mm(
     a: ScaledTensor,
     b: ScaledTensor,
     *,
+    bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
     backend: Backend = "auto",
 ) -> torch.Tensor:
-    """``a (M, K) @ b (K, N) -> (M, N)`` in ``out_dtype``, accumulated in fp32.
+    """``a (M, K) @ b (K, N) [+ bias (N,)] -> (M, N)`` in ``out_dtype``, fp32 accumulation.
+
+    ``bias`` is added in the GEMM epilogue, before the single rounding to ``out_dtype``
+    (as ``torch._scaled_mm`` does), which is also what inductor fuses ``mm + bias`` into:
+    one code path gives the same bits eager and compiled.
 
     Not promised: bitwise equality across backends (summation order may differ; the
     tests bound the difference at fp32-accumulation level).
@@ -99,6 +104,9 @@ def scaled_mm(
     check_pair(a, b)
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
+    if bias is not None and bias.shape != (b.shape[1],):
+        raise ValueError(f"scaled_mm bias must have shape ({b.shape[1]},), got "
+                         f"{tuple(bias.shape)}; a={a!r}, b={b!r}")
     if backend not in ("auto", "scaled_mm", "emulate"):
         raise ValueError(f"backend must be 'auto', 'scaled_mm' or 'emulate', got {backend!r}")
     if backend == "scaled_mm" or (backend == "auto" and a.data.is_cuda
@@ -107,22 +115,28 @@ def scaled_mm(
             raise ValueError(
                 "torch._scaled_mm takes FP8 operands with tensorwise x tensorwise or rowwise "
                 f"x rowwise scales; got {a!r} and {b!r}; use backend='emulate'")
-        return _torch_scaled_mm(a, b, out_dtype)
-    return _emulated_mm(a, b, out_dtype)
+        return _torch_scaled_mm(a, b, bias, out_dtype)
+    with torch.autocast(a.data.device.type, enabled=False):
+        return _emulated_mm(a, b, bias, out_dtype)
 
 
-def _torch_scaled_mm(a: ScaledTensor, b: ScaledTensor, out_dtype: torch.dtype) -> torch.Tensor:
+def _torch_scaled_mm(a: ScaledTensor, b: ScaledTensor, bias: torch.Tensor | None,
+                     out_dtype: torch.dtype) -> torch.Tensor:
     # torch._scaled_mm multiplies by its scales (dequantisation), the inverse of ours.
     inv_a = a.scale.reciprocal()
     inv_b = b.scale.reciprocal()
     b_col_major = b.data.t().contiguous().t()
     return torch._scaled_mm(a.data.contiguous(), b_col_major, scale_a=inv_a, scale_b=inv_b,
+                            bias=None if bias is None else bias.to(out_dtype),
                             out_dtype=out_dtype)
 
 
-def _emulated_mm(a: ScaledTensor, b: ScaledTensor, out_dtype: torch.dtype) -> torch.Tensor:
+def _emulated_mm(a: ScaledTensor, b: ScaledTensor, bias: torch.Tensor | None,
+                 out_dtype: torch.dtype) -> torch.Tensor:
     exact_in_bf16 = a.spec.scales_are_power_of_two and b.spec.scales_are_power_of_two
-    if out_dtype == torch.bfloat16 and exact_in_bf16:
-        # Every dequantised operand value is exact in bf16 (see module docstring).
-        return torch.mm(a.dequantize(torch.bfloat16), b.dequantize(torch.bfloat16))
-    return torch.mm(a.dequantize(torch.float32), b.dequantize(torch.float32)).to(out_dtype)
+    # Every dequantised operand value is exact in bf16 (see module docstring).
+    work = torch.bfloat16 if out_dtype == torch.bfloat16 and exact_in_bf16 else torch.float32
+    a_w, b_w = a.dequantize(work), b.dequantize(work)
+    if bias is None:
+        return torch.mm(a_w, b_w).to(out_dtype)
+    return torch.addmm(bias.to(work), a_w, b_w).to(out_dtype)

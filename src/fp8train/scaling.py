@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from fp8train._bits import exp2i, floor_log2, is_power_of_two
 from fp8train.cast import Rounding, cast
 from fp8train.formats import E4M3, E8M0, Format, by_name
 
@@ -182,15 +183,9 @@ def check_finite_amax(amax: torch.Tensor, name: str = "tensor") -> None:
         )
 
 
-def _floor_log2(v: torch.Tensor) -> torch.Tensor:
-    """Exact floor(log2 v) for positive finite fp32 v (frexp: v = m * 2^e, m in [0.5, 1))."""
-    _, e = torch.frexp(v)
-    return e - 1
-
-
 def _ceil_log2(v: torch.Tensor) -> torch.Tensor:
-    m, e = torch.frexp(v)
-    return torch.where(m == 0.5, e - 1, e)
+    """Exact ceil(log2 v) for positive normal fp32 v."""
+    return floor_log2(v) + (~is_power_of_two(v)).to(torch.int32)
 
 
 def scale_from_amax(amax: torch.Tensor, spec: ScaleSpec) -> torch.Tensor:
@@ -207,19 +202,19 @@ def scale_from_amax(amax: torch.Tensor, spec: ScaleSpec) -> torch.Tensor:
     if spec.granularity is Granularity.MX:
         if spec.mx_rounding == "floor":
             emax_elem = math.floor(math.log2(fmt.max))
-            shared_exp = _floor_log2(a) - emax_elem
+            shared_exp = floor_log2(a) - emax_elem
         else:
             shared_exp = _ceil_log2(a / fmt.max)
         lo, hi = math.frexp(E8M0.min_subnormal)[1] - 1, math.frexp(E8M0.max)[1] - 1
         shared_exp = shared_exp.clamp(lo, hi)
-        return torch.ldexp(torch.ones_like(a), -shared_exp)
+        return exp2i(-shared_exp)
     scale = fmt.max / a
     if spec.margin:
         scale = scale / 2.0**spec.margin
     if spec.power_of_two:
         # Round down, so amax * scale never exceeds max; computed on the exponent, so
         # a scale near fp32's top cannot become inf.
-        scale = torch.ldexp(torch.ones_like(scale), _floor_log2(scale))
+        scale = exp2i(floor_log2(scale))
     return scale
 
 
