@@ -48,7 +48,8 @@ class AmaxHistory:
         if self.window is None or self.count == 0:
             raise RuntimeError("amax history is empty; record an amax first")
         if self.algo == "most_recent":
-            return self.window[(self.count - 1) % self.length]
+            # A copy: a view into the ring would change under the next record().
+            return self.window[(self.count - 1) % self.length].clone()
         return self.window[: len(self)].amax(dim=0)
 
     def record(self, amax: torch.Tensor) -> bool:

@@ -109,14 +109,16 @@ def scaled_mm(
                          f"{tuple(bias.shape)}; a={a!r}, b={b!r}")
     if backend not in ("auto", "scaled_mm", "emulate"):
         raise ValueError(f"backend must be 'auto', 'scaled_mm' or 'emulate', got {backend!r}")
-    if backend == "scaled_mm" or (backend == "auto" and a.data.is_cuda
-                                  and _supports_scaled_mm(a, b)):
-        if not _supports_scaled_mm(a, b):
-            raise ValueError(
-                "torch._scaled_mm takes FP8 operands with tensorwise x tensorwise or rowwise "
-                f"x rowwise scales; got {a!r} and {b!r}; use backend='emulate'")
-        return _torch_scaled_mm(a, b, bias, out_dtype)
+    use_torch = backend == "scaled_mm" or (backend == "auto" and a.data.is_cuda
+                                           and _supports_scaled_mm(a, b))
+    if use_torch and not _supports_scaled_mm(a, b):
+        raise ValueError(
+            "torch._scaled_mm takes FP8 operands with tensorwise x tensorwise or rowwise "
+            f"x rowwise scales; got {a!r} and {b!r}; use backend='emulate'")
+    # Autocast would silently turn the fp32 GEMMs into bf16 ones.
     with torch.autocast(a.data.device.type, enabled=False):
+        if use_torch:
+            return _torch_scaled_mm(a, b, bias, out_dtype)
         return _emulated_mm(a, b, bias, out_dtype)
 
 

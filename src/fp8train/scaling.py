@@ -194,12 +194,15 @@ def scale_from_amax(amax: torch.Tensor, spec: ScaleSpec) -> torch.Tensor:
     ``scale = fmt.max / (max(amax, AMAX_FLOOR) * 2**margin)``, optionally rounded down
     to a power of two. MX: ``scale = 2**-E`` with the shared exponent
     ``E = floor(log2 amax) - floor(log2 fmt.max)`` (``"floor"``, the OCP rule) or
-    ``E = ceil(log2(amax / fmt.max))`` (``"rceil"``), clamped to E8M0's range.
+    ``E = ceil(log2(amax / fmt.max))`` (``"rceil"``), clamped to E8M0's range (no
+    AMAX_FLOOR: E8M0's own range is the limit).
     The caller must have checked that amax is finite.
     """
     fmt = spec.fmt
-    a = amax.float().clamp(min=AMAX_FLOOR)
     if spec.granularity is Granularity.MX:
+        # No floor: a tiny block's exponent is representable down to E8M0's 2^-127, and
+        # floor_log2 maps zero to -127, so an all-zero block gets the E8M0 clamp.
+        a = amax.float()
         if spec.mx_rounding == "floor":
             emax_elem = math.floor(math.log2(fmt.max))
             shared_exp = floor_log2(a) - emax_elem
@@ -208,7 +211,10 @@ def scale_from_amax(amax: torch.Tensor, spec: ScaleSpec) -> torch.Tensor:
         lo, hi = math.frexp(E8M0.min_subnormal)[1] - 1, math.frexp(E8M0.max)[1] - 1
         shared_exp = shared_exp.clamp(lo, hi)
         return exp2i(-shared_exp)
-    scale = fmt.max / a
+    a = amax.float().clamp(min=AMAX_FLOOR)
+    # A tensor numerator: one correctly rounded division (a Python-float numerator runs
+    # as a reciprocal times max, which rounds twice and can push a pow2 scale up).
+    scale = torch.full_like(a, fmt.max) / a
     if spec.margin:
         scale = scale / 2.0**spec.margin
     if spec.power_of_two:

@@ -1,0 +1,182 @@
+"""Shared helpers for the benchmark scripts: machine and version info, timing, memcpy
+bandwidth, result files and tables.
+
+Benchmarks are scripts (``python benchmarks/<name>.py``); tests never import them.
+Conventions every script follows:
+
+* Times are wall-clock seconds from ``time.perf_counter``; a measurement is the median
+  of ``repeats`` runs after ``warmup`` untimed runs (the median resists the scheduler
+  noise of a shared machine better than the mean; the min is kept too).
+* Bandwidth is in GB/s with GB = 1e9 bytes, counting bytes read plus bytes written,
+  the same way for memcpy and for the measured operation.
+* Results go to ``benchmarks/results/<name>-<YYYY-MM-DD>.json`` (UTC date), together
+  with :func:`environment`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# How bandwidth is counted; stored in every result file that reports GB/s.
+BANDWIDTH_CONVENTION = (
+    "GB/s = (bytes read + bytes written) / median time / 1e9. memcpy (dst.copy_(src)) "
+    "reads and writes the buffer once each (2x its size). An operation is credited with "
+    "its minimal traffic: one read of its input and one write of its outputs, whatever "
+    "intermediate passes it makes."
+)
+
+
+# ---------------------------------------------------------------- environment
+def _cpu_model() -> str:
+    """The CPU model name (platform.processor() is often empty or just 'x86_64' on Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    """HEAD of the repository holding this file (read-only; None outside a checkout)."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers were measured."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or None,
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": usable,
+        "torch_num_threads": torch.get_num_threads(),
+        # Other jobs on a shared machine inflate times; the load says how busy it was.
+        "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def versions() -> dict[str, str | None]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "fp8train": _version("fp8train"),
+        "numpy": _version("numpy"),
+        "git_commit": _git_commit(),
+    }
+
+
+def today() -> str:
+    """UTC date, YYYY-MM-DD: names the result file."""
+    return _dt.datetime.now(_dt.timezone.utc).date().isoformat()
+
+
+def environment() -> dict[str, Any]:
+    """Machine, versions and timestamp, to store beside every result."""
+    return {
+        "date": today(),
+        "timestamp_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine(),
+        "versions": versions(),
+    }
+
+
+# ---------------------------------------------------------------- timing
+def time_median(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 7) -> dict[str, Any]:
+    """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed.
+
+    Returns ``{"median_s", "min_s", "times_s"}``. ``fn`` runs synchronously (CPU); a
+    GPU benchmark must synchronise inside ``fn``.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
+
+
+def gb_per_s(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
+
+
+def memcpy_bandwidth(nbytes: int, *, warmup: int = 2, repeats: int = 7) -> dict[str, Any]:
+    """``dst.copy_(src)`` of two ``nbytes`` buffers: median time and GB/s (read + write)."""
+    src = torch.empty(nbytes, dtype=torch.uint8).random_(0, 256)
+    dst = torch.empty_like(src)
+    timing = time_median(lambda: dst.copy_(src), warmup=warmup, repeats=repeats)
+    moved = 2 * nbytes  # read src + write dst
+    return {
+        "bytes": nbytes,
+        "bytes_moved": moved,
+        "gb_per_s": gb_per_s(moved, timing["median_s"]),
+        **timing,
+    }
+
+
+# ---------------------------------------------------------------- output
+def write_results(name: str, payload: dict[str, Any], results_dir: Path = RESULTS_DIR) -> Path:
+    """Write ``payload`` (plus :func:`environment` under ``"environment"`` if absent) to
+    ``results_dir/<name>-<date>.json`` and return the path. Same-day runs overwrite."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"environment": environment(), **payload}
+    path = results_dir / f"{name}-{payload['environment']['date']}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain-text table: columns padded to width, numbers right-aligned."""
+    cells = [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str], numeric: Sequence[bool]) -> str:
+        return "  ".join(
+            v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)
+        )
+
+    numeric = [isinstance(c, (int, float)) for c in rows[0]] if rows else [False] * len(headers)
+    out = [line(list(headers), numeric), line(["-" * w for w in widths], [False] * len(widths))]
+    out += [line(r, numeric) for r in cells]
+    return "\n".join(out)

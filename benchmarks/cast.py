@@ -1,0 +1,145 @@
+"""Throughput of amax + scale + cast (``fp8train.quantize``) next to memcpy.
+
+For a 64 MiB fp32 tensor (4096 x 4096) and a 64 MiB bf16 tensor (4096 x 8192), times
+``quantize(x, ScaleSpec(E4M3, ...))`` at each granularity -- tensorwise, rowwise,
+blockwise 1x128, blockwise 128x128, MX 1x32 -- and ``dst.copy_(src)`` of 64 MiB in the
+same run. Reports GB/s counting bytes read plus bytes written (see
+``_common.BANDWIDTH_CONVENTION``): memcpy moves 2 x 64 MiB; a cast is credited with one
+read of its input plus one write of its FP8 payload and fp32 scales. The fraction of
+memcpy says how far the cast is from a single streaming pass.
+
+Run: ``python benchmarks/cast.py`` (writes ``benchmarks/results/cast-<date>.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The scripts' shared helper sits beside them (on sys.path when run as a script; the
+# insert above also covers runpy and other launchers).
+from _common import (
+    BANDWIDTH_CONVENTION,
+    format_table,
+    gb_per_s,
+    memcpy_bandwidth,
+    time_median,
+    write_results,
+)
+
+from fp8train import E4M3, Granularity, ScaleSpec, quantize
+
+MIB = 2**20
+NBYTES = 64 * MIB
+# Both inputs are 64 MiB: 4096 * 4096 * 4 bytes and 4096 * 8192 * 2 bytes.
+INPUTS = {
+    "fp32": ((4096, 4096), torch.float32),
+    "bf16": ((4096, 8192), torch.bfloat16),
+}
+G = Granularity
+SPECS = {
+    "tensorwise": ScaleSpec(fmt=E4M3, granularity=G.TENSOR),
+    "rowwise": ScaleSpec(fmt=E4M3, granularity=G.ROW, axis=-1),
+    "block 1x128": ScaleSpec(fmt=E4M3, granularity=G.BLOCK, block=(1, 128)),
+    "block 128x128": ScaleSpec(fmt=E4M3, granularity=G.BLOCK, block=(128, 128)),
+    "mx 1x32": ScaleSpec(fmt=E4M3, granularity=G.MX, block=(1, 32)),
+}
+
+
+def bench_input(
+    name: str,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    memcpy_gbs: float,
+    warmup: int,
+    repeats: int,
+) -> list[dict[str, Any]]:
+    x = torch.randn(shape, dtype=torch.float32).to(dtype)
+    in_bytes = x.numel() * x.element_size()
+    assert in_bytes == NBYTES, (name, in_bytes)
+    rows = []
+    for label, spec in SPECS.items():
+        q = quantize(x, spec)  # also checks the spec works before timing it
+        out_bytes = q.data.numel() * q.data.element_size() + q.scale.numel() * 4
+        timing = time_median(functools.partial(quantize, x, spec), warmup=warmup, repeats=repeats)
+        gbs = gb_per_s(in_bytes + out_bytes, timing["median_s"])
+        rows.append(
+            {
+                "input": name,
+                "shape": list(shape),
+                "dtype": str(dtype).removeprefix("torch."),
+                "granularity": label,
+                "spec": spec.describe(),
+                "bytes_read": in_bytes,
+                "bytes_written": out_bytes,
+                "median_s": timing["median_s"],
+                "min_s": timing["min_s"],
+                "times_s": timing["times_s"],
+                "gb_per_s": gbs,
+                "fraction_of_memcpy": gbs / memcpy_gbs,
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs; median reported")
+    parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    memcpy = memcpy_bandwidth(NBYTES, warmup=args.warmup, repeats=args.repeats)
+    rows: list[dict[str, Any]] = []
+    for name, (shape, dtype) in INPUTS.items():
+        rows += bench_input(name, shape, dtype, memcpy["gb_per_s"], args.warmup, args.repeats)
+    # memcpy again at the end: if the machine got busier meanwhile, the two differ.
+    memcpy_after = memcpy_bandwidth(NBYTES, warmup=1, repeats=args.repeats)
+
+    print(
+        f"memcpy 64 MiB: {memcpy['gb_per_s']:.2f} GB/s (read+write; "
+        f"{memcpy_after['gb_per_s']:.2f} GB/s at the end), "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    print(
+        format_table(
+            ["input", "granularity", "median ms", "GB/s", "x memcpy"],
+            [
+                [
+                    r["input"],
+                    r["granularity"],
+                    r["median_s"] * 1e3,
+                    r["gb_per_s"],
+                    r["fraction_of_memcpy"],
+                ]
+                for r in rows
+            ],
+        )
+    )
+    if not args.no_write:
+        path = write_results(
+            "cast",
+            {
+                "benchmark": "cast",
+                "what": "fp8train.quantize (amax + scale + cast to E4M3) vs dst.copy_(src)",
+                "bandwidth_convention": BANDWIDTH_CONVENTION,
+                "warmup": args.warmup,
+                "repeats": args.repeats,
+                "memcpy": memcpy,
+                "memcpy_at_end": memcpy_after,
+                "results": rows,
+            },
+        )
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

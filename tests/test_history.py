@@ -1,0 +1,205 @@
+"""AmaxHistory: the delayed-scaling window, its reductions, its guard against non-finite
+amaxes, and its checkpoint round trip."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import pytest
+import torch
+
+from fp8train import AmaxHistory
+
+Algo = Literal["max", "most_recent"]
+
+
+def _t(v: Any) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def _window(h: AmaxHistory) -> torch.Tensor:
+    assert h.window is not None
+    return torch.as_tensor(h.window)
+
+
+# Five amaxes recorded into a window of length 3: after the 4th and 5th the ring wraps
+# and overwrites the 1st and 2nd.
+VALUES = [5.0, 1.0, 4.0, 2.0, 3.0]
+# After each record: max of the last min(n, 3) values, and the most recent value.
+EXPECTED_MAX = [5.0, 5.0, 5.0, 4.0, 4.0]
+EXPECTED_RECENT = VALUES
+
+
+@pytest.mark.parametrize(
+    "algo, expected", [("max", EXPECTED_MAX), ("most_recent", EXPECTED_RECENT)]
+)
+def test_window_reduction_with_wraparound(algo: Algo, expected: list[float]) -> None:
+    h = AmaxHistory(length=3, algo=algo)
+    for n, (v, want) in enumerate(zip(VALUES, expected), start=1):
+        assert h.record(_t(v)) is True
+        assert h.reduced().item() == want, f"after {n} records"
+        assert len(h) == min(n, 3) and h.count == n and not h.empty
+
+
+def test_reduced_on_empty_raises() -> None:
+    h = AmaxHistory(length=4)
+    assert h.empty and len(h) == 0
+    with pytest.raises(RuntimeError, match="empty"):
+        h.reduced()
+
+
+@pytest.mark.parametrize("algo", ["max", "most_recent"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_amax_is_not_recorded(algo: Algo, bad: float) -> None:
+    h = AmaxHistory(length=3, algo=algo)
+    for v in VALUES[:4]:  # wrapped once, so the next slot holds a live value
+        h.record(_t(v))
+    window, count, reduced = _window(h).clone(), h.count, h.reduced().clone()
+    assert h.record(_t(bad)) is False
+    assert h.record(_t([1.0, bad])[1:].reshape(())) is False
+    assert h.count == count
+    assert torch.equal(_window(h), window)
+    assert torch.equal(h.reduced(), reduced)
+
+
+def test_non_finite_first_amax_leaves_history_empty() -> None:
+    h = AmaxHistory(length=2)
+    assert h.record(_t(math.nan)) is False
+    assert h.empty and h.window is None
+    with pytest.raises(RuntimeError):
+        h.reduced()
+
+
+def test_partly_non_finite_per_element_amax_is_not_recorded() -> None:
+    h = AmaxHistory(length=2)
+    h.record(_t([[1.0], [2.0]]))
+    assert h.record(_t([[3.0], [math.inf]])) is False
+    assert h.count == 1 and h.reduced().tolist() == [[1.0], [2.0]]
+
+
+@pytest.mark.parametrize("shape", [(4, 1), (1, 5), (2, 3)], ids=str)
+def test_per_element_amax(shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(0)
+    seq = [torch.rand(shape, generator=gen) * 10 for _ in range(5)]
+    hmax = AmaxHistory(length=3, algo="max")
+    hrec = AmaxHistory(length=3, algo="most_recent")
+    for n, a in enumerate(seq, start=1):
+        hmax.record(a)
+        hrec.record(a)
+        window = torch.stack(seq[max(0, n - 3) : n])  # the live entries
+        assert hmax.reduced().shape == shape
+        assert torch.equal(hmax.reduced(), window.amax(dim=0))  # elementwise, not global
+        assert torch.equal(hrec.reduced(), a)
+
+
+def test_amax_is_stored_as_detached_fp32() -> None:
+    h = AmaxHistory(length=2)
+    a = torch.tensor(3.0, dtype=torch.bfloat16, requires_grad=True)
+    h.record(a * 1)
+    assert h.reduced().dtype == torch.float32 and not h.reduced().requires_grad
+
+
+def test_shape_change_raises() -> None:
+    h = AmaxHistory(length=2)
+    h.record(_t([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"\(2,\).*\(3,\)"):
+        h.record(_t([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match="shape"):
+        h.record(_t(1.0))
+    assert h.count == 1
+
+
+@pytest.mark.parametrize(
+    "algo",
+    [
+        "max",
+        "most_recent",
+    ],
+)
+@pytest.mark.parametrize("length", [1, 3])
+def test_reduced_is_a_snapshot(algo: Algo, length: int) -> None:
+    h = AmaxHistory(length=length, algo=algo)
+    h.record(_t(8.0))
+    prev = h.reduced()  # the delayed-scaling amax for this step
+    for _ in range(length):  # enough records to overwrite every slot
+        h.record(_t(1.0))
+    assert prev.item() == 8.0
+
+
+# ---------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("algo", ["max", "most_recent"])
+@pytest.mark.parametrize("split", [0, 2, 4, 7])
+def test_state_dict_round_trip_continues_identically(algo: Algo, split: int) -> None:
+    gen = torch.Generator().manual_seed(1)
+    seq = [torch.rand(3, generator=gen) * 100 for _ in range(10)]
+    uninterrupted = AmaxHistory(length=3, algo=algo)
+    first = AmaxHistory(length=3, algo=algo)
+    for a in seq[:split]:
+        first.record(a)
+    state = first.state_dict()
+    first.record(_t([1e6, 1e6, 1e6]))  # must not leak into the saved state
+    resumed = AmaxHistory(length=3, algo=algo)
+    resumed.load_state_dict(state)
+    for a in seq[:split]:
+        uninterrupted.record(a)
+    assert resumed.count == uninterrupted.count == split
+    for a in seq[split:]:
+        assert resumed.record(a) == uninterrupted.record(a)
+        assert torch.equal(resumed.reduced(), uninterrupted.reduced())
+        assert torch.equal(_window(resumed), _window(uninterrupted))
+    assert torch.equal(resumed.state_dict()["window"], uninterrupted.state_dict()["window"])
+
+
+def test_state_dict_is_a_copy() -> None:
+    h = AmaxHistory(length=2)
+    h.record(_t(1.0))
+    state = h.state_dict()
+    state["window"].fill_(99.0)
+    assert h.reduced().item() == 1.0
+    h2 = AmaxHistory(length=2)
+    h2.load_state_dict(state)
+    state["window"].fill_(5.0)
+    assert h2.reduced().item() == 99.0
+
+
+def test_state_dict_of_empty_history_round_trips() -> None:
+    state = AmaxHistory(length=2).state_dict()
+    h = AmaxHistory(length=2)
+    h.record(_t(3.0))
+    h.load_state_dict(state)
+    assert h.empty and h.window is None
+
+
+def test_load_rejects_other_version() -> None:
+    state = AmaxHistory(length=2).state_dict()
+    for version in (0, 2, None):
+        bad = dict(state, version=version)
+        with pytest.raises(ValueError, match="version"):
+            AmaxHistory(length=2).load_state_dict(bad)
+    with pytest.raises(ValueError, match="version"):
+        AmaxHistory(length=2).load_state_dict({k: v for k, v in state.items() if k != "version"})
+
+
+@pytest.mark.parametrize("length, algo", [(3, "max"), (2, "most_recent")])
+def test_load_rejects_config_mismatch(length: int, algo: Algo) -> None:
+    h = AmaxHistory(length=2, algo="max")
+    h.record(_t(1.0))
+    target = AmaxHistory(length=length, algo=algo)
+    with pytest.raises(ValueError, match="mismatch"):
+        target.load_state_dict(h.state_dict())
+    assert target.empty  # nothing half-loaded
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"length": 0}, "length"),
+        ({"length": -3}, "length"),
+        ({"algo": "mean"}, "algo"),
+        ({"algo": "MAX"}, "algo"),
+    ],
+)
+def test_bad_config_raises(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        AmaxHistory(**kwargs)
