@@ -74,6 +74,9 @@ class LayerState:
                               for r in self.ROLES}
         self.nonfinite: dict[str, int] = {r: 0 for r in self.ROLES}
         self.observer: Observer | None = None
+        # Set by fp8train.distributed.setup: maps a local amax to the max over ranks, so
+        # every rank records the same amax and the delayed-scaling histories stay identical.
+        self.amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {"histories": {r: h.state_dict() for r, h in self.histories.items()},
@@ -106,15 +109,48 @@ def _reusable_transposed(spec: ScaleSpec) -> bool:
     return g is Granularity.TENSOR or (g is Granularity.BLOCK and spec.block[0] == spec.block[1])
 
 
-def _quantize_operand(t: torch.Tensor, spec: ScaleSpec, role: str,
-                      state: LayerState) -> ScaledTensor | None:
+def operand_scale(amax: torch.Tensor, spec: ScaleSpec, role: str,
+                  state: LayerState) -> torch.Tensor:
+    """The scale of an operand whose amax (finite) is ``amax``.
+
+    Current scaling: from ``amax`` itself. Delayed: from the window of *earlier* amaxes
+    (``amax`` itself on the very first step), then ``amax`` is recorded.
+    """
+    history = state.histories.get(role)
+    if history is None:
+        return scale_from_amax(amax, spec)
+    scale_amax = amax if history.empty else history.reduced()
+    history.record(amax)
+    return scale_from_amax(scale_amax, spec)
+
+
+def _finite_amaxes(state: LayerState,
+                   operands: list[tuple[torch.Tensor, ScaleSpec, str]]) -> list[torch.Tensor] | None:
+    """Amax of every operand of one GEMM, or None (reported) if any holds NaN/inf.
+
+    All operands are checked before any history records, so a bad input cannot leave a
+    half-updated state behind.
+    """
+    amaxes = [compute_amax(t, spec) for t, spec, _ in operands]
+    finite = [bool(torch.isfinite(a).all()) for a in amaxes]
+    if all(finite):
+        return amaxes
+    for (t, _, role), ok in zip(operands, finite):
+        if not ok:
+            state.report_nonfinite(role.split(".")[0], t.shape)
+            if state.observer is not None:
+                state.observer(state, role, t, None)
+    return None
+
+
+def _quantize_operand(t: torch.Tensor, spec: ScaleSpec, role: str, state: LayerState,
+                      amax: torch.Tensor | None = None) -> ScaledTensor | None:
     """amax -> scale -> cast for one GEMM operand; None if ``t`` holds NaN/inf."""
-    amax = compute_amax(t, spec)
-    if not bool(torch.isfinite(amax).all()):
-        state.report_nonfinite(role.split(".")[0], t.shape)
-        if state.observer is not None:
-            state.observer(state, role, t, None)
-        return None
+    if amax is None:
+        checked = _finite_amaxes(state, [(t, spec, role)])
+        if checked is None:
+            return None
+        amax = checked[0]
     history = state.histories.get(role)
     if history is not None:
         # Delayed: scale from the window of *earlier* amaxes (the current amax on the
@@ -148,8 +184,12 @@ class _Fp8Linear(torch.autograd.Function):
         in_shape = x.shape
         with torch.autocast(x.device.type, enabled=False):
             x2d = x.reshape(-1, in_shape[-1])  # (M, K)
-            qx = _quantize_operand(x2d, recipe.input, "input", state)
-            qw = _quantize_operand(weight, recipe.weight, "weight", state)
+            qx = qw = None
+            amaxes = _finite_amaxes(state, [(x2d, recipe.input, "input"),
+                                            (weight, recipe.weight, "weight")])
+            if amaxes is not None:
+                qx = _quantize_operand(x2d, recipe.input, "input", state, amaxes[0])
+                qw = _quantize_operand(weight, recipe.weight, "weight", state, amaxes[1])
             if qx is not None and qw is not None:
                 # (M, K) @ (K, N) -> (M, N), bias added before the output rounding
                 y = scaled_mm(qx, qw.t(), bias=bias, out_dtype=out_dtype)
