@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from fp8train.history import AmaxHistory
+from fp8train.kernels import Kernels
 from fp8train.matmul import scaled_mm
 from fp8train.recipes import Recipe
 from fp8train.scaling import (
@@ -65,9 +66,10 @@ class LayerState:
 
     ROLES = ("input", "weight", "grad_output")
 
-    def __init__(self, name: str, recipe: Recipe) -> None:
+    def __init__(self, name: str, recipe: Recipe, kernels: Kernels | None = None) -> None:
         self.name = name
         self.recipe = recipe
+        self.kernels = kernels or Kernels("eager")
         self.histories: dict[str, AmaxHistory] = {}
         if recipe.scaling == "delayed":
             self.histories = {r: AmaxHistory(recipe.history_len, recipe.history_algo)
@@ -124,46 +126,95 @@ def operand_scale(amax: torch.Tensor, spec: ScaleSpec, role: str,
     return scale_from_amax(scale_amax, spec)
 
 
-def _finite_amaxes(state: LayerState,
-                   operands: list[tuple[torch.Tensor, ScaleSpec, str]]) -> list[torch.Tensor] | None:
-    """Amax of every operand of one GEMM, or None (reported) if any holds NaN/inf.
+# --- FSDP2 FP8 all-gather hook (fp8train.distributed) -----------------------------------
+def _gathered(t: torch.Tensor) -> ScaledTensor | None:
+    """The FP8 quantisation an FSDP2 FP8 all-gather attached to an unsharded weight."""
+    return getattr(t, "fp8_gathered", None)
 
-    All operands are checked before any history records, so a bad input cannot leave a
-    half-updated state behind.
+
+def _operand_amax(t: torch.Tensor, spec: ScaleSpec, state: LayerState) -> torch.Tensor:
+    """The operand's amax; a gathered weight reports the amax its scales came from."""
+    amax: torch.Tensor | None = getattr(t, "fp8_gathered_amax", None)
+    return state.kernels.amax(t, spec) if amax is None else amax
+# --- end hook ----------------------------------------------------------------------------
+
+
+def _work_dtype(out_dtype: torch.dtype, *specs: ScaleSpec) -> torch.dtype:
+    """The dtype the emulated GEMM runs in (see fp8train.matmul): bf16 when the output is
+    bf16 and every scale is a power of two (dequantised values are exact in bf16)."""
+    if out_dtype == torch.bfloat16 and all(s.scales_are_power_of_two for s in specs):
+        return torch.bfloat16
+    return torch.float32
+
+
+def _restore(payload: torch.Tensor, scale: torch.Tensor, spec: ScaleSpec,
+             orig_dtype: torch.dtype, work: torch.dtype, state: LayerState) -> ScaledTensor:
+    """A ScaledTensor from a saved payload, with its GEMM operand built by the kernels."""
+    operand = state.kernels.payload_to_operand(payload, scale, spec, work)
+    return ScaledTensor(payload, scale, spec, orig_dtype, operand)
+
+
+def _quantize_gemm_operands(
+    state: LayerState, operands: list[tuple[torch.Tensor, ScaleSpec, str]],
+    work: torch.dtype | None,
+) -> list[ScaledTensor] | None:
+    """Quantise every operand of one GEMM: amax -> scale -> cast; None (reported) if any
+    operand holds NaN/inf.
+
+    Every amax is checked before any history records or any result is kept, so a bad
+    input leaves no half-updated state behind. Current scaling runs amax, scale and cast
+    in one fused kernel call (on NaN/inf its output is discarded unseen); delayed scaling
+    takes the amax first, because the scale comes from the history. With ``work`` each
+    result also carries its GEMM operand in that dtype.
     """
-    amaxes = [compute_amax(t, spec) for t, spec, _ in operands]
-    finite = [bool(torch.isfinite(a).all()) for a in amaxes]
-    if all(finite):
-        return amaxes
-    for (t, _, role), ok in zip(operands, finite):
-        if not ok:
-            state.report_nonfinite(role.split(".")[0], t.shape)
-            if state.observer is not None:
-                state.observer(state, role, t, None)
-    return None
+    pending: list[tuple[torch.Tensor, ScaleSpec, str, torch.Tensor, ScaledTensor | None]] = []
+    for t, spec, role in operands:
+        gathered = _gathered(t) if role == "weight" else None
+        if gathered is not None:
+            # FSDP2 FP8 all-gather: already cast (and recorded) before the gather.
+            pending.append((t, spec, role, _operand_amax(t, spec, state), gathered))
+        elif role not in state.histories and spec.rounding == "nearest":
+            amax, scale, payload, operand = state.kernels.quantize_current(t, spec, work)
+            pending.append((t, spec, role, amax,
+                            ScaledTensor(payload, scale, spec, t.dtype, operand)))
+        else:
+            amax = state.kernels.amax(t, spec)
+            if state.amax_reduce is not None and role in state.histories:
+                # Distributed: the max over ranks, before the check, so that all ranks
+                # record (or skip on NaN/inf) the same values.
+                amax = state.amax_reduce(amax)
+            pending.append((t, spec, role, amax, None))
+
+    finite = [bool(torch.isfinite(p[3]).all()) for p in pending]
+    if not all(finite):
+        for (t, _, role, _, _), ok in zip(pending, finite):
+            if not ok:
+                state.report_nonfinite(role.split(".")[0], t.shape)
+                if state.observer is not None:
+                    state.observer(state, role, t, None)
+        return None
+
+    results = []
+    for t, spec, role, amax, q in pending:
+        if q is None:
+            scale = operand_scale(amax, spec, role, state)  # records delayed history
+            if spec.rounding == "nearest":
+                payload, operand = state.kernels.cast_with_operand(t, scale, spec, work)
+            else:
+                # Stochastic rounding stays eager: its random stream must be the eager one.
+                payload, operand = apply_scale_and_cast(t, scale, spec), None
+            q = ScaledTensor(payload, scale, spec, t.dtype, operand)
+        if state.observer is not None:
+            state.observer(state, role, t, q)
+        results.append(q)
+    return results
 
 
 def _quantize_operand(t: torch.Tensor, spec: ScaleSpec, role: str, state: LayerState,
-                      amax: torch.Tensor | None = None) -> ScaledTensor | None:
-    """amax -> scale -> cast for one GEMM operand; None if ``t`` holds NaN/inf."""
-    if amax is None:
-        checked = _finite_amaxes(state, [(t, spec, role)])
-        if checked is None:
-            return None
-        amax = checked[0]
-    history = state.histories.get(role)
-    if history is not None:
-        # Delayed: scale from the window of *earlier* amaxes (the current amax on the
-        # very first step), then record this step's amax.
-        scale_amax = amax if history.empty else history.reduced()
-        history.record(amax)
-    else:
-        scale_amax = amax
-    scale = scale_from_amax(scale_amax, spec)
-    qt = ScaledTensor(apply_scale_and_cast(t, scale, spec), scale, spec, t.dtype)
-    if state.observer is not None:
-        state.observer(state, role, t, qt)
-    return qt
+                      work: torch.dtype | None = None) -> ScaledTensor | None:
+    """One operand through :func:`_quantize_gemm_operands`."""
+    quantized = _quantize_gemm_operands(state, [(t, spec, role)], work)
+    return None if quantized is None else quantized[0]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -184,12 +235,10 @@ class _Fp8Linear(torch.autograd.Function):
         in_shape = x.shape
         with torch.autocast(x.device.type, enabled=False):
             x2d = x.reshape(-1, in_shape[-1])  # (M, K)
-            qx = qw = None
-            amaxes = _finite_amaxes(state, [(x2d, recipe.input, "input"),
-                                            (weight, recipe.weight, "weight")])
-            if amaxes is not None:
-                qx = _quantize_operand(x2d, recipe.input, "input", state, amaxes[0])
-                qw = _quantize_operand(weight, recipe.weight, "weight", state, amaxes[1])
+            work = _work_dtype(out_dtype, recipe.input, recipe.weight)
+            quantized = _quantize_gemm_operands(
+                state, [(x2d, recipe.input, "input"), (weight, recipe.weight, "weight")], work)
+            qx, qw = quantized if quantized is not None else (None, None)
             if qx is not None and qw is not None:
                 # (M, K) @ (K, N) -> (M, N), bias added before the output rounding
                 y = scaled_mm(qx, qw.t(), bias=bias, out_dtype=out_dtype)
@@ -228,13 +277,17 @@ class _Fp8Linear(torch.autograd.Function):
 
         def x_high_precision() -> torch.Tensor:
             if ctx.fp8_saved:
-                return ScaledTensor(x_saved, x_scale, recipe.input, gdtype).dequantize()
+                return _restore(x_saved, x_scale, recipe.input, gdtype, gdtype,
+                                state).dequantize()
             return x_saved.to(gdtype)
 
+        work_d = _work_dtype(gdtype, recipe.grad_output, recipe.weight)
+        work_w = _work_dtype(gdtype, recipe.grad_output, recipe.input)
         with torch.autocast(dy.device.type, enabled=False):
             qdy = None
             if recipe.fp8_dgrad or recipe.fp8_wgrad:
-                qdy = _quantize_operand(dy2d, recipe.grad_output, "grad_output", state)
+                qdy = _quantize_operand(dy2d, recipe.grad_output, "grad_output", state,
+                                        work=work_d)
 
             # grad_input = dy . W : (M, N) @ (N, K) -> (M, K)
             dx = None
@@ -242,10 +295,11 @@ class _Fp8Linear(torch.autograd.Function):
                 qw_d = None
                 if recipe.fp8_dgrad and qdy is not None:
                     if w_fp8 is not None:
-                        qw_d = ScaledTensor(w_fp8, w_scale, recipe.weight, weight.dtype)
+                        qw_d = _restore(w_fp8, w_scale, recipe.weight, weight.dtype, work_d,
+                                        state)
                     else:
                         qw_d = _quantize_operand(weight, recipe.weight.transposed(),
-                                                 "weight.t", state)
+                                                 "weight.t", state, work=work_d)
                 if qdy is not None and qw_d is not None:
                     dx = scaled_mm(qdy, qw_d, out_dtype=gdtype)
                 else:
@@ -259,12 +313,12 @@ class _Fp8Linear(torch.autograd.Function):
                 if recipe.fp8_wgrad and qdy is not None:
                     qdy_w = (qdy if _reusable_transposed(recipe.grad_output) else
                              _quantize_operand(dy2d, recipe.grad_output.transposed(),
-                                               "grad_output.t", state))
+                                               "grad_output.t", state, work=work_w))
                     if ctx.fp8_saved and _reusable_transposed(recipe.input):
-                        qx_w = ScaledTensor(x_saved, x_scale, recipe.input, gdtype)
+                        qx_w = _restore(x_saved, x_scale, recipe.input, gdtype, work_w, state)
                     else:
                         qx_w = _quantize_operand(x_high_precision(), recipe.input.transposed(),
-                                                 "input.t", state)
+                                                 "input.t", state, work=work_w)
                 if qdy_w is not None and qx_w is not None:
                     dw = scaled_mm(qdy_w.t(), qx_w, out_dtype=gdtype)
                 else:
@@ -273,7 +327,7 @@ class _Fp8Linear(torch.autograd.Function):
 
             db = None
             if ctx.has_bias and ctx.needs_input_grad[2]:
-                db = dy2d.float().sum(0).to(ctx.bias_dtype)
+                db = dy2d.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
         return dx, dw, db, None
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -26,13 +26,17 @@ class ScaledTensor:
 
     ``data``: payload in the format's torch dtype, the original shape. ``scale``: fp32
     scale grid (see :func:`fp8train.scaling.compute_amax` for its shape per granularity).
-    ``orig_dtype``: dtype ``dequantize()`` returns by default.
+    ``orig_dtype``: dtype ``dequantize()`` returns by default. ``operand``: optionally
+    the dequantised values already computed (by a fused kernel) in the dtype a GEMM
+    consumes; ``dequantize`` returns it when asked for that dtype. It is a cache of
+    ``dequantize``'s own result, never different values.
     """
 
     data: torch.Tensor
     scale: torch.Tensor
     spec: ScaleSpec
     orig_dtype: torch.dtype
+    operand: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def shape(self) -> torch.Size:
@@ -54,6 +58,8 @@ class ScaledTensor:
         ``torch._scaled_mm`` see identical operands. For power-of-two scales this equals
         ``data / scale`` exactly.
         """
+        if self.operand is not None and self.operand.dtype == (dtype or self.orig_dtype):
+            return self.operand.reshape(self.shape)
         d2 = self.data.float().reshape(-1, self.shape[-1]) if self.data.dim() else self.data.float()
         shape2d = (d2.shape[0], d2.shape[1]) if d2.dim() == 2 else (1, 1)
         out = d2 * expand_scale(self.scale.reciprocal(), shape2d, self.spec)
@@ -64,7 +70,8 @@ class ScaledTensor:
         if self.data.dim() != 2:
             raise ValueError(f"t() needs a 2-D ScaledTensor, got shape {tuple(self.shape)}")
         scale = self.scale if self.scale.dim() == 0 else self.scale.t()
-        return ScaledTensor(self.data.t(), scale, self.spec.transposed(), self.orig_dtype)
+        operand = None if self.operand is None else self.operand.t()
+        return ScaledTensor(self.data.t(), scale, self.spec.transposed(), self.orig_dtype, operand)
 
     def __repr__(self) -> str:
         return (f"ScaledTensor({self.spec.describe()}, shape={tuple(self.shape)}, "
