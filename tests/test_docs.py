@@ -43,3 +43,10 @@ def test_update_requires_markers() -> None:
     gen = _load_generator()
     with pytest.raises(ValueError, match="markers"):
         gen.update("no markers here")
+
+
+def test_numerics_doc_lists_every_recipe_gemm() -> None:
+    from fp8train.recipes import describe_all
+
+    text = Path(__file__).parents[1].joinpath("docs", "numerics.md").read_text()
+    assert describe_all() in text, "docs/numerics.md recipe GEMMs are stale: paste describe_all()"
