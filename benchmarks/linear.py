@@ -1,0 +1,91 @@
+"""One Linear layer's forward + backward: emulated FP8 against bf16 and torch._scaled_mm.
+
+    python benchmarks/linear.py [--tokens 2048] [--repeats 5]
+
+Shapes: square 1024, 2048, 4096 and a 4x MLP (d -> 4d). For each: bf16 autocast
+``nn.Linear``; the FP8 linear (tensorwise recipe) with eager and compiled kernels; and
+the bare forward GEMM three ways on the same quantised operands: bf16 ``torch.mm``,
+fp8train's emulation, and ``torch._scaled_mm`` on CPU (which dequantises to fp32).
+Results: benchmarks/results/linear-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+import _common  # noqa: E402
+
+import fp8train  # noqa: E402
+
+SHAPES = {"1024": (1024, 1024), "2048": (2048, 2048), "4096": (4096, 4096),
+          "mlp-1024x4": (1024, 4096)}
+
+
+def fwd_bwd(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.backward(dy)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+
+    results = {}
+    rows = []
+    for name in args.shapes.split(","):
+        k, n = SHAPES[name]
+        torch.manual_seed(0)
+        x = torch.randn(args.tokens, k, requires_grad=True)
+        dy = torch.randn(args.tokens, n, dtype=torch.bfloat16)
+        base = nn.Linear(k, n)
+        layers = {
+            "bf16 nn.Linear": base,
+            "fp8 tensorwise eager": fp8train.convert(nn.Sequential(nn.Linear(k, n)), "tensorwise"),
+            "fp8 tensorwise compiled": fp8train.convert(nn.Sequential(nn.Linear(k, n)),
+                                                        "tensorwise", kernels="compiled"),
+        }
+        entry = {}
+        for label, layer in layers.items():
+            t = _common.time_median(lambda layer=layer: fwd_bwd(layer, x, dy),
+                                    warmup=2, repeats=args.repeats)
+            entry[label] = t["median_s"]
+        # The bare forward GEMM on the same quantised operands.
+        spec = fp8train.ScaleSpec(power_of_two=True)
+        qx = fp8train.quantize(x.detach(), spec)
+        qw = fp8train.quantize(base.weight.detach(), spec)
+        a16, b16 = qx.dequantize(torch.bfloat16), qw.t().dequantize(torch.bfloat16)
+        gemms = {
+            "gemm bf16 torch.mm": lambda: torch.mm(a16, b16),
+            "gemm fp8 emulated": lambda: fp8train.scaled_mm(qx, qw.t(), backend="emulate"),
+            "gemm torch._scaled_mm": lambda: fp8train.scaled_mm(qx, qw.t(), backend="scaled_mm"),
+        }
+        for label, fn in gemms.items():
+            entry[label] = _common.time_median(fn, warmup=2, repeats=args.repeats)["median_s"]
+        results[name] = {"in_features": k, "out_features": n, "tokens": args.tokens,
+                         "median_s": entry,
+                         "ratio_to_bf16": {lbl: v / entry["bf16 nn.Linear"]
+                                           for lbl, v in entry.items() if not lbl.startswith("gemm")},
+                         "gemm_ratio_to_bf16_mm": {lbl: v / entry["gemm bf16 torch.mm"]
+                                                   for lbl, v in entry.items() if lbl.startswith("gemm")}}
+        for label, v in entry.items():
+            base_v = entry["gemm bf16 torch.mm" if label.startswith("gemm") else "bf16 nn.Linear"]
+            rows.append((name, label, f"{v * 1e3:.2f}", f"{v / base_v:.2f}"))
+    print(_common.format_table(["shape", "what", "median ms", "vs bf16"], rows))
+    if not args.no_write:
+        path = _common.write_results("linear", {"config": vars(args), "results": results})
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
