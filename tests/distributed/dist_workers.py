@@ -1,0 +1,353 @@
+"""What each rank runs in the distributed tests, and the single-process references.
+
+The model is two pre-LayerNorm MLP blocks in an ``nn.ModuleList`` (so FSDP2 shards each
+block as its own unit) plus a head, every Linear converted to FP8. Shapes are chosen so
+the blockwise recipe exercises both shard layouts of its 128x128 weight blocks: fc1
+(256 x 128) puts whole blocks on each of 2 ranks, fc2 and the head (128 x ...) split
+one 128-row block between the ranks.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import fp8train
+from fp8train import distributed as fd
+from fp8train.nn import fp8_layers
+from fp8train.tensor import ScaledTensor
+
+D, H = 128, 256
+GLOBAL_BATCH = 24  # splits over 1, 2 and 3 ranks
+LR = 0.05
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(D)
+        self.fc1 = nn.Linear(D, H)
+        self.fc2 = nn.Linear(H, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(self.ln(x))))
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x)
+        out: torch.Tensor = self.head(x)
+        return out
+
+
+def make_model(recipe: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return fp8train.convert(Net(), recipe)
+
+
+def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+
+
+def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(GLOBAL_BATCH, D, generator=g)
+    y = torch.randn(GLOBAL_BATCH, D, generator=g)
+    return x, y
+
+
+def local_batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = global_batch(step)
+    b = GLOBAL_BATCH // world
+    return x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b]
+
+
+def histories(model: nn.Module) -> dict[str, Any]:
+    """Every delayed-scaling window (a copy), keyed by layer and role."""
+    return {name: {r: None if h.window is None else h.window.clone()
+                   for r, h in layer.fp8_state.histories.items()}
+            for name, layer in fp8_layers(fd._unwrap(model))}
+
+
+def _finish() -> None:
+    # Destroy the group only once the data-parallel models are gone: a DDP reducer freed
+    # after destroy_process_group can hang in its destructor.
+    gc.collect()
+    fd.shutdown()
+
+
+def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, info: fd.DistInfo,
+           scaler: fp8train.LossScaler | None = None) -> list[float]:
+    losses = []
+    for step in steps:
+        x, y = (fd.batch_shard(t) for t in global_batch(step))
+        loss = F.mse_loss(model(x).float(), y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        opt.zero_grad()
+        losses.append(fd.mean_over_ranks(loss))
+    return losses
+
+
+# --------------------------------------------------------------------------- references
+
+
+def reference_losses(recipe: str, steps: int, micro_batches: int) -> tuple[list[float], Any]:
+    """One process on the global batch: ``micro_batches`` slices, gradients averaged.
+
+    With ``micro_batches = world`` the arithmetic is that of ``world`` data-parallel ranks
+    with per-rank activation scales: each slice is its own forward (the same shapes, so
+    the same GEMM bits), the gradient is ``(g_0 + g_1) / 2`` exactly as the all-reduce /
+    reduce-scatter computes it, and the loss is the mean of the slices' losses.
+    """
+    model = make_model(recipe)
+    opt = make_optimizer(model)
+    losses = []
+    for step in range(steps):
+        parts = []
+        for r in range(micro_batches):
+            x, y = local_batch(step, r, micro_batches)
+            loss = F.mse_loss(model(x).float(), y)
+            loss.backward()
+            parts.append(loss.detach())
+        if micro_batches > 1:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.div_(micro_batches)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(sum(parts[1:], parts[0]) / micro_batches))
+    return losses, histories(model)
+
+
+def reference_resume(recipe: str, ckpt: str, steps_after: int, micro_batches: int,
+                     rescale_grad_histories: bool = False) -> dict[str, Any]:
+    """Resume a checkpoint in this process (no process group, no wrapper) and continue
+    like :func:`reference_losses`, with a loss scaler."""
+    model = make_model(recipe, seed=123)
+    opt = make_optimizer(model)
+    scaler = fp8train.LossScaler()
+    extra = fd.load_checkpoint(ckpt, model, opt, loss_scaler=scaler,
+                               rescale_grad_histories=rescale_grad_histories)
+    loaded = {"histories": histories(model), "scaler": scaler.state_dict()}
+    losses = []
+    for step in range(extra["step"], extra["step"] + steps_after):
+        parts = []
+        for r in range(micro_batches):
+            x, y = local_batch(step, r, micro_batches)
+            loss = F.mse_loss(model(x).float(), y)
+            scaler.scale(loss).backward()
+            parts.append(loss.detach())
+        if micro_batches > 1:
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.div_(micro_batches)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        losses.append(float(sum(parts[1:], parts[0]) / micro_batches))
+    return {"loaded": loaded, "after": losses}
+
+
+# --------------------------------------------------------------------------- workers
+
+
+def train_compare(cases: list[tuple[str, str, bool]], steps: int) -> dict[str, Any]:
+    """Train every (mode, recipe, fp8_all_gather) case from the same initial model.
+
+    Returns, per ``"mode/recipe/fp8_all_gather"``: the global loss per step, the
+    delayed-scaling histories at the end, and per layer the first forward's weight
+    operand (payload, scale, and whether it *is* the all-gathered FP8 weight).
+    """
+    info = fd.init_from_env(timeout_s=30)
+    out: dict[str, Any] = {}
+    for mode, recipe, ag in cases:
+        model = make_model(recipe)
+        gathered: dict[str, Any] = {}
+
+        def observe(state: Any, role: str, t: torch.Tensor, qt: ScaledTensor | None,
+                    gathered: dict[str, Any] = gathered) -> None:
+            if role == "weight" and state.name not in gathered and qt is not None:
+                # Identity, not equality: the GEMM got the gathered payload itself.
+                gathered[state.name] = (qt.data.clone(), qt.scale.clone(),
+                                        qt is getattr(t, "fp8_gathered", None))
+
+        for _, layer in fp8_layers(model):
+            layer.fp8_state.observer = observe
+        model = fd.setup(model, mode, fp8_all_gather=ag)
+        losses = _train(model, make_optimizer(model), range(steps), info)
+        out[f"{mode}/{recipe}/{ag}"] = {"losses": losses, "histories": histories(model),
+                                 "gathered": gathered}
+        del model
+    _finish()
+    return out
+
+
+def all_gather_bytes(recipes: list[str]) -> dict[str, dict[bool, dict[str, int]]]:
+    """Bytes this rank put into FSDP2 all-gathers over one training step, per recipe,
+    with a bf16 ``MixedPrecisionPolicy`` (``fp8_all_gather`` False) and with FP8 (True).
+
+    Measured by wrapping ``torch.distributed.all_gather_single``, the collective FSDP2's
+    default all-gather calls, and summing its input tensors' bytes; all-reduces are
+    counted too (the FP8 path's amax reductions).
+    """
+    info = fd.init_from_env(timeout_s=30)
+    orig_ag, orig_ar = dist.all_gather_single, dist.all_reduce
+    out: dict[str, dict[bool, dict[str, int]]] = {}
+    for recipe in recipes:
+        out[recipe] = {}
+        for fp8 in (False, True):
+            counts = {"all_gather": 0, "all_gather_calls": 0, "all_reduce": 0}
+
+            def counting_all_gather(output: torch.Tensor, input: torch.Tensor, *a: Any,
+                                    counts: dict[str, int] = counts, **k: Any) -> Any:
+                counts["all_gather"] += input.numel() * input.element_size()
+                counts["all_gather_calls"] += 1
+                return orig_ag(output, input, *a, **k)
+
+            def counting_all_reduce(tensor: torch.Tensor, *a: Any,
+                                    counts: dict[str, int] = counts, **k: Any) -> Any:
+                counts["all_reduce"] += tensor.numel() * tensor.element_size()
+                return orig_ar(tensor, *a, **k)
+
+            model = fd.setup(make_model(recipe), "fsdp2", fp8_all_gather=fp8,
+                             param_dtype=torch.bfloat16)
+            x, y = local_batch(0, info.rank, info.world_size)
+            dist.all_gather_single, dist.all_reduce = counting_all_gather, counting_all_reduce
+            try:
+                F.mse_loss(model(x).float(), y).backward()
+            finally:
+                dist.all_gather_single, dist.all_reduce = orig_ag, orig_ar
+            out[recipe][fp8] = counts
+            del model
+    _finish()
+    return out
+
+
+def loss_scaler_agreement() -> dict[str, Any]:
+    """An inf in rank 1's gradients only (after DDP's all-reduce, as a parameter outside
+    the data-parallel wrapper would have): which ranks skip, with and without the
+    distributed scaler?"""
+    info = fd.init_from_env(timeout_s=30)
+    out = {}
+    for name, cls in (("LossScaler", fp8train.LossScaler),
+                      ("DistributedLossScaler", fd.DistributedLossScaler)):
+        model = fd.setup(make_model("tensorwise"), "ddp")
+        opt = make_optimizer(model)
+        scaler = cls(init_scale=2.0**10)
+        x, y = local_batch(0, info.rank, info.world_size)
+        scaler.scale(F.mse_loss(model(x).float(), y)).backward()
+        if info.rank == 1:
+            model.module.head.weight.grad[0, 0] = float("inf")
+        before = [p.detach().clone() for p in model.parameters()]
+        scaler.step(opt)
+        scaler.update()
+        out[name] = {"skipped": scaler.last_step_skipped, "scale": scaler.get_scale(),
+                     "params_changed": any(not torch.equal(b, p)
+                                           for b, p in zip(before, model.parameters()))}
+        del model, opt
+    # Delayed scaling, and rank 1's batch holds a NaN: every rank must skip the same
+    # amax records (histories stay identical) and the same optimizer step.
+    model = fd.setup(make_model("delayed"), "ddp")
+    opt = make_optimizer(model)
+    scaler = fd.DistributedLossScaler(init_scale=2.0**10)
+    skipped = []
+    for step in range(3):
+        x, y = local_batch(step, info.rank, info.world_size)
+        if step == 1 and info.rank == 1:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        scaler.scale(F.mse_loss(model(x).float(), y)).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        skipped.append(scaler.last_step_skipped)
+    out["nan_on_one_rank"] = {
+        "skipped": skipped, "histories": histories(model),
+        "counts": {n: {r: h.count for r, h in layer.fp8_state.histories.items()}
+                   for n, layer in fp8_layers(model.module)}}
+    del model, opt
+    _finish()
+    return out
+
+
+def checkpoint_save(recipe: str, fp8_all_gather: bool, ckpt: str, steps_before: int,
+                    steps_after: int) -> dict[str, Any]:
+    """Train, save (with a loss scaler and recipe state), then keep training."""
+    info = fd.init_from_env(timeout_s=30)
+    model = fd.setup(make_model(recipe), "fsdp2", fp8_all_gather=fp8_all_gather)
+    opt = make_optimizer(model)
+    scaler = fd.DistributedLossScaler(init_scale=2.0**8, growth_interval=2)
+    _train(model, opt, range(steps_before), info, scaler)
+    fd.save_checkpoint(ckpt, model, opt, loss_scaler=scaler, extra={"step": steps_before})
+    saved = {"histories": histories(model), "scaler": scaler.state_dict()}
+    after = _train(model, opt, range(steps_before, steps_before + steps_after), info, scaler)
+    del model, opt
+    _finish()
+    return {"saved": saved, "after": after}
+
+
+def checkpoint_resume(recipe: str, fp8_all_gather: bool, ckpt: str,
+                      steps_after: int) -> dict[str, Any]:
+    """Build a fresh model on this number of ranks, load, continue."""
+    info = fd.init_from_env(timeout_s=30)
+    model = fd.setup(make_model(recipe, seed=123), "fsdp2", fp8_all_gather=fp8_all_gather)
+    opt = make_optimizer(model)
+    scaler = fd.DistributedLossScaler()
+    extra = fd.load_checkpoint(ckpt, model, opt, loss_scaler=scaler)
+    loaded = {"histories": histories(model), "scaler": scaler.state_dict()}
+    step = extra["step"]
+    after = _train(model, opt, range(step, step + steps_after), info, scaler)
+    del model, opt
+    _finish()
+    return {"loaded": loaded, "after": after}
+
+
+def rank_dies(how: str, pg_timeout_s: float, marker: str) -> dict[str, Any]:
+    """Rank 1 dies (``"exit"``) or stalls (``"stall"``) after one step; rank 0 trains on.
+
+    Rank 0 reports the error it got and how long the failing step took.
+    """
+    info = fd.init_from_env(timeout_s=pg_timeout_s)
+    model = fd.setup(make_model("tensorwise"), "fsdp2", fp8_all_gather=True)
+    opt = make_optimizer(model)
+    _train(model, opt, range(1), info)
+    done = Path(marker)
+    if info.rank == 1:
+        if how == "exit":
+            os._exit(17)
+        # Stalled: alive but silent until rank 0 has given up (or a minute has passed).
+        t0 = time.monotonic()
+        while not done.exists() and time.monotonic() - t0 < 60:
+            time.sleep(0.1)
+        os._exit(18)
+    t0 = time.monotonic()
+    try:
+        with fd.collective_errors():
+            _train(model, opt, range(1, 5), info)
+        result: dict[str, Any] = {"error": None}
+    except fd.RankFailureError as e:
+        result = {"error": str(e), "type": type(e).__name__,
+                  "cause": type(e.__cause__).__name__}
+    result["elapsed"] = time.monotonic() - t0
+    done.write_text("rank 0 is done")
+    return result
