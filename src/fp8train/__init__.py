@@ -6,6 +6,7 @@ from fp8train.formats import E2M1, E4M3, E5M2, E8M0, INT8, Format
 from fp8train.history import AmaxHistory
 from fp8train.loss_scaler import LossScaler
 from fp8train.matmul import scaled_mm
+from fp8train.monitor import HealthWarning, Monitor, Thresholds
 from fp8train.nn import Fp8Linear, convert, load_recipe_state_dict, recipe_state_dict
 from fp8train.recipes import RECIPE_NAMES, Recipe
 from fp8train.scaling import Granularity, NonFiniteAmaxError, ScaleSpec
@@ -35,4 +36,7 @@ __all__ = [
     "recipe_state_dict",
     "load_recipe_state_dict",
     "LossScaler",
+    "Monitor",
+    "Thresholds",
+    "HealthWarning",
 ]
