@@ -1,0 +1,246 @@
+"""``fp8train compare`` and ``fp8train train``: the lab from the command line.
+
+Also reachable as ``python -m fp8train`` (and so ``torchrun -m fp8train``). Errors in
+the request print one line, ``fp8train: error: ...``, and exit with status 2; an
+interruption prints how to resume and exits with 130. Only argparse and the config
+are imported before the arguments are checked, so bad arguments fail fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, NoReturn
+
+from fp8train.lab.config import (
+    PRECISIONS,
+    TASKS,
+    LabConfig,
+    LabError,
+    from_dict,
+    parse_precisions,
+    resolve,
+)
+
+__all__ = ["build_parser", "main"]
+
+PROG = "fp8train"
+RUNS_DIR = Path("runs")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line without the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{PROG}: error: {message}\n")
+        raise SystemExit(2)
+
+
+# Options shared by both commands, each setting the LabConfig field of the same name
+# (--d-model -> d_model). None means "not given": the preset's value stands.
+_SHARED: list[tuple[str, dict[str, Any]]] = [
+    (
+        "--data",
+        {
+            "metavar": "PATH",
+            "help": "text file or folder to train on (default: this "
+            "Python's standard-library .py sources)",
+        },
+    ),
+    ("--steps", {"type": int, "metavar": "N", "help": "optimiser steps per run"}),
+    ("--d-model", {"type": int, "metavar": "N", "help": "model width (digits: hidden width)"}),
+    ("--layers", {"type": int, "metavar": "N", "help": "transformer blocks"}),
+    ("--heads", {"type": int, "metavar": "N", "help": "attention heads"}),
+    ("--batch", {"type": int, "metavar": "N", "help": "sequences (digits: images) per batch"}),
+    ("--seq", {"type": int, "metavar": "N", "help": "context length in bytes"}),
+    ("--lr", {"type": float, "metavar": "LR", "help": "peak learning rate (warmup, cosine)"}),
+    ("--seed", {"type": int, "metavar": "S", "help": "first seed"}),
+    (
+        "--seeds",
+        {"type": int, "metavar": "N", "help": "seeds per precision, paired across precisions"},
+    ),
+    ("--eval-every", {"type": int, "metavar": "N", "help": "validate every N steps"}),
+]
+
+
+def _field(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
+_EXAMPLES = """examples:
+  fp8train compare                                  every precision, about 10 minutes
+  fp8train compare --precisions bf16,tensorwise,int8 --seeds 3
+  fp8train compare --task digits                    the classifier on scikit-learn's digits
+  fp8train train --precision rowwise --steps 100 --data notes.txt
+  fp8train compare --resume --out runs/20260101-120000
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_EXAMPLES,
+        description="FP8 training lab: train a small model under fp32, bf16 and each FP8 "
+        "recipe with identical seeds and data, and report the differences.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    compare = commands.add_parser(
+        "compare", help="train every precision and write results.json, loss_curves.png, report.md"
+    )
+    compare.add_argument(
+        "--precisions",
+        metavar="LIST",
+        help=f"comma-separated, from {','.join(PRECISIONS)} (default: all)",
+    )
+    train = commands.add_parser("train", help="train one precision, same outputs as compare")
+    train.add_argument(
+        "--precision", metavar="P", help=f"one of {', '.join(PRECISIONS)} (default: bf16)"
+    )
+    for sub in (compare, train):
+        sub.add_argument("--task", choices=TASKS, help="gpt (default) or digits")
+        sub.add_argument(
+            "--preset",
+            metavar="NAME",
+            help="default (about 10 minutes for all precisions) or tiny (seconds)",
+        )
+        for flag, kwargs in _SHARED:
+            sub.add_argument(flag, **kwargs)
+        sub.add_argument("--out", metavar="DIR", help="output folder (default: runs/<timestamp>)")
+        sub.add_argument(
+            "--resume",
+            action="store_true",
+            help="continue the run in --out (default: the newest under runs/) "
+            "from its checkpoints, exactly",
+        )
+        sub.add_argument(
+            "--stop-at",
+            type=int,
+            metavar="STEP",
+            help="stop every run after STEP steps, checkpointed, to --resume later",
+        )
+        sub.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Config fields the user set explicitly."""
+    values = {_field(flag): getattr(args, _field(flag)) for flag, _ in _SHARED}
+    if args.command == "compare" and args.precisions is not None:
+        values["precisions"] = parse_precisions(args.precisions)
+    if args.command == "train" and args.precision is not None:
+        values["precisions"] = parse_precisions(args.precision)
+        if len(values["precisions"]) != 1:
+            raise LabError(f"train runs one precision; got {args.precision!r} (use compare)")
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _new_out_dir() -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out, n = RUNS_DIR / stamp, 1
+    while out.exists():
+        n += 1
+        out = RUNS_DIR / f"{stamp}-{n}"
+    return out
+
+
+def _latest_run() -> Path:
+    runs = sorted(RUNS_DIR.glob("*/config.json"), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise LabError(f"--resume: no run under {RUNS_DIR}/; give --out DIR")
+    return runs[-1].parent
+
+
+def _fresh_config(
+    args: argparse.Namespace, overrides: dict[str, Any], default_task: str = "gpt"
+) -> LabConfig:
+    """Defaults, then the preset, then the options given; ``train`` defaults to bf16."""
+    if args.command == "train":
+        overrides = {"precisions": ("bf16",), **overrides}
+    return resolve(args.task or default_task, args.preset or "default", overrides)
+
+
+def _config_for_resume(out: Path, args: argparse.Namespace, overrides: dict[str, Any]) -> LabConfig:
+    """The saved config; an explicit option that disagrees with it is an error, since a
+    changed run would not continue exactly."""
+    path = out / "config.json"
+    if not path.exists():
+        raise LabError(f"--resume: {out} holds no run (no config.json)")
+    try:
+        saved = json.loads(path.read_text())
+        config = from_dict(saved["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise LabError(f"--resume: cannot read {path}: {e}") from e
+    if saved.get("command") != args.command:
+        raise LabError(
+            f"--resume: {out} was made by `{PROG} {saved.get('command')}`, not {args.command}"
+        )
+    if args.task is not None:
+        overrides["task"] = args.task
+    if args.preset is not None:  # the whole preset must match, not just the options given
+        overrides = asdict(_fresh_config(args, overrides, config.task))
+    for key, value in overrides.items():
+        if getattr(config, key) != value:
+            raise LabError(
+                f"--resume continues {out} as configured; {key} is {getattr(config, key)!r} "
+                f"there, not {value!r} (drop the option or start a new run)"
+            )
+    return config
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command is None:
+        raise LabError("choose a command: compare or train (see fp8train --help)")
+    overrides = _overrides(args)
+    if args.stop_at is not None and args.stop_at < 1:
+        raise LabError(f"--stop-at must be >= 1, got {args.stop_at}")
+    if args.resume:
+        out = Path(args.out) if args.out else _latest_run()
+        config = _config_for_resume(out, args, overrides)
+    else:
+        config = _fresh_config(args, overrides)
+        out = Path(args.out) if args.out else _new_out_dir()
+
+    from fp8train.lab.compare import run_all  # torch is imported only from here on
+
+    resume_hint = f"{PROG} {args.command} --resume --out {out}"
+    try:
+        results = run_all(
+            config,
+            out,
+            command=args.command,
+            resume=args.resume,
+            stop_at=args.stop_at,
+            quiet=args.quiet,
+        )
+    except KeyboardInterrupt:
+        sys.stderr.write(
+            f"{PROG}: interrupted; continue from the last checkpoint with: {resume_hint}\n"
+        )
+        return 130
+    if results is None:
+        print(f"stopped after step {args.stop_at}; continue with: {resume_hint}")
+        return 0
+    for precision, run in results["runs"].items():
+        loss = run["final_val_loss"]
+        shown = "diverged" if loss is None else f"{loss:.4f}"
+        print(f"{precision:>10}  val loss {shown}  {run['verdict']}")
+    print(f"wrote {out / 'results.json'}, {out / 'loss_curves.png'}, {out / 'report.md'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except LabError as e:
+        sys.stderr.write(f"{PROG}: error: {e}\n")
+        return 2
+    except KeyboardInterrupt:  # before any run started: nothing to resume
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130

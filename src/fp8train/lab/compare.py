@@ -1,0 +1,338 @@
+"""Run every precision over every seed, pair them, and judge the gaps honestly.
+
+Runs are paired: for one seed, every precision starts from the same weights and sees
+the same batches, so the per-seed gap ``100 * (loss_p - loss_bf16) / loss_bf16`` holds
+no seed-to-seed noise from initialisation or data order, only what the arithmetic
+changes (and how chaotic training amplifies it). Over ``seeds`` such gaps we report
+the mean and its standard error. A verdict claims a difference only when the mean gap
+exceeds ``CLAIM_SE`` standard errors; with one seed there is no standard error, and
+the fp32-vs-bf16 gap of that seed is the noise floor instead.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fp8train.lab import train as lab_train
+from fp8train.lab.config import LabConfig, LabError
+from fp8train.lab.data import load_corpus, load_digits
+
+__all__ = ["CLAIM_SE", "SCHEMA_VERSION", "run_all", "summarize", "verdict", "versions"]
+
+# A gap is called a difference only beyond this many standard errors (about 95%
+# two-sided for a normal mean); never below one, as the issue demands.
+CLAIM_SE = 2.0
+# Bumped when results.json changes shape.
+SCHEMA_VERSION = 1
+
+
+def versions() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "fp8train": lab_train._fp8train_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
+def _finite(x: float | None) -> float | None:
+    """JSON has no NaN: a diverged number is written as null."""
+    return x if x is not None and math.isfinite(x) else None
+
+
+def _load_task(config: LabConfig) -> tuple[lab_train.Task, dict[str, Any]]:
+    if config.task == "digits":
+        if config.data is not None:
+            raise LabError(
+                "--data applies to the gpt task; --task digits uses scikit-learn's digits"
+            )
+        digits = load_digits(test_fraction=config.val_fraction)
+        return lab_train.digits_task(config, digits), digits.describe()
+    corpus = load_corpus(
+        config.data, corpus_mb=config.corpus_mb, val_fraction=config.val_fraction, seq=config.seq
+    )
+    return lab_train.gpt_task(config, corpus), corpus.describe()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def run_all(
+    config: LabConfig,
+    out: Path,
+    *,
+    command: str,
+    resume: bool,
+    stop_at: int | None = None,
+    quiet: bool = False,
+) -> dict[str, Any] | None:
+    """Train every (seed, precision) of ``config`` into ``out``, then write
+    ``results.json``, ``loss_curves.png`` and ``report.md``. Returns the results, or
+    None when ``stop_at`` left runs unfinished (their checkpoints wait for --resume)."""
+    from fp8train.lab import report  # matplotlib only when a report is due
+
+    report.require_plotting()
+    try:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+    except ImportError:
+        raise LabError("the lab needs rich and matplotlib: pip install 'fp8train[lab]'") from None
+
+    config_path = out / "config.json"
+    if resume and not config_path.exists():
+        raise LabError(f"--resume: {out} holds no run (no config.json)")
+    if not resume and config_path.exists():
+        raise LabError(
+            f"{out} already holds a run; add --resume to continue it, or pick another --out"
+        )
+    task, data_info = _load_task(config)
+    if resume:
+        saved = json.loads(config_path.read_text())
+        if saved["data"]["sha256"] != data_info["sha256"]:
+            raise LabError(
+                f"the data changed since {out} started (sha256 {saved['data']['sha256'][:12]} "
+                f"then, {data_info['sha256'][:12]} now); start a new run"
+            )
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(config_path, {"command": command, "config": asdict(config), "data": data_info})
+
+    started = time.perf_counter()
+    load_start = _loadavg()
+    records: dict[str, list[dict[str, Any]]] = {p: [] for p in config.precisions}
+    columns = (
+        TextColumn("{task.description:<22}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:>6}  val {task.fields[val]:>6}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    console = Console(stderr=True)
+    with Progress(*columns, console=console, disable=quiet) as progress:
+        for seed in config.seed_list:  # seed-major: paired comparisons complete early
+            for precision in config.precisions:
+                bar = progress.add_task(
+                    f"{precision} seed {seed}", total=config.steps, loss="-", val="-"
+                )
+
+                def on_step(step: int, loss: float, val: float | None, bar: Any = bar) -> None:
+                    progress.update(bar, completed=step, loss=f"{loss:.3f}")
+                    if val is not None:
+                        progress.update(bar, val=f"{val:.3f}")
+
+                ckpt = out / "checkpoints" / f"{precision}-seed{seed}.pt"
+                record = lab_train.train_run(
+                    config, task, precision, seed, ckpt, stop_at=stop_at, on_step=on_step
+                )
+                progress.update(bar, completed=record["steps_done"])
+                records[precision].append(record)
+    if not all(r["complete"] for rs in records.values() for r in rs):
+        return None
+
+    results = summarize(config, records)
+    results.update(
+        schema=SCHEMA_VERSION,
+        command=command,
+        config=asdict(config),
+        versions=versions(),
+        data=data_info,
+        corpus_sha256=data_info["sha256"],
+        wall_time_s=time.perf_counter() - started,
+        # Step times on a shared machine are only as good as its idleness: the 1-minute
+        # load average (runnable processes) before and after, to read them against.
+        machine_load={"loadavg_1m_start": load_start, "loadavg_1m_end": _loadavg()},
+    )
+    # Key order of the file: context first, runs last.
+    order = [
+        "schema",
+        "command",
+        "task",
+        "config",
+        "versions",
+        "data",
+        "corpus_sha256",
+        "seeds",
+        "wall_time_s",
+        "machine_load",
+        "noise_floor",
+        "runs",
+    ]
+    results = {k: results[k] for k in order}
+    _write_json(out / "results.json", results)
+    report.write_report(results, out)
+    return results
+
+
+# ----------------------------------------------------------------------- statistics
+
+
+def _mean_se(values: list[float]) -> tuple[float, float | None]:
+    """Mean and standard error of the mean (None with fewer than two values)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, statistics.stdev(values) / math.sqrt(len(values))
+
+
+def _gap_pct(x: float, ref: float) -> float:
+    return 100.0 * (x - ref) / ref
+
+
+def summarize(config: LabConfig, records: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Aggregate per-seed records into per-precision results with paired gaps to bf16."""
+    bf16 = records.get("bf16")
+    bf16_step = statistics.median(r["median_step_s"] for r in bf16) if bf16 else None
+    runs: dict[str, Any] = {}
+    for precision, recs in records.items():
+        losses = [r["final_val_loss"] for r in recs]
+        diverged = not all(math.isfinite(v) for v in losses)
+        gap = gap_se = None
+        gaps: list[float] = []
+        if bf16 is not None and not diverged:
+            gaps = [_gap_pct(r["final_val_loss"], b["final_val_loss"]) for r, b in zip(recs, bf16)]
+            if all(math.isfinite(g) for g in gaps):
+                gap, gap_se = _mean_se(gaps)
+        step_s = statistics.median(r["median_step_s"] for r in recs)
+        run: dict[str, Any] = {
+            "final_val_loss": _finite(statistics.fmean(losses)),
+            "val_loss_gap_vs_bf16_pct": _finite(gap),
+            "val_loss_gap_vs_bf16_se_pct": _finite(gap_se),
+            "median_step_s": _finite(step_s),
+            "step_time_vs_bf16": _finite(step_s / bf16_step) if bf16_step else None,
+            "saved_activation_bytes": recs[0]["saved_activation_bytes"],
+            "skipped_steps": sum(r["skipped_steps"] for r in recs),
+            "loss_scaler": recs[0]["loss_scaler"],
+            "converted_linears": recs[0]["converted_linears"],
+            "diverged": diverged,
+        }
+        if config.task == "digits":
+            acc = [r["final_metrics"].get("test_accuracy", math.nan) for r in recs]
+            run["test_accuracy"] = _finite(statistics.fmean(acc))
+            if bf16 is not None:
+                d_acc = [
+                    100.0 * (a - b["final_metrics"].get("test_accuracy", math.nan))
+                    for a, b in zip(acc, bf16)
+                ]
+                mean, se = _mean_se(d_acc)
+                run["test_accuracy_gap_vs_bf16_pts"] = _finite(mean)
+                run["test_accuracy_gap_vs_bf16_se_pts"] = _finite(se)
+        run["curves"] = _mean_curves(recs)
+        run["per_seed"] = [
+            {
+                "seed": r["seed"],
+                "final_val_loss": _finite(r["final_val_loss"]),
+                "val_loss_gap_vs_bf16_pct": _finite(g) if gaps else None,
+                "median_step_s": _finite(r["median_step_s"]),
+                "skipped_steps": r["skipped_steps"],
+                "final_metrics": {k: _finite(v) for k, v in r["final_metrics"].items()},
+                "curves": _clean_curves(r["curves"]),
+            }
+            for r, g in zip(recs, gaps or [math.nan] * len(recs))
+        ]
+        runs[precision] = run
+
+    floor = None
+    if "fp32" in runs and bf16 is not None:
+        floor = {
+            "fp32_vs_bf16_gap_pct": runs["fp32"]["val_loss_gap_vs_bf16_pct"],
+            "fp32_vs_bf16_se_pct": runs["fp32"]["val_loss_gap_vs_bf16_se_pct"],
+        }
+    for precision, run in runs.items():
+        run["verdict"] = verdict(precision, run, floor, config.seeds)
+    return {"task": config.task, "seeds": config.seed_list, "noise_floor": floor, "runs": runs}
+
+
+def _clean_curves(curves: dict[str, list[float]]) -> dict[str, list[float | None]]:
+    return {k: [_finite(float(v)) if "loss" in k else v for v in vs] for k, vs in curves.items()}
+
+
+def _mean_curves(recs: list[dict[str, Any]]) -> dict[str, list[float | None]]:
+    """Seed-averaged curves (every seed logs the same steps)."""
+    first = recs[0]["curves"]
+    out: dict[str, list[Any]] = {"train_step": first["train_step"], "val_step": first["val_step"]}
+    for key in ("train_loss", "val_loss"):
+        out[key] = [
+            _finite(statistics.fmean(vals)) for vals in zip(*(r["curves"][key] for r in recs))
+        ]
+    return out
+
+
+def verdict(precision: str, run: dict[str, Any], floor: dict[str, Any] | None, seeds: int) -> str:
+    """One line judging ``precision`` against bf16, claiming no difference the noise
+    cannot support."""
+    if run["diverged"]:
+        return "diverged: the final validation loss is not finite"
+    if precision == "bf16":
+        return "reference: every gap is measured against this run"
+    gap, se = run["val_loss_gap_vs_bf16_pct"], run["val_loss_gap_vs_bf16_se_pct"]
+    if gap is None:
+        return "no verdict: bf16 was not run, so there is no reference"
+    skipped = (
+        f"; {run['skipped_steps']} steps skipped by the loss scaler" if run["skipped_steps"] else ""
+    )
+    if seeds >= 2 and se is not None:
+        if abs(gap) <= CLAIM_SE * se:
+            line = (
+                f"indistinguishable from bf16: gap {gap:+.2f}% is within {CLAIM_SE:g} standard "
+                f"errors (SE {se:.2f}%, {seeds} paired seeds)"
+            )
+        else:
+            word = "worse" if gap > 0 else "better"
+            line = (
+                f"{word} than bf16: validation loss {gap:+.2f}% (SE {se:.2f}%, "
+                f"{gap / se:+.1f} SE over {seeds} paired seeds)"
+            )
+        return line + skipped
+    # One seed: no standard error. The fp32-vs-bf16 gap of the same seed is the floor.
+    if precision == "fp32":
+        return (
+            f"noise floor: fp32 differs from bf16 by {gap:+.2f}% (one seed, no standard "
+            f"error; use --seeds N for one)" + skipped
+        )
+    floor_gap = floor["fp32_vs_bf16_gap_pct"] if floor else None
+    if floor_gap is None:
+        return (
+            f"no verdict: gap {gap:+.2f}% from one seed has no standard error and fp32 was "
+            f"not run for a noise floor; use --seeds N or add fp32" + skipped
+        )
+    if abs(gap) <= abs(floor_gap):
+        return (
+            f"no difference shown: gap {gap:+.2f}% is within the fp32-vs-bf16 noise floor "
+            f"({abs(floor_gap):.2f}%; one seed, no standard error)" + skipped
+        )
+    word = "worse" if gap > 0 else "better"
+    return (
+        f"possibly {word} than bf16: gap {gap:+.2f}% exceeds the fp32-vs-bf16 noise floor "
+        f"({abs(floor_gap):.2f}%), but one seed has no standard error; confirm with "
+        f"--seeds N" + skipped
+    )

@@ -1,0 +1,234 @@
+"""The lab's one configuration object, its presets and its validation.
+
+``LabConfig`` is frozen: the CLI builds it once (preset, then the user's options) and
+never patches it; ``dataclasses.asdict(config)`` is saved with every result, so a run
+can always be read back together with what produced it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "FP8_RECIPES",
+    "PRECISIONS",
+    "PRESETS",
+    "REFERENCE_PRECISIONS",
+    "TASKS",
+    "LabConfig",
+    "LabError",
+    "from_dict",
+    "parse_precisions",
+    "resolve",
+]
+
+# Precisions that need no FP8 library support: "fp32" runs nothing special, "bf16"
+# runs the forward pass under CPU bf16 autocast.
+REFERENCE_PRECISIONS = ("fp32", "bf16")
+# Recipes handed by name to ``fp8train.convert``; each runs under bf16 autocast with
+# every nn.Linear swapped. "int8" is the integer grid, kept for comparison.
+FP8_RECIPES = ("tensorwise", "delayed", "rowwise", "blockwise", "mxfp8", "int8")
+PRECISIONS = REFERENCE_PRECISIONS + FP8_RECIPES
+TASKS = ("gpt", "digits")
+
+
+class LabError(Exception):
+    """A problem with the user's request (bad option, unusable data, nothing to
+    resume). The CLI prints it as one line and exits with status 2."""
+
+
+@dataclass(frozen=True)
+class LabConfig:
+    """Everything one comparison depends on. Defaults are the ``default`` preset of the
+    ``gpt`` task, sized so that all eight precisions finish within ten minutes on an
+    otherwise idle 2-core CPU (see ``steps``)."""
+
+    # What to train: "gpt" (byte-level language model on a text corpus) or "digits"
+    # (Linear-ReLU-Linear classifier on scikit-learn's 8x8 handwritten digits).
+    task: str = "gpt"
+    # Precisions to compare, run in this order; all of them by default.
+    precisions: tuple[str, ...] = PRECISIONS
+    # First seed; seed s sets the initial weights and the batch order, the same for
+    # every precision (paired runs).
+    seed: int = 0
+    # Number of seeds per precision (seed, seed + 1, ...). One seed has no standard
+    # error; the fp32-vs-bf16 gap then serves as the noise floor.
+    seeds: int = 1
+    # Optimiser steps per run. 250 steps of 16 x 128 bytes see ~0.5 M bytes and take the
+    # byte loss from 5.5 (uniform) to about 2.0. On an idle 2-core CPU an fp32 or bf16
+    # step takes ~0.11 s and an FP8 recipe's 1.5x to 2.9x that (emulated): the eight
+    # runs take about 8 minutes together, leaving room for a busier machine.
+    steps: int = 250
+    # Sequences per batch (gpt) or examples per batch (digits).
+    batch: int = 16
+    # Context length in bytes (gpt only).
+    seq: int = 128
+    # Model width (gpt) or hidden width (digits). A multiple of 128 keeps every
+    # gemm dimension whole for the 128-element block recipes.
+    d_model: int = 128
+    # Transformer blocks (gpt only).
+    layers: int = 4
+    # Attention heads (gpt only); must divide d_model.
+    heads: int = 4
+    # Peak learning rate of AdamW, reached after warmup_steps.
+    lr: float = 3e-3
+    # Linear warmup from 0 to lr over this many steps, then cosine decay.
+    warmup_steps: int = 25
+    # The cosine ends at lr * min_lr_ratio on the last step.
+    min_lr_ratio: float = 0.1
+    # AdamW decoupled weight decay, applied to matrices only (not norms, not biases).
+    weight_decay: float = 0.1
+    # AdamW first-moment decay.
+    beta1: float = 0.9
+    # AdamW second-moment decay: 0.95 rather than 0.999, as in GPT training (nanoGPT).
+    beta2: float = 0.95
+    # Global gradient-norm clip, applied after the loss scaler unscales the gradients.
+    grad_clip: float = 1.0
+    # Validate every this many steps (and at the last step).
+    eval_every: int = 25
+    # Validation windows (gpt) during training: fixed, evenly spaced over the held-out
+    # bytes, the same for every seed and precision.
+    eval_windows: int = 32
+    # Validation windows for final_val_loss at the end: more of them, less noise.
+    final_eval_windows: int = 256
+    # Text file or folder to train on; None means the built-in corpus, the running
+    # interpreter's standard-library .py sources.
+    data: str | None = None
+    # Cap on the corpus size in MiB (the first bytes of the sorted concatenation);
+    # 4 MiB is ~8x what the default run reads and loads in well under a second.
+    corpus_mb: float = 4.0
+    # Fraction of the corpus (its end) held out for validation; for digits, the
+    # fraction of examples held out for the test accuracy.
+    val_fraction: float = 0.05
+    # Step times of the first steps are excluded from median_step_s (allocator and
+    # thread-pool warm-up).
+    timing_warmup_steps: int = 5
+    # Write a checkpoint every this many steps (and at the last step).
+    ckpt_every: int = 50
+
+    def validate(self) -> None:
+        """Raise ``LabError`` naming the first invalid field and what it accepts."""
+        if self.task not in TASKS:
+            raise LabError(f"unknown task {self.task!r}; known: {', '.join(TASKS)}")
+        if not self.precisions:
+            raise LabError("no precisions given; known: " + ", ".join(PRECISIONS))
+        for p in self.precisions:
+            if p not in PRECISIONS:
+                raise LabError(f"unknown precision {p!r}; known: {', '.join(PRECISIONS)}")
+        if len(set(self.precisions)) != len(self.precisions):
+            raise LabError(f"precision listed twice in {','.join(self.precisions)}")
+        for name in ("steps", "seeds", "batch", "seq", "d_model", "layers", "heads"):
+            if getattr(self, name) < 1:
+                raise LabError(
+                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        for name in ("eval_every", "eval_windows", "final_eval_windows", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise LabError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.timing_warmup_steps < 0:
+            raise LabError("warmup_steps and timing_warmup_steps must be >= 0")
+        if not self.lr > 0:
+            raise LabError(f"--lr must be > 0, got {self.lr}")
+        if not 0 < self.val_fraction < 1:
+            raise LabError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not self.corpus_mb > 0:
+            raise LabError(f"corpus_mb must be > 0, got {self.corpus_mb}")
+        if self.task == "gpt" and self.d_model % self.heads:
+            raise LabError(f"--d-model ({self.d_model}) must be a multiple of heads ({self.heads})")
+
+    @property
+    def seed_list(self) -> list[int]:
+        return [self.seed + i for i in range(self.seeds)]
+
+
+# Presets per task override the defaults above; the user's options override the preset.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "gpt": {
+        # The main job: all eight precisions in about ten minutes on 2 CPU cores.
+        "default": {},
+        # Seconds, for smoke tests and trying the CLI: one block, a few steps.
+        "tiny": {
+            "steps": 6,
+            "batch": 4,
+            "seq": 32,
+            "d_model": 128,
+            "layers": 1,
+            "heads": 2,
+            "warmup_steps": 2,
+            "eval_every": 3,
+            "eval_windows": 4,
+            "final_eval_windows": 8,
+            "timing_warmup_steps": 1,
+            "ckpt_every": 3,
+            "corpus_mb": 0.25,
+        },
+    },
+    "digits": {
+        # 1,797 8x8 images (20% held out), a 64-128-10 classifier, seconds per run.
+        "default": {
+            "steps": 300,
+            "batch": 64,
+            "lr": 3e-3,
+            "warmup_steps": 20,
+            "weight_decay": 0.0,
+            "eval_every": 25,
+            "val_fraction": 0.2,
+            "ckpt_every": 100,
+        },
+        # A few steps, for tests.
+        "tiny": {
+            "steps": 6,
+            "batch": 32,
+            "lr": 3e-3,
+            "warmup_steps": 2,
+            "weight_decay": 0.0,
+            "eval_every": 3,
+            "val_fraction": 0.2,
+            "ckpt_every": 3,
+            "timing_warmup_steps": 1,
+        },
+    },
+}
+
+
+def resolve(task: str, preset: str, overrides: dict[str, Any]) -> LabConfig:
+    """Build and validate a config: defaults, then ``PRESETS[task][preset]``, then the
+    non-None ``overrides``."""
+    if task not in PRESETS:
+        raise LabError(f"unknown task {task!r}; known: {', '.join(PRESETS)}")
+    if preset not in PRESETS[task]:
+        raise LabError(f"unknown preset {preset!r}; known: {', '.join(PRESETS[task])}")
+    fields = {f.name for f in dataclasses.fields(LabConfig)}
+    values = dict(PRESETS[task][preset], task=task)
+    for key, value in overrides.items():
+        if key not in fields:
+            raise LabError(f"unknown config field {key!r}")
+        if value is not None:
+            values[key] = value
+    config = LabConfig(**values)
+    config.validate()
+    return config
+
+
+def parse_precisions(text: str) -> tuple[str, ...]:
+    """``"bf16,tensorwise"`` -> ``("bf16", "tensorwise")``; "all" means every precision.
+    Unknown names are left for ``LabConfig.validate`` to report with the known list."""
+    names = tuple(p.strip().lower() for p in text.split(",") if p.strip())
+    if names == ("all",):
+        return PRECISIONS
+    return names
+
+
+def from_dict(values: dict[str, Any]) -> LabConfig:
+    """Rebuild a saved config (JSON turns tuples into lists)."""
+    fields = {f.name for f in dataclasses.fields(LabConfig)}
+    unknown = set(values) - fields
+    if unknown:
+        raise LabError(f"saved config has unknown fields {sorted(unknown)}")
+    values = dict(values)
+    values["precisions"] = tuple(values.get("precisions", PRECISIONS))
+    config = LabConfig(**values)
+    config.validate()
+    return config

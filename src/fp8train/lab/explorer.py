@@ -1,0 +1,542 @@
+"""The format explorer: every format's limits as a table, and three pictures of why FP8
+trains where INT8 struggles.
+
+* :func:`formats_table` -- max, smallest normal and subnormal, epsilon and binades of
+  dynamic range of every format in :data:`fp8train.formats.FORMATS` (derived from the
+  bit fields, never typed in), with bf16 and fp16 from ``torch.finfo`` for reference.
+* :func:`plot_formats` -- ``formats_values.png``: the representable values of E4M3,
+  E5M2 and INT8 on [-1, 1] and on a log2 axis; ``formats_rounding_error.png``: the
+  relative rounding error against magnitude for E4M3, E5M2, BF16 and scaled INT8;
+  ``formats_tensors.png``: histograms of a real weight, activation and gradient from
+  a lab GPT against each format's range, without and with tensorwise scaling, with
+  the underflow and overflow fractions printed on them.
+
+Every picture scales a format the way a tensorwise recipe does: multiply so that the
+tensor's amax lands on the format's max (for INT8 that is the symmetric grid
+``k / 127``). Plots use matplotlib's object API (``Figure``): no backend, no global
+state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fp8train.cast import round_to_grid
+from fp8train.formats import E4M3, E5M2, FORMATS, INT8, Format
+from fp8train.monitor import operand_stats
+from fp8train.scaling import ScaleSpec
+from fp8train.tensor import quantize
+
+__all__ = ["FIGURES", "capture_lab_tensors", "formats_table", "plot_formats"]
+
+# The files plot_formats writes, in order.
+FIGURES = ("formats_values.png", "formats_rounding_error.png", "formats_tensors.png")
+
+# One colour per format in every picture.
+_COLORS = {"e4m3": "#1f77b4", "e5m2": "#ff7f0e", "int8": "#2ca02c", "bf16": "#7f7f7f"}
+_LABEL = {"e4m3": "E4M3", "e5m2": "E5M2", "int8": "INT8", "bf16": "BF16"}
+_PLOTTED = (E4M3, E5M2, INT8)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def _num(v: float) -> str:
+    """Exact and readable: integers as integers, small or huge powers of two as 2^k."""
+    m, e = math.frexp(v)
+    if v == int(v) and abs(v) < 1e6:
+        return str(int(v))
+    if m == 0.5 and (v < 2.0**-4 or v > 1e6):
+        return f"2^{e - 1} = {v:.3g}"
+    return f"{v:.6g}"
+
+
+def _policy(fmt: Format) -> str:
+    return {
+        "ieee": "IEEE: inf, NaN",
+        "fn": "fn: NaN, no inf",
+        "fnuz": "fnuz: 1 NaN, no -0",
+        "finite": "finite only",
+        "e8m0": "scale: NaN, no 0",
+        "int": "integer grid",
+    }[fmt.special]
+
+
+def _finfo_row(name: str, dtype: torch.dtype) -> list[str]:
+    fi = torch.finfo(dtype)
+    sub = fi.smallest_normal * fi.eps  # the subnormal quantum: one ulp of the smallest binade
+    return [
+        name,
+        str(fi.bits),
+        (f"1-{fi.bits - 1 - round(-math.log2(fi.eps))}-{round(-math.log2(fi.eps))}"),
+        "IEEE: inf, NaN",
+        _num(fi.max),
+        _num(fi.smallest_normal),
+        _num(sub),
+        _num(fi.eps),
+        f"{math.log2(fi.max / sub):.2f}",
+    ]
+
+
+def formats_table(formats: Sequence[Format] | None = None) -> str:
+    """Every format's limits as a plain-text table (one row per format, then bf16 and
+    fp16 from ``torch.finfo`` for reference, then notes on the columns).
+
+    Columns: ``bits``; ``s-e-m`` (sign, exponent, mantissa bits); the special-value
+    policy; ``max``; ``min normal``; ``min subnormal`` (the smallest positive value);
+    ``epsilon`` (gap above 1); ``binades`` = ``log2(max / min subnormal)``. Values are
+    exact: integers, powers of two as ``2^k`` (with a decimal), otherwise 6 digits.
+    """
+    rows = []
+    for fmt in formats if formats is not None else FORMATS.values():
+        layout = (
+            f"{int(fmt.signed)}-{fmt.exponent_bits}-{fmt.mantissa_bits}"
+            if not fmt.is_integer
+            else f"1-{fmt.mantissa_bits} int"
+        )
+        rows.append(
+            [
+                fmt.name,
+                str(fmt.bits),
+                layout,
+                _policy(fmt),
+                _num(fmt.max),
+                _num(fmt.min_normal),
+                _num(fmt.min_subnormal),
+                _num(fmt.epsilon),
+                f"{fmt.binades:.2f}",
+            ]
+        )
+    refs = [_finfo_row("bf16*", torch.bfloat16), _finfo_row("fp16*", torch.float16)]
+    head = [
+        "format",
+        "bits",
+        "s-e-m",
+        "specials",
+        "max",
+        "min normal",
+        "min subnormal",
+        "epsilon",
+        "binades",
+    ]
+    widths = [max(len(r[i]) for r in [head, *rows, *refs]) for i in range(len(head))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    out = [
+        line(head),
+        line(["-" * w for w in widths]),
+        *map(line, rows),
+        line(["-" * w for w in widths]),
+        *map(line, refs),
+        "",
+        "binades = log2(max / min subnormal): the dynamic range one scale covers.",
+        (
+            "epsilon = gap above 1; half of it is the worst relative rounding error "
+            "of a normal value."
+        ),
+        (
+            "int8 is the symmetric grid -127..127: its 'min normal' is the step 1, so scaled "
+            "to amax it resolves amax/127."
+        ),
+        "e8m0 is the MX block-scale format (powers of two only), not an element format.",
+        "* reference rows from torch.finfo.",
+    ]
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------ lab capture
+
+
+def capture_lab_tensors(
+    *,
+    steps: int = 30,
+    batch: int = 16,
+    layer: str = "blocks.1.mlp.fc",
+    corpus_mb: float = 0.5,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Train a small lab GPT in fp32 and capture one layer's real operands.
+
+    The model is ``GPT(vocab=256, seq=64, d_model=128, layers=2, heads=4)`` trained for
+    ``steps`` AdamW steps on the first ``corpus_mb`` MiB of the standard-library corpus;
+    one more step captures ``layer``'s weight, its input activation and the gradient of
+    the loss with respect to its output (no loss scaling: the true gradient). Returns
+    ``{"weight", "activation", "gradient"}`` as fp32 CPU tensors plus ``"layer"`` and
+    ``"steps"``. The caller's random state is left as it was.
+    """
+    import torch.nn.functional as F
+
+    from fp8train.lab.data import load_corpus, sample_windows
+    from fp8train.lab.gpt import GPT
+
+    seq = 64
+    corpus = load_corpus(None, corpus_mb=corpus_mb, val_fraction=0.05, seq=seq)
+    captured: dict[str, Any] = {"layer": layer, "steps": steps}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GPT(vocab=256, seq=seq, d_model=128, layers=2, heads=4)
+        module = model.get_submodule(layer)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            x, y = sample_windows(corpus.train, batch, seq, g)
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        def keep(mod: torch.nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            captured["activation"] = args[0].detach().reshape(-1, args[0].shape[-1]).clone()
+            out.register_hook(
+                lambda g: captured.__setitem__(  # type: ignore[no-untyped-call]
+                    "gradient", g.detach().reshape(-1, g.shape[-1]).clone()
+                )
+            )
+
+        handle = module.register_forward_hook(keep)
+        x, y = sample_windows(corpus.train, batch, seq, g)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        loss.backward()  # type: ignore[no-untyped-call]
+        handle.remove()
+        captured["weight"] = module.weight.detach().clone()  # type: ignore[operator]
+    return captured
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+def _figure(size: tuple[float, float]) -> Any:
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=size, layout="constrained")
+
+
+def _save(fig: Any, path: Path) -> Path:
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
+    return path
+
+
+def _unit_grid(fmt: Format) -> torch.Tensor:
+    """The format's finite values scaled so that max is 1 (float64, ascending)."""
+    return torch.tensor(fmt.values, dtype=torch.float64) / fmt.max
+
+
+def _plot_values(path: Path) -> Path:
+    """(a) The grids on [-1, 1], a zoom on [0, 1/16], and |x| on a log2 axis."""
+    fig = _figure((11, 8.5))
+    ax_lin, ax_zoom, ax_log = fig.subplots(3, 1, height_ratios=[1, 1, 1.25])
+    rows = {fmt.name: i for i, fmt in enumerate(reversed(_PLOTTED))}
+    ticks = [rows[f.name] for f in _PLOTTED]
+    labels = [f"{_LABEL[f.name]} ({len(f.values)} values)" for f in _PLOTTED]
+    for fmt in _PLOTTED:
+        grid = _unit_grid(fmt)
+        pos = grid[grid > 0]
+        kw = {
+            "lineoffsets": rows[fmt.name],
+            "linelengths": 0.75,
+            "colors": _COLORS[fmt.name],
+            "linewidths": 0.6,
+        }
+        ax_lin.eventplot(grid.numpy(), **kw)
+        ax_zoom.eventplot(grid[(grid >= 0) & (grid <= 1 / 16)].numpy(), **kw)
+        ax_log.eventplot(torch.log2(pos).numpy(), **kw)
+        n_zoom = int(((grid > 0) & (grid <= 1 / 16)).sum())
+        ax_zoom.text(
+            1 / 16 * 1.005,
+            rows[fmt.name],
+            f"{n_zoom} values in (0, 1/16]",
+            va="center",
+            fontsize=8,
+            color=_COLORS[fmt.name],
+        )
+        lo = math.log2(fmt.min_subnormal / fmt.max)
+        ax_log.annotate(
+            f"smallest: 2^{lo:.1f}",
+            (lo, rows[fmt.name] + 0.42),
+            fontsize=8,
+            ha="left",
+            color=_COLORS[fmt.name],
+        )
+        top = pos[pos > 0.5]  # the top binade (1/2, 1]
+        ax_log.text(
+            0.3,
+            rows[fmt.name],
+            f"{len(top)} in (1/2, 1]",
+            va="center",
+            fontsize=8,
+            color=_COLORS[fmt.name],
+        )
+    for ax in (ax_lin, ax_zoom, ax_log):
+        ax.set_yticks(ticks, labels)
+        ax.set_ylim(-0.6, len(_PLOTTED) - 0.4)
+        ax.grid(axis="x", alpha=0.3)
+    ax_lin.set_xlim(-1.02, 1.02)
+    ax_lin.set_title(
+        "Representable values, each format scaled so that its max is 1 "
+        "(tensorwise scaling to amax = 1; INT8 = k/127)"
+    )
+    ax_lin.set_xlabel("x on [-1, 1]: FP8 values crowd towards 0, INT8 is an even comb")
+    ax_zoom.set_xlim(0, 1 / 16 * 1.25)
+    ax_zoom.set_xlabel(
+        "zoom on [0, 1/16]: INT8 keeps only 7 steps here; E4M3 and E5M2 still have dozens"
+    )
+    ax_log.set_xlim(-34, 4.5)
+    ax_log.set_xlabel(
+        "log2 |x| (positive values): a float format has the same number of "
+        "values in every binade; INT8 packs half its values into the top binade"
+    )
+    return _save(fig, path)
+
+
+def _relative_error(fmt: Format | None, mags: torch.Tensor) -> torch.Tensor:
+    """|round(x) - x| / x for magnitudes ``mags`` (fp32, amax = 1), the format scaled to
+    put 1 on its max; ``fmt=None`` is BF16 (no scaling needed). 1.0 means flushed."""
+    if fmt is None:
+        q = mags.to(torch.bfloat16).double()
+        y = mags.double()
+    else:
+        y32 = mags * fmt.max  # the scaled value the cast sees (fp32, as the cast does)
+        q = round_to_grid(y32, fmt).double()
+        y = y32.double()
+    return (q - y).abs() / y
+
+
+def _plot_rounding_error(path: Path) -> Path:
+    """(b) Relative rounding error against magnitude (relative to amax), log-log."""
+    lo_exp = -40
+    n = 40_000
+    g = torch.Generator().manual_seed(0)
+    # Log-uniform magnitudes over [2^-40, 1]: every binade equally sampled.
+    mags = torch.exp2(lo_exp * torch.rand(n, generator=g, dtype=torch.float64)).float()
+    log_mag = torch.log2(mags.double())
+    # Worst case per binade of |x|/amax: within one binade a float format's relative
+    # error bound falls by 2x from bottom to top; the maximum shows the bound itself.
+    which = torch.floor(log_mag).long() - lo_exp  # bin i covers [lo_exp + i, lo_exp + i + 1)
+    centres = torch.arange(lo_exp, 0, dtype=torch.float64) + 0.5
+    fig = _figure((11, 6.2))
+    ax = fig.subplots()
+    for fmt in (E4M3, E5M2, None, INT8):
+        name = "bf16" if fmt is None else fmt.name
+        err = _relative_error(fmt, mags).clamp(min=1e-7)
+        worst = torch.zeros(-lo_exp, dtype=torch.float64).scatter_reduce(
+            0, which, err, "amax", include_self=False
+        )
+        ax.scatter(
+            log_mag[::4].numpy(),
+            err[::4].numpy(),
+            s=1.0,
+            alpha=0.07,
+            color=_COLORS[name],
+            rasterized=True,
+        )
+        label = (
+            f"{_LABEL[name]}, unscaled"
+            if fmt is None
+            else f"{_LABEL[name]}, amax scaled to {int(fmt.max)}"
+        )
+        ax.plot(
+            centres.numpy(),
+            worst.numpy(),
+            color=_COLORS[name],
+            lw=2.0,
+            marker="o",
+            ms=3,
+            label=f"{label} (worst case per binade)",
+        )
+    ax.set_yscale("log")
+    ax.set_xlim(lo_exp, 0.5)
+    ax.set_ylim(2e-4, 2.5)
+    ax.axhline(1.0, color="black", lw=0.8, ls=":")
+    box = {"facecolor": "white", "alpha": 0.85, "edgecolor": "none", "pad": 1.5}
+    ax.text(-39.5, 1.25, "100%: flushed to zero", fontsize=9)
+    ax.text(
+        -29.5,
+        0.16,
+        "E5M2 (2 mantissa bits): flat at ~11% over ~30 binades",
+        fontsize=9,
+        color=_COLORS["e5m2"],
+        bbox=box,
+    )
+    ax.text(
+        -14.8,
+        0.048,
+        "E4M3 (3 mantissa bits): flat at ~6% over ~15 binades",
+        fontsize=9,
+        color=_COLORS["e4m3"],
+        va="top",
+        bbox=box,
+    )
+    ax.text(
+        -3.2,
+        0.022,
+        "INT8: one step (amax/127) everywhere, so the\nrelative error "
+        "grows as 1/x: 0.4% at amax,\n6% at amax/16, 100% below amax/254",
+        fontsize=9,
+        color=_COLORS["int8"],
+        ha="right",
+        va="top",
+        bbox=box,
+    )
+    ax.text(
+        -39.5,
+        0.0052,
+        "BF16 (7 mantissa bits, fp32's exponent): flat at ~0.4% over "
+        "the whole range, no scaling needed",
+        fontsize=9,
+        color=_COLORS["bf16"],
+        bbox=box,
+    )
+    ax.set_xlabel("log2 (|x| / amax): how far below the tensor's largest value")
+    ax.set_ylabel("relative rounding error |q(x) - x| / |x|")
+    ax.set_title(
+        "Exponent versus linear grid: a float format's relative error is flat "
+        "across binades, INT8's is not"
+    )
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3, which="major")
+    return _save(fig, path)
+
+
+def _fractions(x: torch.Tensor, fmt: Format, scaled: bool) -> tuple[float, float]:
+    """(underflow, overflow) of casting ``x``: without scaling (scale 1) or with one
+    tensorwise scale putting amax on ``fmt.max``. Underflow: nonzero values flushed to
+    zero; overflow: values that would round past max, clipped (as the monitor counts
+    them: :func:`fp8train.monitor.operand_stats`)."""
+    spec = ScaleSpec(fmt=fmt)
+    q = quantize(x, spec) if scaled else quantize(x, spec, scale=torch.tensor(1.0))
+    st = operand_stats(x, q)
+    return st.underflow, st.clipped_fraction
+
+
+def _range_bar(ax: Any, fmt: Format, scale: float, y: float, height: float) -> None:
+    """A bar over log2 |x| covering what ``fmt`` represents at this scale: solid for the
+    normal range, hatched for the subnormals."""
+    color = _COLORS[fmt.name]
+    top = math.log2(fmt.max / scale)
+    normal = math.log2(fmt.min_normal / scale)
+    bottom = math.log2(fmt.min_subnormal / scale)
+    ax.broken_barh(
+        [(normal, top - normal)],
+        (y, height),
+        color=color,
+        alpha=0.55,
+        transform=ax.get_xaxis_transform(),
+    )
+    if normal > bottom:
+        ax.broken_barh(
+            [(bottom, normal - bottom)],
+            (y, height),
+            facecolor="none",
+            edgecolor=color,
+            hatch="////",
+            lw=0.6,
+            transform=ax.get_xaxis_transform(),
+        )
+    ax.text(
+        top + 0.4,
+        y + height / 2,
+        _LABEL[fmt.name],
+        va="center",
+        fontsize=7,
+        color=color,
+        transform=ax.get_xaxis_transform(),
+    )
+
+
+def _plot_tensors(captured: dict[str, Any], path: Path) -> Path:
+    """(c) log2 |x| histograms of weight, activation and gradient against each format's
+    range, without scaling (left) and with a tensorwise scale to max (right). Both
+    panels of a row share the x axis: the histogram stays put and scaling moves the
+    formats' ranges onto it."""
+    kinds = [
+        ("weight", "weight W"),
+        ("activation", "input activation x"),
+        ("gradient", "output gradient dL/dy (no loss scaling)"),
+    ]
+    fig = _figure((13, 10.5))
+    axes = fig.subplots(3, 2, sharey="row")
+    for row, (key, title) in enumerate(kinds):
+        x = captured[key].float()
+        nz = x[x != 0].abs()
+        lx = torch.log2(nz.double())
+        amax = float(nz.max())
+        # One x range per row: the histogram and every bar, scaled or not.
+        ends = [float(lx.min()), float(lx.max())]
+        for fmt in _PLOTTED:
+            for scale in (1.0, fmt.max / amax):
+                ends += [math.log2(fmt.min_subnormal / scale), math.log2(fmt.max / scale)]
+        lo, hi = min(ends) - 1.5, max(ends) + 4.5
+        for col, scaled in enumerate((False, True)):
+            ax = axes[row][col]
+            ax.hist(
+                lx.numpy(),
+                bins=120,
+                color="#444444",
+                alpha=0.8,
+                weights=torch.full_like(lx, 100.0 / len(lx)).numpy(),
+            )
+            lines = []
+            for i, fmt in enumerate(_PLOTTED):
+                scale = fmt.max / amax if scaled else 1.0
+                _range_bar(ax, fmt, scale, 0.93 - 0.07 * i, 0.05)
+                under, over = _fractions(x, fmt, scaled)
+                lines.append(f"{_LABEL[fmt.name]}: underflow {under:7.2%}  overflow {over:.2%}")
+            ax.text(
+                0.015,
+                0.70,
+                "\n".join(lines),
+                transform=ax.transAxes,
+                fontsize=8,
+                va="top",
+                family="monospace",
+                bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "#cccccc"},
+            )
+            ax.set_xlim(lo, hi)
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.9)  # room for the bars and the text
+            how = "tensorwise scale, amax -> format max" if scaled else "no scaling"
+            ax.set_title(f"{title} {tuple(x.shape)}: {how}", fontsize=9)
+            ax.set_xlabel("log2 |x|")
+            ax.axvline(math.log2(amax), color="black", lw=0.8, ls=":")
+            ax.grid(alpha=0.3)
+        axes[row][0].set_ylabel("% of nonzero values")
+    fig.suptitle(
+        f"Real tensors of lab GPT layer {captured.get('layer', '?')} after "
+        f"{captured.get('steps', '?')} steps against each format's range\n(bars: solid = "
+        "normal, hatched = subnormal; dotted line = amax; underflow = nonzero values "
+        "flushed to zero, overflow = values clipped at max)",
+        fontsize=10,
+    )
+    return _save(fig, path)
+
+
+def plot_formats(out_dir: str | Path, *, captured: dict[str, Any] | None = None) -> list[Path]:
+    """Write the three explorer PNGs (see :data:`FIGURES`) into ``out_dir`` (created if
+    missing) and return their paths. ``captured``: tensors from
+    :func:`capture_lab_tensors` (``"weight"``, ``"activation"``, ``"gradient"``; 2-D
+    floats); captured afresh when ``None`` (a few seconds on a CPU)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if captured is None:
+        captured = capture_lab_tensors()
+    missing = {"weight", "activation", "gradient"} - set(captured)
+    if missing:
+        raise ValueError(
+            f"captured tensors lack {sorted(missing)}; pass the dict that "
+            "capture_lab_tensors() returns"
+        )
+    return [
+        _plot_values(out / FIGURES[0]),
+        _plot_rounding_error(out / FIGURES[1]),
+        _plot_tensors(captured, out / FIGURES[2]),
+    ]

@@ -1,0 +1,248 @@
+"""The human side of a comparison: ``loss_curves.png`` and ``report.md``.
+
+Everything here reads ``results.json``'s structure and nothing else, so a report can
+be redrawn from a saved file. Plots use matplotlib's object API (``Figure``), which
+needs no backend choice and touches no global state.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from fp8train.lab.config import PRECISIONS, LabError
+
+__all__ = ["markdown", "plot_curves", "require_plotting", "write_report"]
+
+
+def require_plotting() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise LabError("the lab needs rich and matplotlib: pip install 'fp8train[lab]'") from None
+
+
+def _color(precision: str) -> str:
+    # One fixed colour per precision, so reports compare at a glance.
+    palette = [
+        "#000000",
+        "#1f77b4",
+        "#ff7f0e",
+        "#2ca02c",
+        "#d62728",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+        "#7f7f7f",
+        "#bcbd22",
+        "#17becf",
+    ]
+    i = PRECISIONS.index(precision) if precision in PRECISIONS else len(PRECISIONS)
+    return palette[i % len(palette)]
+
+
+def _ema(values: list[float | None], alpha: float = 0.1) -> list[float]:
+    """Exponential moving average of the train loss (per-batch losses are noisy)."""
+    out, acc = [], math.nan
+    for v in values:
+        x = math.nan if v is None else v
+        acc = x if math.isnan(acc) else (1 - alpha) * acc + alpha * x
+        out.append(acc)
+    return out
+
+
+def _nan(values: list[float | None]) -> list[float]:
+    return [math.nan if v is None else v for v in values]
+
+
+def plot_curves(results: dict[str, Any], path: Path) -> None:
+    """Two panels: train (smoothed, thin) and validation (markers) loss against step for
+    every precision; each precision's validation-loss gap to bf16 in percent."""
+    from matplotlib.figure import Figure
+
+    runs = results["runs"]
+    fig = Figure(figsize=(12, 4.8), layout="constrained")
+    ax_loss, ax_gap = fig.subplots(1, 2)
+    for precision, run in runs.items():
+        c = run["curves"]
+        color = _color(precision)
+        ax_loss.plot(c["train_step"], _ema(c["train_loss"]), color=color, lw=0.8, alpha=0.45)
+        ax_loss.plot(
+            c["val_step"],
+            _nan(c["val_loss"]),
+            color=color,
+            lw=1.6,
+            marker="o",
+            ms=2.5,
+            label=precision,
+        )
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss (nats)")
+    ax_loss.set_title("validation (markers) and train loss (thin, EMA 0.1)")
+    ax_loss.legend(fontsize=8, ncol=2)
+    ax_loss.grid(alpha=0.3)
+    vals = [v for run in runs.values() for v in _nan(run["curves"]["val_loss"][1:])]
+    finite = [v for v in vals if math.isfinite(v)]
+    if finite:  # the untrained loss (step 0) would squash the rest of the curve
+        lo, hi = min(finite), max(finite)
+        ax_loss.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
+
+    bf16 = runs.get("bf16")
+    if bf16 is None:
+        ax_gap.text(
+            0.5,
+            0.5,
+            "bf16 not run: no reference",
+            ha="center",
+            va="center",
+            transform=ax_gap.transAxes,
+        )
+    else:
+        ref = _nan(bf16["curves"]["val_loss"])
+        for precision, run in runs.items():
+            if precision == "bf16":
+                continue
+            gap = [100.0 * (v - r) / r for v, r in zip(_nan(run["curves"]["val_loss"]), ref)]
+            ax_gap.plot(
+                run["curves"]["val_step"],
+                gap,
+                color=_color(precision),
+                lw=1.4,
+                marker="o",
+                ms=2.5,
+                label=precision,
+            )
+        ax_gap.axhline(0.0, color=_color("bf16"), lw=1.0, ls="--", label="bf16")
+        ax_gap.legend(fontsize=8, ncol=2)
+    ax_gap.set_xlabel("step")
+    ax_gap.set_ylabel("validation loss gap to bf16 (%)")
+    seeds = results.get("seeds", [])
+    ax_gap.set_title(
+        f"gap to bf16 ({'mean of ' + str(len(seeds)) + ' seeds' if len(seeds) > 1 else 'one seed'})"
+    )
+    ax_gap.grid(alpha=0.3)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    tmp.replace(path)
+
+
+def _num(x: float | None, fmt: str, suffix: str = "") -> str:
+    return "n/a" if x is None else f"{x:{fmt}}{suffix}"
+
+
+def _mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.2f} MiB"
+
+
+def _load_note(results: dict[str, Any]) -> str:
+    load = results.get("machine_load") or {}
+    start, end = load.get("loadavg_1m_start"), load.get("loadavg_1m_end")
+    if start is None or end is None:
+        return ""
+    return f" (1-minute load average {start:.1f} before, {end:.1f} after)"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The report: context, the table, the noise floor, the picture and the verdicts."""
+    cfg, ver, data = results["config"], results["versions"], results["data"]
+    runs = results["runs"]
+    seeds = results["seeds"]
+    digits = results["task"] == "digits"
+    title = (
+        f"# fp8train lab: {results['task']}, {len(runs)} precisions, "
+        f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
+    )
+    lines = [title, ""]
+    if digits:
+        lines.append(
+            f"Linear(64, {cfg['d_model']})-ReLU-Linear({cfg['d_model']}, 10) on scikit-learn's "
+            f"digits ({data['train_examples']} train, {data['test_examples']} test images, "
+            f"sha256 `{data['sha256'][:16]}`), {cfg['steps']} steps of {cfg['batch']} images."
+        )
+    else:
+        lines.append(
+            f"Byte-level GPT (d_model {cfg['d_model']}, {cfg['layers']} layers, {cfg['heads']} "
+            f"heads, context {cfg['seq']}), {cfg['steps']} steps of {cfg['batch']} x "
+            f"{cfg['seq']} bytes, on `{data['source']}` ({data['files']} files, "
+            f"{data['bytes']:,} bytes, last {cfg['val_fraction']:.0%} held out, sha256 "
+            f"`{data['sha256'][:16]}`)."
+        )
+    lines += [
+        (
+            f"Seeds {', '.join(map(str, seeds))}, paired: every precision starts from the same "
+            f"weights and sees the same batches. fp8train {ver['fp8train']}, torch "
+            f"{ver['torch']}, Python {ver['python']}, {ver['platform']}, {ver['cpu_count']} "
+            f"CPUs; {results['wall_time_s']:.0f} s in all{_load_note(results)}."
+        ),
+        "",
+    ]
+    se_note = "SE" if len(seeds) > 1 else "SE (needs --seeds >= 2)"
+    head = ["precision", "final val loss", "gap vs bf16", se_note]
+    if digits:
+        head += ["test accuracy", "accuracy vs bf16"]
+    head += ["step time", "vs bf16", "saved for backward", "skipped steps", "FP8 linears"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for precision, run in runs.items():
+        row = [
+            f"**{precision}**",
+            _num(run["final_val_loss"], ".4f"),
+            _num(run["val_loss_gap_vs_bf16_pct"], "+.2f", "%"),
+            _num(run["val_loss_gap_vs_bf16_se_pct"], ".2f", "%"),
+        ]
+        if digits:
+            row += [
+                _num(
+                    None if run["test_accuracy"] is None else 100 * run["test_accuracy"], ".1f", "%"
+                ),
+                _num(run.get("test_accuracy_gap_vs_bf16_pts"), "+.1f", " pts"),
+            ]
+        row += [
+            _num(
+                None if run["median_step_s"] is None else 1000 * run["median_step_s"], ".1f", " ms"
+            ),
+            _num(run["step_time_vs_bf16"], ".2f", "x"),
+            _mib(run["saved_activation_bytes"]),
+            str(run["skipped_steps"]),
+            run["converted_linears"] if precision not in ("fp32", "bf16") else "-",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    floor = results["noise_floor"]
+    if floor is not None and floor["fp32_vs_bf16_gap_pct"] is not None:
+        se = floor["fp32_vs_bf16_se_pct"]
+        lines.append(
+            f"Noise floor: fp32 vs bf16 differs by {floor['fp32_vs_bf16_gap_pct']:+.2f}%"
+            + (f" (SE {se:.2f}%)." if se is not None else " (one seed: no standard error).")
+        )
+    else:
+        lines.append("Noise floor: not measured (run fp32 and bf16 together).")
+    lines += [
+        (
+            "A difference is claimed only beyond 2 standard errors of the mean paired gap; "
+            "with one seed, only beyond the fp32-vs-bf16 gap and even then as unconfirmed."
+        ),
+        (
+            "Step times are CPU wall times with FP8 arithmetic emulated, not a forecast of "
+            "GPU speed. Saved for backward: bytes of the tensors autograd keeps for one step, "
+            "each storage once, parameters excluded. The curves validate on "
+            f"{cfg['eval_windows']} fixed windows; final val loss on {cfg['final_eval_windows']}. "
+            "FP8 linears: layers converted / all "
+            "Linear layers (a recipe leaves a layer whose shape it cannot take in high "
+            "precision)."
+        ),
+        "",
+        "![loss curves](loss_curves.png)",
+        "",
+        "## Verdicts",
+        "",
+    ]
+    lines += [f"- **{p}**: {run['verdict']}" for p, run in runs.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(results: dict[str, Any], out: Path) -> None:
+    plot_curves(results, out / "loss_curves.png")
+    tmp = out / "report.md.tmp"
+    tmp.write_text(markdown(results))
+    tmp.replace(out / "report.md")

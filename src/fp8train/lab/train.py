@@ -1,0 +1,438 @@
+"""One training run: a task, a precision, a seed. ``train_run`` is the whole loop.
+
+Precisions: "fp32" trains in float32; "bf16" runs forward under CPU bf16 autocast;
+every FP8 recipe (and "int8") runs under the same autocast with each ``nn.Linear``
+swapped by ``fp8train.convert(model, recipe)``. Master weights stay float32 and the
+optimiser is AdamW in every case, so the precisions differ only in the arithmetic.
+FP8 runs go through ``fp8train.LossScaler`` (dynamic), which skips steps whose
+gradients are not finite; the count is reported.
+
+A run checkpoints atomically (temporary file, then ``os.replace``) every
+``ckpt_every`` steps and at its end; a checkpoint holds the model, the optimiser, the
+loss scaler, every random state, the data position and the history, so a resumed run
+continues bit for bit where the uninterrupted one would be.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fp8train
+from fp8train.lab.config import FP8_RECIPES, LabConfig, LabError
+from fp8train.lab.data import Corpus, Digits, eval_windows, sample_windows
+from fp8train.lab.gpt import GPT
+
+__all__ = ["SavedTensorBytes", "Task", "digits_task", "gpt_task", "lr_at", "train_run"]
+
+# Bumped when the checkpoint layout changes; older checkpoints are refused, not misread.
+CHECKPOINT_FORMAT = 1
+# Validation forward passes run in chunks of this many windows to bound memory.
+_EVAL_CHUNK = 64
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+@dataclass(frozen=True)
+class Task:
+    """What the loop trains: how to build the model, draw a batch, score outputs and
+    evaluate. ``evaluate(model, final)`` runs under the caller's precision context and
+    returns at least ``val_loss``."""
+
+    name: str
+    build_model: Callable[[], nn.Module]
+    sample_batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    evaluate: Callable[[nn.Module, bool], dict[str, float]]
+
+
+def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # Upcast: the head's output is bf16 under autocast, the loss is taken in fp32.
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())  # (b*t, vocab)
+
+
+def gpt_task(config: LabConfig, corpus: Corpus) -> Task:
+    val_x, val_y = eval_windows(corpus.val, config.eval_windows, config.seq)
+    final_x, final_y = eval_windows(corpus.val, config.final_eval_windows, config.seq)
+
+    def build_model() -> nn.Module:
+        return GPT(seq=config.seq, d_model=config.d_model, layers=config.layers, heads=config.heads)
+
+    def sample_batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        return sample_windows(corpus.train, config.batch, config.seq, g)
+
+    def evaluate(model: nn.Module, final: bool) -> dict[str, float]:
+        x, y = (final_x, final_y) if final else (val_x, val_y)
+        total = 0.0
+        for i in range(0, len(x), _EVAL_CHUNK):
+            logits = model(x[i : i + _EVAL_CHUNK])
+            total += _lm_loss(logits, y[i : i + _EVAL_CHUNK]).item() * len(logits)
+        return {"val_loss": total / len(x)}
+
+    return Task("gpt", build_model, sample_batch, _lm_loss, evaluate)
+
+
+def digits_task(config: LabConfig, digits: Digits) -> Task:
+    def build_model() -> nn.Module:
+        # The classifier of the seed experiment: Linear-ReLU-Linear, 64 pixels -> 10 classes.
+        return nn.Sequential(
+            nn.Linear(64, config.d_model), nn.ReLU(), nn.Linear(config.d_model, 10)
+        )
+
+    def sample_batch(g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.randint(0, len(digits.y_train), (config.batch,), generator=g)
+        return digits.x_train[idx], digits.y_train[idx]
+
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), y)
+
+    def evaluate(model: nn.Module, final: bool) -> dict[str, float]:
+        logits = model(digits.x_test).float()
+        return {
+            "val_loss": F.cross_entropy(logits, digits.y_test).item(),
+            "test_accuracy": (logits.argmax(1) == digits.y_test).double().mean().item(),
+        }
+
+    return Task("digits", build_model, sample_batch, loss, evaluate)
+
+
+# ------------------------------------------------------------------------ precision
+
+
+def precision_context(precision: str) -> contextlib.AbstractContextManager[Any]:
+    """fp32: nothing; bf16 and every recipe: CPU bf16 autocast (FP8 layers handle
+    autocast themselves)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def apply_precision(model: nn.Module, precision: str) -> nn.Module:
+    """Swap the Linear layers for the recipe's FP8 layers; fp32 and bf16 leave the model
+    as it is. Layers whose shape the recipe cannot take stay in high precision (the
+    library logs which); the run records how many were converted."""
+    if precision not in FP8_RECIPES:
+        return model
+    try:
+        return fp8train.convert(model, precision)
+    except (ValueError, TypeError) as e:  # the library's API errors say what to fix
+        raise LabError(f"fp8train.convert(model, {precision!r}) refused the model: {e}") from e
+
+
+def make_loss_scaler(precision: str) -> fp8train.LossScaler | None:
+    """Dynamic loss scaling for the FP8 recipes (E5M2 gradients underflow without it);
+    None for fp32 and bf16, whose exponent range matches fp32's."""
+    if precision not in FP8_RECIPES:
+        return None
+    return fp8train.LossScaler(mode="dynamic")
+
+
+def _fp8train_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fp8train")
+    except PackageNotFoundError:  # not installed as a distribution (e.g. PYTHONPATH=src)
+        return str(getattr(fp8train, "__version__", "unknown"))
+
+
+# -------------------------------------------------------------- measurement helpers
+
+
+class SavedTensorBytes:
+    """Counts the bytes autograd saves for backward while active, each storage once.
+
+    Used as ``with torch.autograd.graph.saved_tensors_hooks(m.pack, m.unpack)``. Storages
+    are deduplicated by ``untyped_storage().data_ptr()`` and counted at their full
+    ``nbytes()``, so an FP8 payload counts one byte per element and a view saved twice
+    counts once. The model's own parameters are left out: they are held whether or
+    not anything is saved. Wrapper tensor subclasses are opened through
+    ``__tensor_flatten__`` and their inner tensors counted. Only what goes through
+    ``ctx.save_for_backward`` (or built-in ops) is seen; tensors stashed as plain ``ctx``
+    attributes are not.
+    """
+
+    def __init__(self, exclude: Iterator[torch.Tensor]) -> None:
+        self._exclude = {p.untyped_storage().data_ptr() for p in exclude}
+        self._sizes: dict[int, int] = {}
+
+    def _storages(self, t: torch.Tensor) -> Iterator[torch.UntypedStorage]:
+        if type(t) is not torch.Tensor and hasattr(t, "__tensor_flatten__"):
+            names, _ = t.__tensor_flatten__()
+            for name in names:
+                yield from self._storages(getattr(t, name))
+            return
+        try:
+            yield t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # no storage (e.g. meta): nothing held
+            return
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        for s in self._storages(t):
+            ptr = s.data_ptr()
+            if ptr and ptr not in self._exclude:
+                self._sizes[ptr] = max(self._sizes.get(ptr, 0), s.nbytes())
+        return t
+
+    @staticmethod
+    def unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self._sizes.values())
+
+
+def lr_at(step: int, config: LabConfig) -> float:
+    """Linear warmup to ``lr`` over ``warmup_steps``, then cosine down to
+    ``lr * min_lr_ratio`` at the last step. ``step`` counts from 0."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    decay_steps = max(1, config.steps - 1 - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    floor = config.lr * config.min_lr_ratio
+    return floor + 0.5 * (config.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: nn.Module, config: LabConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (nanoGPT): norms, biases and nothing
+    1-D is decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write atomically: a crash leaves either the old checkpoint or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise LabError(f"cannot read checkpoint {path}: {e}") from e
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise LabError(
+            f"checkpoint {path} has format {state.get('format')}, this fp8train reads "
+            f"{CHECKPOINT_FORMAT}; start a new run"
+        )
+    return state
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def _new_history() -> dict[str, Any]:
+    return {
+        "train_step": [],  # step number (1-based) of each train loss
+        "train_loss": [],  # loss of the batch at that step, before the update
+        "val_step": [],  # step number of each validation (0 = before training)
+        "val_loss": [],
+        "val_metrics": [],  # every metric evaluate() returned, per validation
+        "step_s": [],  # wall time of each warm step (see timing_warmup_steps)
+        "cold_step_s": [],  # the others, used only when a run has no warm step
+        "saved_activation_bytes": None,  # measured on step 1
+        "final": None,  # evaluate(final=True) at the last step
+    }
+
+
+def train_run(
+    config: LabConfig,
+    task: Task,
+    precision: str,
+    seed: int,
+    checkpoint: Path,
+    *,
+    stop_at: int | None = None,
+    on_step: Callable[[int, float, float | None], None] | None = None,
+) -> dict[str, Any]:
+    """Train ``task`` in ``precision`` from ``seed`` for ``config.steps`` steps, resuming
+    from ``checkpoint`` if it exists, and return the run's record (see ``_record``).
+
+    ``stop_at`` ends the run after that step with a checkpoint, as an interruption
+    would; ``on_step(step, train_loss, val_loss_or_None)`` reports progress.
+    """
+    # Model, optimiser and scaler are built the same way for a fresh and a resumed run;
+    # a resumed run then overwrites all their state from the checkpoint.
+    random.seed(seed)
+    torch.manual_seed(seed)  # initial weights: the same for every precision
+    model = apply_precision(task.build_model(), precision)
+    model.train()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    fp8_linears = sum(isinstance(m, fp8train.Fp8Linear) for m in linears)
+    optimizer = make_optimizer(model, config)
+    scaler = make_loss_scaler(precision)
+    data_gen = torch.Generator().manual_seed(seed)  # batch order: the same for every precision
+    history = _new_history()
+    step = 0  # optimiser steps done
+
+    if checkpoint.exists():
+        state = load_checkpoint(checkpoint)
+        if (state["precision"], state["seed"]) != (precision, seed):
+            raise LabError(f"checkpoint {checkpoint} is for another run; remove it to restart")
+        if state["config"] != asdict(config):
+            raise LabError(f"checkpoint {checkpoint} was made with another config")
+        model.load_state_dict(state["model"])
+        if state["recipe_state"] is not None:
+            fp8train.load_recipe_state_dict(model, state["recipe_state"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scaler is not None and state["scaler"] is not None:
+            scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        data_gen.set_state(state["rng"]["data"])
+        history = state["history"]
+        step = state["step"]
+
+    def checkpoint_now() -> None:
+        save_checkpoint(
+            checkpoint,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "precision": precision,
+                "seed": seed,
+                "config": asdict(config),
+                "step": step,
+                "model": model.state_dict(),
+                # Amax histories and counters of the FP8 layers, outside state_dict().
+                "recipe_state": (
+                    fp8train.recipe_state_dict(model) if precision in FP8_RECIPES else None
+                ),
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "python": random.getstate(),
+                    "data": data_gen.get_state(),
+                },
+                "history": history,
+            },
+        )
+
+    def validate(final: bool) -> dict[str, float]:
+        model.eval()
+        with torch.no_grad(), precision_context(precision):
+            metrics = task.evaluate(model, final)
+        model.train()
+        return metrics
+
+    if step == 0:  # the untrained model's loss anchors the curves
+        metrics = validate(final=False)
+        history["val_step"].append(0)
+        history["val_loss"].append(metrics["val_loss"])
+        history["val_metrics"].append(metrics)
+
+    session_steps = 0  # steps in this process: the first few are excluded from timing
+    while step < config.steps and (stop_at is None or step < stop_at):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        t0 = time.perf_counter()
+        x, y = task.sample_batch(data_gen)
+
+        # Step 1 also counts the bytes saved for backward; the hooks return every
+        # tensor unchanged, so the step's numerics are untouched.
+        meter = SavedTensorBytes(model.parameters()) if step == 0 else None
+        hooks = (
+            torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack)
+            if meter is not None
+            else contextlib.nullcontext()
+        )
+        with hooks:
+            with precision_context(precision):
+                loss = task.loss(model(x), y)
+            if scaler is not None:
+                scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            else:
+                loss.backward()  # type: ignore[no-untyped-call]
+        if meter is not None:
+            history["saved_activation_bytes"] = meter.total
+        nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)  # skipped when the gradients are not finite
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_loss = loss.item()
+        step += 1
+        session_steps += 1
+        elapsed = time.perf_counter() - t0
+        warm = session_steps > config.timing_warmup_steps
+        history["step_s" if warm else "cold_step_s"].append(elapsed)
+
+        history["train_step"].append(step)
+        history["train_loss"].append(train_loss)
+        val_loss = None
+        if step % config.eval_every == 0 or step == config.steps:
+            metrics = validate(final=False)
+            val_loss = metrics["val_loss"]
+            history["val_step"].append(step)
+            history["val_loss"].append(val_loss)
+            history["val_metrics"].append(metrics)
+        if step == config.steps:
+            history["final"] = validate(final=True)
+        if on_step is not None:
+            on_step(step, train_loss, val_loss)
+        if step % config.ckpt_every == 0 or step == config.steps or step == stop_at:
+            checkpoint_now()
+
+    record = _record(precision, seed, step, config, history, scaler)
+    record["converted_linears"] = f"{fp8_linears}/{len(linears)}"
+    return record
+
+
+def _record(
+    precision: str,
+    seed: int,
+    step: int,
+    config: LabConfig,
+    history: dict[str, Any],
+    scaler: Any | None,
+) -> dict[str, Any]:
+    """The run as plain data (JSON-ready, floats may be NaN)."""
+    final = history["final"] or {}
+    return {
+        "precision": precision,
+        "seed": seed,
+        "steps_done": step,
+        "complete": step >= config.steps,
+        "final_val_loss": final.get("val_loss", math.nan),
+        "final_metrics": final,
+        "median_step_s": statistics.median(history["step_s"] or history["cold_step_s"]),
+        "saved_activation_bytes": history["saved_activation_bytes"],
+        "loss_scaler": None if scaler is None else type(scaler).__name__,
+        "skipped_steps": int(getattr(scaler, "skipped_steps", 0)) if scaler is not None else 0,
+        "curves": {
+            "train_step": list(history["train_step"]),
+            "train_loss": list(history["train_loss"]),
+            "val_step": list(history["val_step"]),
+            "val_loss": list(history["val_loss"]),
+        },
+        "val_metrics": list(history["val_metrics"]),
+    }

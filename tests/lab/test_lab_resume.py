@@ -1,0 +1,108 @@
+"""An interrupted run resumed from its checkpoints reproduces the uninterrupted run
+bit for bit on CPU: losses, final weights and optimiser state."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lab_helpers import FP8_PRECISIONS, read_results
+
+
+def run_split(run_cli, text_dir: Path, out: Path, precisions: str, stop_at: int | None) -> None:
+    args = [
+        "compare",
+        "--preset",
+        "tiny",
+        "--data",
+        str(text_dir),
+        "--steps",
+        "7",
+        "--precisions",
+        precisions,
+        "--out",
+        str(out),
+    ]
+    if stop_at is None:
+        assert run_cli(*args) == 0
+        return
+    assert run_cli(*args, "--stop-at", str(stop_at)) == 0
+    assert not (out / "results.json").exists()  # unfinished: no results yet
+    assert run_cli("compare", "--resume", "--out", str(out)) == 0
+
+
+def assert_same_runs(a: Path, b: Path, precisions: list[str]) -> None:
+    ra, rb = read_results(a), read_results(b)
+    for p in precisions:
+        assert ra["runs"][p]["curves"] == rb["runs"][p]["curves"], p  # exact float equality
+        assert ra["runs"][p]["final_val_loss"] == rb["runs"][p]["final_val_loss"], p
+        assert ra["runs"][p]["skipped_steps"] == rb["runs"][p]["skipped_steps"], p
+        ca = torch.load(a / "checkpoints" / f"{p}-seed0.pt", weights_only=True)
+        cb = torch.load(b / "checkpoints" / f"{p}-seed0.pt", weights_only=True)
+        assert ca["step"] == cb["step"] == 7
+        for key, ta in ca["model"].items():
+            tb = cb["model"][key]
+            if isinstance(ta, torch.Tensor):
+                assert torch.equal(ta, tb), f"{p}: {key} differs after resume"
+        for sa, sb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
+            assert all(torch.equal(sa[k], sb[k]) for k in sa), p
+
+
+# 3 is a checkpoint step of the tiny preset (ckpt_every=3); 4 is not, so the stop
+# itself writes the checkpoint.
+@pytest.mark.parametrize("stop_at", [3, 4])
+def test_resume_is_bitwise_identical(run_cli, text_dir: Path, tmp_path: Path, stop_at: int) -> None:
+    run_split(run_cli, text_dir, tmp_path / "full", "fp32,bf16", None)
+    run_split(run_cli, text_dir, tmp_path / "split", "fp32,bf16", stop_at)
+    assert_same_runs(tmp_path / "full", tmp_path / "split", ["fp32", "bf16"])
+
+
+def test_resume_of_finished_run_changes_nothing(run_cli, text_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run_split(run_cli, text_dir, out, "bf16", None)
+    before = read_results(out)["runs"]
+    assert run_cli("compare", "--resume", "--out", str(out)) == 0
+    assert read_results(out)["runs"]["bf16"]["curves"] == before["bf16"]["curves"]
+
+
+def test_resume_picks_newest_run_without_out(run_cli, text_dir: Path, tmp_path: Path) -> None:
+    assert (
+        run_cli(
+            "compare",
+            "--preset",
+            "tiny",
+            "--data",
+            str(text_dir),
+            "--precisions",
+            "bf16",
+            "--stop-at",
+            "2",
+        )
+        == 0
+    )
+    assert run_cli("compare", "--resume") == 0
+    (out,) = (tmp_path / "runs").iterdir()
+    assert read_results(out)["runs"]["bf16"]["curves"]["train_step"][-1] == 6
+
+
+@pytest.mark.parametrize("recipe", FP8_PRECISIONS)
+def test_resume_fp8_recipe_is_bitwise_identical(
+    run_cli, text_dir: Path, tmp_path: Path, recipe: str
+) -> None:
+    # Recipe state (amax history) and the loss scaler must come back exactly too.
+    run_split(run_cli, text_dir, tmp_path / "full", recipe, None)
+    run_split(run_cli, text_dir, tmp_path / "split", recipe, 4)
+    assert_same_runs(tmp_path / "full", tmp_path / "split", [recipe])
+
+
+def test_resume_refuses_a_changed_config(run_cli, text_dir: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "out"
+    base = ["compare", "--preset", "tiny", "--data", str(text_dir), "--precisions", "bf16"]
+    assert run_cli(*base, "--out", str(out), "--stop-at", "2") == 0
+    assert run_cli("compare", "--resume", "--out", str(out), "--steps", "9") == 2
+    assert "steps is 6 there, not 9" in capsys.readouterr().err
+    assert run_cli("compare", "--resume", "--out", str(out), "--preset", "default") == 2
+    # the same command again, plus --resume, continues
+    assert run_cli(*base, "--out", str(out), "--resume") == 0
+    assert read_results(out)["runs"]["bf16"]["curves"]["train_step"][-1] == 6
