@@ -44,7 +44,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
         (["compare", "--task", "vision"], ["--task"]),
         (["compare", "--preset", "huge"], ["'huge'"]),
         (["compare", "--resume"], ["no run"]),
-        ([], ["compare or train"]),
+        ([], ["compare, train or formats"]),
     ],
 )
 def test_bad_arguments(tmp_path: Path, args: list[str], fragments: list[str]) -> None:

@@ -65,6 +65,16 @@ _SHARED: list[tuple[str, dict[str, Any]]] = [
         {"type": int, "metavar": "N", "help": "seeds per precision, paired across precisions"},
     ),
     ("--eval-every", {"type": int, "metavar": "N", "help": "validate every N steps"}),
+    (
+        "--kernels",
+        {"choices": ["eager", "compiled"],
+         "help": "FP8 quantisation kernels: compiled (default, torch.compile) or eager; same bits"},
+    ),
+    (
+        "--monitor-every",
+        {"type": int, "metavar": "N",
+         "help": "FP8 health monitor: observe every N-th step (default 25; 0 turns it off)"},
+    ),
 ]
 
 
@@ -125,7 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
             help="stop every run after STEP steps, checkpointed, to --resume later",
         )
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
+    formats = commands.add_parser(
+        "formats", help="print every number format's limits; --plot DIR draws why FP8 trains")
+    formats.add_argument(
+        "--plot", metavar="DIR",
+        help="write PNGs: representable values, rounding error vs magnitude, and real "
+        "tensors against each format's range")
     return parser
+
+
+def _formats(args: argparse.Namespace) -> int:
+    from fp8train.lab.explorer import formats_table, plot_formats
+
+    print(formats_table())
+    if args.plot:
+        for path in plot_formats(Path(args.plot)):
+            print(f"wrote {path}")
+    return 0
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -195,7 +221,9 @@ def _config_for_resume(out: Path, args: argparse.Namespace, overrides: dict[str,
 
 def _run(args: argparse.Namespace) -> int:
     if args.command is None:
-        raise LabError("choose a command: compare or train (see fp8train --help)")
+        raise LabError("choose a command: compare, train or formats (see fp8train --help)")
+    if args.command == "formats":
+        return _formats(args)
     overrides = _overrides(args)
     if args.stop_at is not None and args.stop_at < 1:
         raise LabError(f"--stop-at must be >= 1, got {args.stop_at}")

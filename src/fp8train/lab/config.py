@@ -107,6 +107,13 @@ class LabConfig:
     timing_warmup_steps: int = 5
     # Write a checkpoint every this many steps (and at the last step).
     ckpt_every: int = 50
+    # FP8 quantisation kernels: "compiled" runs them through torch.compile (several times
+    # faster on a CPU, bitwise the same results as "eager", a few seconds to compile).
+    kernels: str = "compiled"
+    # fp8train.Monitor on FP8 runs: observe every this many steps (0: off). At 25 the
+    # monitor costs ~2% of step time (benchmarks/monitor.py); observed steps are left out
+    # of the step-time median.
+    monitor_every: int = 25
 
     def validate(self) -> None:
         """Raise ``LabError`` naming the first invalid field and what it accepts."""
@@ -127,6 +134,10 @@ class LabConfig:
         for name in ("eval_every", "eval_windows", "final_eval_windows", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise LabError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kernels not in ("eager", "compiled"):
+            raise LabError(f"--kernels must be eager or compiled, got {self.kernels!r}")
+        if self.monitor_every < 0:
+            raise LabError(f"--monitor-every must be >= 0, got {self.monitor_every}")
         if self.warmup_steps < 0 or self.timing_warmup_steps < 0:
             raise LabError("warmup_steps and timing_warmup_steps must be >= 0")
         if not self.lr > 0:

@@ -241,8 +241,24 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def health_sections(results: dict[str, Any], out: Path) -> str:
+    """One health section per monitored FP8 run (first seed): a per-layer heatmap PNG and
+    the table and warnings from ``fp8train.lab.health``."""
+    from fp8train.lab.health import write_health
+
+    seed = results["seeds"][0] if results.get("seeds") else 0
+    parts = []
+    for precision in results["runs"]:
+        log = out / "monitor" / f"{precision}-seed{seed}.jsonl"
+        if log.exists() and log.stat().st_size:
+            parts.append(write_health(log, out, name=f"health_{precision}.png",
+                                      title=f"Health: {precision} (seed {seed})"))
+    return "\n\n".join(parts)
+
+
 def write_report(results: dict[str, Any], out: Path) -> None:
     plot_curves(results, out / "loss_curves.png")
     tmp = out / "report.md.tmp"
-    tmp.write_text(markdown(results))
+    health = health_sections(results, out)
+    tmp.write_text(markdown(results) + ("\n\n## Numerics health\n\n" + health if health else ""))
     tmp.replace(out / "report.md")

@@ -120,14 +120,14 @@ def precision_context(precision: str) -> contextlib.AbstractContextManager[Any]:
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
-def apply_precision(model: nn.Module, precision: str) -> nn.Module:
+def apply_precision(model: nn.Module, precision: str, kernels: str = "eager") -> nn.Module:
     """Swap the Linear layers for the recipe's FP8 layers; fp32 and bf16 leave the model
     as it is. Layers whose shape the recipe cannot take stay in high precision (the
     library logs which); the run records how many were converted."""
     if precision not in FP8_RECIPES:
         return model
     try:
-        return fp8train.convert(model, precision)
+        return fp8train.convert(model, precision, kernels=kernels)  # type: ignore[arg-type]
     except (ValueError, TypeError) as e:  # the library's API errors say what to fix
         raise LabError(f"fp8train.convert(model, {precision!r}) refused the model: {e}") from e
 
@@ -281,7 +281,7 @@ def train_run(
     # a resumed run then overwrites all their state from the checkpoint.
     random.seed(seed)
     torch.manual_seed(seed)  # initial weights: the same for every precision
-    model = apply_precision(task.build_model(), precision)
+    model = apply_precision(task.build_model(), precision, config.kernels)
     model.train()
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     fp8_linears = sum(isinstance(m, fp8train.Fp8Linear) for m in linears)
@@ -347,6 +347,15 @@ def train_run(
         history["val_loss"].append(metrics["val_loss"])
         history["val_metrics"].append(metrics)
 
+    # The numerics health monitor (FP8 runs): per-layer records and culprit-naming
+    # warnings in <out>/monitor/<precision>-seed<N>.jsonl, appended across resumes.
+    monitor = None
+    if precision in FP8_RECIPES and config.monitor_every > 0:
+        log = checkpoint.parent.parent / "monitor" / f"{precision}-seed{seed}.jsonl"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        monitor = fp8train.Monitor(model, every=config.monitor_every, jsonl=log, start=step)
+        monitor.attach()
+
     session_steps = 0  # steps in this process: the first few are excluded from timing
     while step < config.steps and (stop_at is None or step < stop_at):
         for group in optimizer.param_groups:
@@ -372,18 +381,24 @@ def train_run(
                 loss.backward()  # type: ignore[no-untyped-call]
         if meter is not None:
             history["saved_activation_bytes"] = meter.total
-        nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         if scaler is not None:
             scaler.step(optimizer)  # skipped when the gradients are not finite
             scaler.update()
         else:
             optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         train_loss = loss.item()
+        observed = monitor is not None and monitor.observing
+        if monitor is not None:
+            monitor.step(train_loss, grad_norm=float(grad_norm),
+                         loss_scale=scaler.get_scale() if scaler is not None else None,
+                         skipped=scaler.last_step_skipped if scaler is not None else False)
+        optimizer.zero_grad(set_to_none=True)
         step += 1
         session_steps += 1
         elapsed = time.perf_counter() - t0
-        warm = session_steps > config.timing_warmup_steps
+        # Observed (monitored) steps cost more; they are left out of the step-time median.
+        warm = session_steps > config.timing_warmup_steps and not observed
         history["step_s" if warm else "cold_step_s"].append(elapsed)
 
         history["train_step"].append(step)
@@ -402,6 +417,8 @@ def train_run(
         if step % config.ckpt_every == 0 or step == config.steps or step == stop_at:
             checkpoint_now()
 
+    if monitor is not None:
+        monitor.close()
     record = _record(precision, seed, step, config, history, scaler)
     record["converted_linears"] = f"{fp8_linears}/{len(linears)}"
     return record
