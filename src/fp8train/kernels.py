@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 
 from fp8train.cast import cast_finite
-from fp8train.scaling import ScaleSpec, compute_amax, expand_scale, scale_from_amax
+from fp8train.scaling import Granularity, ScaleSpec, compute_amax, expand_scale, scale_from_amax
 
 __all__ = ["Kernels", "KernelMode", "cast_with_operand", "quantize_current", "payload_to_operand"]
 
@@ -107,6 +107,14 @@ def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
         compiled = torch.compile(fn, dynamic=True)
 
         def call(t: torch.Tensor, *args: Any) -> Any:
+            spec = next(a for a in args if isinstance(a, ScaleSpec))
+            if spec.granularity is Granularity.BLOCK:
+                # Known problem: in a lab GPT run, the compiled kernel gave a (128, 512)
+                # weight with 128x128 blocks block 0's scale in every block once the
+                # blocks' scales differed (tests/test_kernels.py reproduces the run).
+                # Root cause not found yet; block scaling runs the eager kernel, which
+                # is the same arithmetic, until it is.
+                return fn(t, *args)
             # A plain tensor (not a Parameter) keeps shapes dynamic: dynamo guards
             # Parameter shapes statically, which would compile once per weight shape.
             with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
