@@ -109,6 +109,10 @@ def plot_heatmap(log: str | Path | list[dict[str, Any]], path: str | Path) -> Pa
             sqnr[r["role"]][i, j] = r["sqnr_db"]
     finite = np.concatenate([a[np.isfinite(a)] for a in sqnr.values()] + [np.zeros(0)])
     s_lo, s_hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    # Near-lossless casts (re-quantising FP8 values, ~140 dB) would stretch the colour
+    # scale and flatten the ~20-40 dB range where problems show; cap it (values above
+    # the cap take the top colour).
+    s_hi = min(s_hi, max(s_lo + 1.0, 60.0))
     if s_hi - s_lo < 1.0:
         s_lo, s_hi = s_lo - 0.5, s_hi + 0.5
     u_hi = max(
