@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-import _common  # noqa: E402
+import _common
 
-import fp8train  # noqa: E402
+import fp8train
 
 SHAPES = {"1024": (1024, 1024), "2048": (2048, 2048), "4096": (4096, 4096),
           "mlp-1024x4": (1024, 4096)}

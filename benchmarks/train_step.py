@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-import _common  # noqa: E402
+import _common
 
-import fp8train  # noqa: E402
-from fp8train.lab.gpt import GPT  # noqa: E402
-from fp8train.lab.train import SavedTensorBytes  # noqa: E402
+import fp8train
+from fp8train.lab.gpt import GPT
+from fp8train.lab.train import SavedTensorBytes
 
 # The lab's default preset (fp8train.lab.config.LabConfig).
 SHAPE = dict(vocab=256, seq=128, d_model=128, layers=4, heads=4)

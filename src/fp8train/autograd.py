@@ -41,12 +41,11 @@ from fp8train.scaling import (
     Granularity,
     ScaleSpec,
     apply_scale_and_cast,
-    compute_amax,
     scale_from_amax,
 )
 from fp8train.tensor import ScaledTensor
 
-__all__ = ["fp8_linear", "LayerState", "NonFiniteWarning"]
+__all__ = ["LayerState", "NonFiniteWarning", "fp8_linear"]
 
 log = logging.getLogger("fp8train")
 

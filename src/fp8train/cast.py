@@ -37,7 +37,7 @@ from fp8train.formats import E4M3, E5M2, INT8, Format, by_name
 
 Rounding = Literal["nearest", "stochastic"]
 
-__all__ = ["cast", "cast_finite", "round_to_grid", "overflow_threshold"]
+__all__ = ["cast", "cast_finite", "overflow_threshold", "round_to_grid"]
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -30,15 +30,15 @@ import torch
 Special = Literal["ieee", "fn", "fnuz", "finite", "e8m0", "int"]
 
 __all__ = [
-    "Format",
-    "E4M3",
-    "E5M2",
-    "E8M0",
     "E2M1",
-    "INT8",
+    "E4M3",
     "E4M3FNUZ",
+    "E5M2",
     "E5M2FNUZ",
+    "E8M0",
     "FORMATS",
+    "INT8",
+    "Format",
     "by_name",
 ]
 

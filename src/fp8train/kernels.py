@@ -23,7 +23,7 @@ import torch
 from fp8train.cast import cast_finite
 from fp8train.scaling import Granularity, ScaleSpec, compute_amax, expand_scale, scale_from_amax
 
-__all__ = ["Kernels", "KernelMode", "cast_with_operand", "quantize_current", "payload_to_operand"]
+__all__ = ["KernelMode", "Kernels", "cast_with_operand", "payload_to_operand", "quantize_current"]
 
 KernelMode = Literal["eager", "compiled"]
 

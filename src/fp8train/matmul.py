@@ -27,7 +27,7 @@ from fp8train.formats import E2M1, E4M3, E5M2, INT8
 from fp8train.scaling import Granularity, ScaleSpec
 from fp8train.tensor import ScaledTensor
 
-__all__ = ["scaled_mm", "check_pair", "Backend"]
+__all__ = ["Backend", "check_pair", "scaled_mm"]
 
 Backend = Literal["auto", "scaled_mm", "emulate"]
 

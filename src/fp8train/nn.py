@@ -22,7 +22,7 @@ from fp8train.autograd import LayerState, fp8_linear
 from fp8train.kernels import KernelMode, Kernels
 from fp8train.recipes import Recipe, RecipeName
 
-__all__ = ["Fp8Linear", "convert", "recipe_state_dict", "load_recipe_state_dict", "fp8_layers"]
+__all__ = ["Fp8Linear", "convert", "fp8_layers", "load_recipe_state_dict", "recipe_state_dict"]
 
 log = logging.getLogger("fp8train")
 

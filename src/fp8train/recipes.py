@@ -23,7 +23,7 @@ from typing import Literal
 from fp8train.formats import E4M3, E5M2, INT8
 from fp8train.scaling import Granularity, ScaleSpec
 
-__all__ = ["RecipeName", "Recipe", "RECIPE_NAMES"]
+__all__ = ["RECIPE_NAMES", "Recipe", "RecipeName"]
 
 G = Granularity
 

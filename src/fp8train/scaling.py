@@ -26,14 +26,14 @@ from fp8train.cast import Rounding, cast
 from fp8train.formats import E4M3, E8M0, Format, by_name
 
 __all__ = [
-    "Granularity",
-    "ScaleSpec",
-    "NonFiniteAmaxError",
-    "compute_amax",
-    "scale_from_amax",
-    "check_finite_amax",
-    "expand_scale",
     "AMAX_FLOOR",
+    "Granularity",
+    "NonFiniteAmaxError",
+    "ScaleSpec",
+    "check_finite_amax",
+    "compute_amax",
+    "expand_scale",
+    "scale_from_amax",
 ]
 
 # An all-zero tensor or block has amax 0; we clamp amax to this floor so its scale stays
