@@ -99,8 +99,7 @@ def convert(
                         "in a container (e.g. nn.Sequential) or use Fp8Linear.from_linear")
     patterns = [skip] if isinstance(skip, str) else list(skip)
     linears = [(n, m) for n, m in model.named_modules()
-               if type(m) is nn.Linear or (isinstance(m, nn.Linear)
-                                           and not isinstance(m, Fp8Linear))]
+               if isinstance(m, nn.Linear) and not isinstance(m, Fp8Linear)]
     edge = {linears[0][0], linears[-1][0]} if linears and skip_first_last else set()
     for name, module in linears:
         if filter is not None and not filter(module, name):

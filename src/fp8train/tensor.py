@@ -7,13 +7,13 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from fp8train.formats import Format
+from fp8train.kernels import payload_to_operand
 from fp8train.scaling import (
     Granularity,
     ScaleSpec,
     apply_scale_and_cast,
     check_finite_amax,
     compute_amax,
-    expand_scale,
     scale_from_amax,
 )
 
@@ -60,10 +60,10 @@ class ScaledTensor:
         """
         if self.operand is not None and self.operand.dtype == (dtype or self.orig_dtype):
             return self.operand.reshape(self.shape)
-        d2 = self.data.float().reshape(-1, self.shape[-1]) if self.data.dim() else self.data.float()
-        shape2d = (d2.shape[0], d2.shape[1]) if d2.dim() == 2 else (1, 1)
-        out = d2 * expand_scale(self.scale.reciprocal(), shape2d, self.spec)
-        return out.reshape(self.shape).to(dtype or self.orig_dtype)
+        # One dequantisation formula for the whole library: the fused kernels' own.
+        d2 = self.data.reshape(-1, self.shape[-1]) if self.data.dim() else self.data.reshape(1, 1)
+        out = payload_to_operand(d2, self.scale, self.spec, dtype or self.orig_dtype)
+        return out.reshape(self.shape)
 
     def t(self) -> ScaledTensor:
         """Transpose of a 2-D scaled tensor (payload and scale grid transposed; no requantisation)."""
