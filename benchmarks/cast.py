@@ -3,7 +3,10 @@
 For a 64 MiB fp32 tensor (4096 x 4096) and a 64 MiB bf16 tensor (4096 x 8192), times
 ``quantize(x, ScaleSpec(E4M3, ...))`` at each granularity -- tensorwise, rowwise,
 blockwise 1x128, blockwise 128x128, MX 1x32 -- and ``dst.copy_(src)`` of 64 MiB in the
-same run. Reports GB/s counting bytes read plus bytes written (see
+same run, through both kernel sets: ``eager`` (``fp8train.quantize``, the reference
+pipeline) and ``compiled`` (``fp8train.kernels.Kernels("compiled").quantize_current``,
+amax + scale + cast fused by inductor; block scaling still runs eagerly there, see
+``fp8train/kernels.py``). Reports GB/s counting bytes read plus bytes written (see
 ``_common.BANDWIDTH_CONVENTION``): memcpy moves 2 x 64 MiB; a cast is credited with one
 read of its input plus one write of its FP8 payload and fp32 scales. The fraction of
 memcpy says how far the cast is from a single streaming pass.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,6 +38,7 @@ from _common import (
 )
 
 from fp8train import E4M3, Granularity, ScaleSpec, quantize
+from fp8train.kernels import Kernels
 
 MIB = 2**20
 NBYTES = 64 * MIB
@@ -64,14 +69,24 @@ def bench_input(
     in_bytes = x.numel() * x.element_size()
     assert in_bytes == NBYTES, (name, in_bytes)
     rows = []
-    for label, spec in SPECS.items():
+    compiled = Kernels("compiled")
+    for (label, spec), kernels in itertools.product(SPECS.items(), ("eager", "compiled")):
         q = quantize(x, spec)  # also checks the spec works before timing it
         out_bytes = q.data.numel() * q.data.element_size() + q.scale.numel() * 4
-        timing = time_median(functools.partial(quantize, x, spec), warmup=warmup, repeats=repeats)
+        if kernels == "eager":
+            fn = functools.partial(quantize, x, spec)
+        else:
+            fn = functools.partial(compiled.quantize_current, x, spec, None)
+            _, scale, payload, _ = fn()  # compiles; the same bits as the reference
+            assert torch.equal(payload.view(torch.uint8), q.data.view(torch.uint8)), label
+            assert torch.equal(scale, q.scale), label
+        timing = time_median(fn, warmup=warmup, repeats=repeats)
         gbs = gb_per_s(in_bytes + out_bytes, timing["median_s"])
         rows.append(
             {
                 "input": name,
+                "kernels": kernels + (" (block: eager)" if spec.granularity is G.BLOCK
+                                      and kernels == "compiled" else ""),
                 "shape": list(shape),
                 "dtype": str(dtype).removeprefix("torch."),
                 "granularity": label,
@@ -110,11 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         format_table(
-            ["input", "granularity", "median ms", "GB/s", "x memcpy"],
+            ["input", "granularity", "kernels", "median ms", "GB/s", "x memcpy"],
             [
                 [
                     r["input"],
                     r["granularity"],
+                    r["kernels"],
                     r["median_s"] * 1e3,
                     r["gb_per_s"],
                     r["fraction_of_memcpy"],
@@ -128,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
             "cast",
             {
                 "benchmark": "cast",
-                "what": "fp8train.quantize (amax + scale + cast to E4M3) vs dst.copy_(src)",
+                "what": "amax + scale + cast to E4M3, eager (fp8train.quantize) and compiled "
+                "(Kernels('compiled').quantize_current), vs dst.copy_(src)",
+                "target_fraction_of_memcpy": 0.7,
                 "bandwidth_convention": BANDWIDTH_CONVENTION,
                 "warmup": args.warmup,
                 "repeats": args.repeats,

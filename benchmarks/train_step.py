@@ -6,13 +6,20 @@ Every precision gets its own model (same initial weights) and optimizer; steps r
 interleaved (A B C ... A B C ...) in one process so that machine noise hits all of them
 alike; the median step after warm-up is reported with its ratio to bf16 autocast.
 Saved bytes: tensors saved for backward in one step, each storage counted once, the
-model's parameters excluded (fp8train.lab.train.SavedTensorBytes).
+model's parameters excluded (fp8train.lab.train.SavedTensorBytes). ``<recipe>+fp8act``
+also stores the other saved activations in FP8 (fp8train.Fp8SavedActivations).
+
+Breakdown: each precision's steps are also profiled (torch.profiler, self CPU time per
+op over a few steps) and the time is sorted into GEMMs, attention, the fused FP8
+kernels, compiled-call dispatch (dynamo guards and wrappers), the FP8 autograd
+function's Python, and everything else, so the gap to bf16 has a measured cause.
 Results: benchmarks/results/train_step-<date>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import sys
@@ -34,12 +41,40 @@ SHAPE = dict(vocab=256, seq=128, d_model=128, layers=4, heads=4)
 BATCH = 16
 
 
+# Profiler op names -> breakdown category (first match wins; the rest is "other").
+CATEGORIES = [
+    ("gemm", ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm")),
+    ("attention", ("scaled_dot_product",)),
+    ("fp8 kernels (compiled)", ("CompiledFxGraph",)),
+    ("compiled-call dispatch", ("TorchDynamo Cache Lookup", "Torch-Compiled Region",
+                                "Pregraph bytecode", "AOTDispatcher")),
+    ("fp8 autograd python", ("_Fp8Linear",)),
+]
+
+
+def breakdown(step, steps: int = 3) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """Self CPU milliseconds per step, by category (sums to the profiled step)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        for _ in range(steps):
+            step()
+    out = {name: 0.0 for name, _ in CATEGORIES} | {"other": 0.0}
+    for evt in prof.key_averages():
+        cat = next((name for name, keys in CATEGORIES if any(k in evt.key for k in keys)),
+                   "other")
+        out[cat] += evt.self_cpu_time_total / 1e3 / steps
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--kernels", choices=["eager", "compiled"], default="compiled")
-    parser.add_argument("--precisions", default="bf16,fp32," + ",".join(fp8train.RECIPE_NAMES))
+    parser.add_argument("--precisions", default=",".join(
+        ["bf16", "fp32", *fp8train.RECIPE_NAMES,
+         *(r + "+fp8act" for r in ("tensorwise", "rowwise", "blockwise", "mxfp8"))]))
     parser.add_argument("--d-model", type=int, default=SHAPE["d_model"])
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -50,21 +85,27 @@ def main() -> None:
     base = GPT(**shape)
     idx = torch.randint(0, 256, (BATCH, shape["seq"] + 1))
     runs = {}
+    storage = {}
     for p in precisions:
         model = copy.deepcopy(base)
-        if p not in ("bf16", "fp32"):
-            fp8train.convert(model, p, kernels=args.kernels)
+        recipe = p.removesuffix("+fp8act")
+        if recipe not in ("bf16", "fp32"):
+            fp8train.convert(model, recipe, kernels=args.kernels)
+        if p.endswith("+fp8act"):
+            storage[p] = fp8train.Fp8SavedActivations(recipe, kernels=args.kernels)
         runs[p] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3))
 
     def step(p: str, counter: SavedTensorBytes | None = None) -> float:
         model, opt = runs[p]
+        store = storage.get(p)
+        if store is not None:
+            store.observer = counter.pack if counter is not None else None
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p != "fp32"):
-            if counter is None:
+            hooks = (torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack)
+                     if counter is not None else contextlib.nullcontext())
+            with hooks, store if store is not None else contextlib.nullcontext():
                 logits = model(idx[:, :-1])
-            else:
-                with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
-                    logits = model(idx[:, :-1])
         loss = nn.functional.cross_entropy(logits.float().reshape(-1, 256), idx[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -83,6 +124,7 @@ def main() -> None:
             if i >= args.warmup:
                 times[p].append(dt)
 
+    profiles = {p: breakdown(lambda p=p: step(p)) for p in precisions}
     ref = "bf16" if "bf16" in precisions else precisions[0]
     med = {p: statistics.median(t) for p, t in times.items()}
     results = {
@@ -91,6 +133,9 @@ def main() -> None:
             "step_time_vs_bf16": med[p] / med[ref],
             "saved_activation_bytes": saved[p],
             "saved_bytes_vs_bf16": saved[p] / saved[ref],
+            "profiled_ms_per_step": profiles[p],
+            "extra_ms_vs_bf16_by_category": {
+                k: profiles[p][k] - profiles[ref][k] for k in profiles[p]},
             "times_s": times[p],
         }
         for p in precisions
@@ -101,6 +146,10 @@ def main() -> None:
              f"{saved[p] / saved[ref]:.2f}") for p in precisions]
     print(_common.format_table(["precision", "median step ms", "vs bf16", "saved bytes",
                                 "saved vs bf16"], rows))
+    cats = list(profiles[ref])
+    print("\nprofiled self CPU ms per step, by category")
+    print(_common.format_table(["precision", *cats], [
+        (p, *(f"{profiles[p][c]:.1f}" for c in cats)) for p in precisions]))
     if not args.no_write:
         path = _common.write_results("train_step", {
             "config": {"model": shape, "batch": BATCH, "steps": args.steps,

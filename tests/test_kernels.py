@@ -12,7 +12,13 @@ from torch import nn
 import fp8train
 from fp8train.kernels import Kernels, cast_with_operand
 from fp8train.nn import fp8_layers
-from fp8train.scaling import Granularity, ScaleSpec, apply_scale_and_cast, compute_amax, scale_from_amax
+from fp8train.scaling import (
+    Granularity,
+    ScaleSpec,
+    apply_scale_and_cast,
+    compute_amax,
+    scale_from_amax,
+)
 from fp8train.testing import assert_bitwise_equal
 
 G = Granularity

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import fp8train
-from fp8train.testing import assert_bitwise_equal
 from fp8train.lab.gpt import GPT
 from fp8train.nn import Fp8Linear, fp8_layers
+from fp8train.testing import assert_bitwise_equal
 
 RECIPES = fp8train.RECIPE_NAMES
 

@@ -20,10 +20,10 @@ Special-value policies (``Format.special``):
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
@@ -57,6 +57,18 @@ class Format:
     bias: int
     special: Special
     torch_dtype: torch.dtype | None
+    # Derived by __post_init__ from the codes:
+    # every finite value, sorted ascending, each once (+0 and -0 merge)
+    values: tuple[float, ...] = field(init=False, repr=False, compare=False)
+    max: float = field(init=False, repr=False, compare=False)  # largest finite value
+    min_subnormal: float = field(init=False, repr=False, compare=False)  # smallest positive
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A copy or unpickled copy of a known format is that format itself, so identity
+        # checks (``fmt is INT8``) survive ``copy.deepcopy`` of a converted model.
+        if FORMATS.get(self.name.lower()) is self:
+            return (by_name, (self.name,))
+        return (Format, tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.init))
 
     # ------------------------------------------------------------------ codes
     @property
@@ -110,18 +122,17 @@ class Format:
                                  exponent - self.bias - self.mantissa_bits)
 
     # ---------------------------------------------------------- derived limits
-    @functools.cached_property
-    def values(self) -> tuple[float, ...]:
-        """Every finite representable value, sorted ascending, each once (+0 and -0 merge)."""
+    def __post_init__(self) -> None:
+        # Decoded once, stored as plain attributes: a cached_property takes a lock on
+        # first access (Python 3.11), which makes torch.compile break the graph of every
+        # kernel that reads fmt.max, splitting one fused kernel into five.
         finite = {self.decode(c) for c in range(2**self.bits)}
         if self.is_integer:  # symmetric grid: -128 is left out so that -q(x) == q(-x)
             finite.discard(-float(2 ** (self.bits - 1)))
-        return tuple(sorted(v for v in finite if math.isfinite(v)))
-
-    @property
-    def max(self) -> float:
-        """Largest finite value."""
-        return self.values[-1]
+        values = tuple(sorted(v for v in finite if math.isfinite(v)))
+        object.__setattr__(self, "values", values)
+        object.__setattr__(self, "max", values[-1])
+        object.__setattr__(self, "min_subnormal", min(v for v in values if v > 0))
 
     @property
     def min_normal(self) -> float:
@@ -129,11 +140,6 @@ class Format:
         if self.is_integer or self.special == "e8m0":
             return self.min_subnormal
         return math.ldexp(1.0, 1 - self.bias)
-
-    @property
-    def min_subnormal(self) -> float:
-        """Smallest positive value."""
-        return min(v for v in self.values if v > 0)
 
     @property
     def epsilon(self) -> float:

@@ -21,7 +21,12 @@ from typing import Any, Literal
 import torch
 
 from fp8train.cast import cast_finite
-from fp8train.scaling import Granularity, ScaleSpec, compute_amax, expand_scale, scale_from_amax
+from fp8train.scaling import (
+    ScaleSpec,
+    compute_amax,
+    multiply_by_scale,
+    scale_from_amax,
+)
 
 __all__ = ["KernelMode", "Kernels", "cast_with_operand", "payload_to_operand", "quantize_current"]
 
@@ -37,8 +42,7 @@ def cast_with_operand(
     ``x2d`` must be finite (the caller checked its amax). Upcasting before scaling keeps
     eager and compiled rounding identical.
     """
-    shape = (x2d.shape[0], x2d.shape[1])
-    scaled = x2d.float() * expand_scale(scale, shape, spec)
+    scaled = multiply_by_scale(x2d, scale, spec)
     payload = cast_finite(scaled, spec.fmt, saturate=spec.saturate)
     if operand_dtype is None:
         return payload, None
@@ -62,8 +66,7 @@ def quantize_current(
 def payload_to_operand(payload: torch.Tensor, scale: torch.Tensor, spec: ScaleSpec,
                        dtype: torch.dtype) -> torch.Tensor:
     """``payload * (1 / scale)`` in ``dtype`` for a 2-D payload (ScaledTensor.dequantize)."""
-    inv = expand_scale(scale.reciprocal(), (payload.shape[0], payload.shape[1]), spec)
-    return (payload.float() * inv).to(dtype)
+    return multiply_by_scale(payload, scale.reciprocal(), spec).to(dtype)
 
 
 class Kernels:
@@ -107,14 +110,6 @@ def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
         compiled = torch.compile(fn, dynamic=True)
 
         def call(t: torch.Tensor, *args: Any) -> Any:
-            spec = next(a for a in args if isinstance(a, ScaleSpec))
-            if spec.granularity is Granularity.BLOCK:
-                # Known problem: in a lab GPT run, the compiled kernel gave a (128, 512)
-                # weight with 128x128 blocks block 0's scale in every block once the
-                # blocks' scales differed (tests/test_kernels.py reproduces the run).
-                # Root cause not found yet; block scaling runs the eager kernel, which
-                # is the same arithmetic, until it is.
-                return fn(t, *args)
             # A plain tensor (not a Parameter) keeps shapes dynamic: dynamo guards
             # Parameter shapes statically, which would compile once per weight shape.
             with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):

@@ -33,6 +33,7 @@ __all__ = [
     "check_finite_amax",
     "compute_amax",
     "expand_scale",
+    "multiply_by_scale",
     "scale_from_amax",
 ]
 
@@ -232,6 +233,27 @@ def expand_scale(scale: torch.Tensor, shape2d: tuple[int, int], spec: ScaleSpec)
     m, k = shape2d
     full = scale.repeat_interleave(br, dim=0).repeat_interleave(bc, dim=1)
     return full[:m, :k]
+
+
+def multiply_by_scale(x2d: torch.Tensor, grid: torch.Tensor, spec: ScaleSpec) -> torch.Tensor:
+    """``x2d.float() * expand_scale(grid, x2d.shape, spec)``, the same products, computed
+    on the tiled view ``(Mb, br, Kb, bc)`` against ``grid[:, None, :, None]`` so that no
+    expanded scale tensor is built. The fused kernels use this form: inductor compiled
+    the expanded form, with dynamic shapes, into a block kernel that applied block 0's
+    scale to every block of a weight (tests/test_kernels.py keeps the lab run that
+    showed it)."""
+    x32 = x2d.float()
+    if spec.granularity in (Granularity.TENSOR, Granularity.ROW):
+        return x32 * grid
+    br, bc = _blocks(spec)
+    m, k = x32.shape
+    xp = _pad_to_blocks(x32, br, bc)
+    mp, kp = xp.shape
+    tiles = xp.reshape(mp // br, br, kp // bc, bc) * grid[:, None, :, None]
+    out = tiles.reshape(mp, kp)
+    # Contiguous like the expanded form: consumers' kernels (e.g. gelu_backward) can
+    # round differently on strided inputs.
+    return out if (mp, kp) == (m, k) else out[:m, :k].contiguous()
 
 
 def apply_scale_and_cast(x: torch.Tensor, scale: torch.Tensor, spec: ScaleSpec,

@@ -164,3 +164,18 @@ def test_compare_tiny_fp8_recipes(run_cli, text_dir: Path, tmp_path: Path) -> No
     results = check_outputs(out, precisions, steps=6)
     for precision in FP8_PRECISIONS:
         assert results["runs"][precision]["loss_scaler"] is not None, precision
+
+
+def test_fp8_activation_storage_variant(run_cli, text_dir: Path, tmp_path: Path) -> None:
+    # "<recipe>+fp8act" trains the same recipe with FP8 storage of the saved activations:
+    # fewer saved bytes, and (backward sees rounded activations) a different trajectory.
+    out = tmp_path / "out"
+    precisions = ["bf16", "rowwise", "rowwise+fp8act"]
+    args = ["compare", "--preset", "tiny", "--data", str(text_dir), "--out", str(out)]
+    assert run_cli(*args, "--precisions", ",".join(precisions)) == 0
+    runs = check_outputs(out, precisions, steps=6)["runs"]
+    plain, stored = runs["rowwise"], runs["rowwise+fp8act"]
+    assert stored["saved_activation_bytes"] < 0.8 * plain["saved_activation_bytes"]
+    assert stored["curves"]["train_loss"][0] == plain["curves"]["train_loss"][0]  # same forward
+    assert stored["curves"]["train_loss"][1:] != plain["curves"]["train_loss"][1:]
+    assert stored["loss_scaler"] is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,14 @@ def test_config_is_frozen_and_validates() -> None:
     with pytest.raises(LabError, match="--steps must be >= 1"):
         config.resolve("gpt", "tiny", {"steps": 0})
     assert config.parse_precisions(" BF16, int8 ") == ("bf16", "int8")
+    # FP8 activation storage variants exist for FP8 recipes only.
+    assert config.resolve("gpt", "tiny", {"precisions": ("mxfp8+fp8act",)}).precisions
+    for bad in ("bf16+fp8act", "tensorwise+fp4act"):
+        with pytest.raises(LabError, match=f"unknown precision '{re.escape(bad)}'.*tensorwise\\+fp8act"):
+            config.resolve("gpt", "tiny", {"precisions": (bad,)})
+    assert config.recipe_of("rowwise+fp8act") == "rowwise" and config.recipe_of("bf16") is None
+    assert config.stores_fp8_activations("int8+fp8act")
+    assert not config.stores_fp8_activations("int8")
     assert config.from_dict(dataclasses.asdict(cfg)) == cfg
 
 

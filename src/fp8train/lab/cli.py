@@ -106,11 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--precisions",
         metavar="LIST",
-        help=f"comma-separated, from {','.join(PRECISIONS)} (default: all)",
+        help=f"comma-separated, from {','.join(PRECISIONS)} (default: all); "
+        "<recipe>+fp8act adds FP8 storage of the LayerNorm, GELU and attention inputs",
     )
     train = commands.add_parser("train", help="train one precision, same outputs as compare")
     train.add_argument(
-        "--precision", metavar="P", help=f"one of {', '.join(PRECISIONS)} (default: bf16)"
+        "--precision", metavar="P",
+        help=f"one of {', '.join(PRECISIONS)}, or <recipe>+fp8act (default: bf16)"
     )
     for sub in (compare, train):
         sub.add_argument("--task", choices=TASKS, help="gpt (default) or digits")

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "ACTIVATION_STORAGE_SUFFIX",
     "FP8_RECIPES",
+    "KNOWN_PRECISIONS",
     "PRECISIONS",
     "PRESETS",
     "REFERENCE_PRECISIONS",
@@ -21,7 +23,9 @@ __all__ = [
     "LabError",
     "from_dict",
     "parse_precisions",
+    "recipe_of",
     "resolve",
+    "stores_fp8_activations",
 ]
 
 # Precisions that need no FP8 library support: "fp32" runs nothing special, "bf16"
@@ -31,6 +35,11 @@ REFERENCE_PRECISIONS = ("fp32", "bf16")
 # every nn.Linear swapped. "int8" is the integer grid, kept for comparison.
 FP8_RECIPES = ("tensorwise", "delayed", "rowwise", "blockwise", "mxfp8", "int8")
 PRECISIONS = REFERENCE_PRECISIONS + FP8_RECIPES
+# "<recipe>+fp8act": the recipe, plus FP8 storage of the other activations saved for
+# backward (LayerNorm, GELU and attention inputs; fp8train.Fp8SavedActivations), to
+# measure what COAT-style activation compression costs in loss. Not run by default.
+ACTIVATION_STORAGE_SUFFIX = "+fp8act"
+KNOWN_PRECISIONS = PRECISIONS + tuple(r + ACTIVATION_STORAGE_SUFFIX for r in FP8_RECIPES)
 TASKS = ("gpt", "digits")
 
 
@@ -122,8 +131,8 @@ class LabConfig:
         if not self.precisions:
             raise LabError("no precisions given; known: " + ", ".join(PRECISIONS))
         for p in self.precisions:
-            if p not in PRECISIONS:
-                raise LabError(f"unknown precision {p!r}; known: {', '.join(PRECISIONS)}")
+            if p not in KNOWN_PRECISIONS:
+                raise LabError(f"unknown precision {p!r}; known: {', '.join(KNOWN_PRECISIONS)}")
         if len(set(self.precisions)) != len(self.precisions):
             raise LabError(f"precision listed twice in {','.join(self.precisions)}")
         for name in ("steps", "seeds", "batch", "seq", "d_model", "layers", "heads"):
@@ -230,6 +239,17 @@ def parse_precisions(text: str) -> tuple[str, ...]:
     if names == ("all",):
         return PRECISIONS
     return names
+
+
+def recipe_of(precision: str) -> str | None:
+    """The FP8 recipe a precision runs (``"rowwise+fp8act"`` -> ``"rowwise"``), or None
+    for fp32 and bf16."""
+    recipe = precision.removesuffix(ACTIVATION_STORAGE_SUFFIX)
+    return recipe if recipe in FP8_RECIPES else None
+
+
+def stores_fp8_activations(precision: str) -> bool:
+    return precision.endswith(ACTIVATION_STORAGE_SUFFIX) and recipe_of(precision) is not None
 
 
 def from_dict(values: dict[str, Any]) -> LabConfig:

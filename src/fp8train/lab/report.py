@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from fp8train.lab.config import PRECISIONS, LabError
+from fp8train.lab.config import PRECISIONS, LabError, stores_fp8_activations
 
 __all__ = ["markdown", "plot_curves", "require_plotting", "write_report"]
 
@@ -38,8 +38,14 @@ def _color(precision: str) -> str:
         "#bcbd22",
         "#17becf",
     ]
-    i = PRECISIONS.index(precision) if precision in PRECISIONS else len(PRECISIONS)
+    base = precision.split("+")[0]  # a "+fp8act" variant shares its recipe's colour
+    i = PRECISIONS.index(base) if base in PRECISIONS else len(PRECISIONS)
     return palette[i % len(palette)]
+
+
+def _style(precision: str) -> str:
+    """Dashed for runs with FP8 activation storage, so they pair with their recipe."""
+    return "--" if stores_fp8_activations(precision) else "-"
 
 
 def _ema(values: list[float | None], alpha: float = 0.1) -> list[float]:
@@ -72,6 +78,7 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
             c["val_step"],
             _nan(c["val_loss"]),
             color=color,
+            ls=_style(precision),
             lw=1.6,
             marker="o",
             ms=2.5,
@@ -108,6 +115,7 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
                 run["curves"]["val_step"],
                 gap,
                 color=_color(precision),
+                ls=_style(precision),
                 lw=1.4,
                 marker="o",
                 ms=2.5,

@@ -2,7 +2,8 @@
 
 Precisions: "fp32" trains in float32; "bf16" runs forward under CPU bf16 autocast;
 every FP8 recipe (and "int8") runs under the same autocast with each ``nn.Linear``
-swapped by ``fp8train.convert(model, recipe)``. Master weights stay float32 and the
+swapped by ``fp8train.convert(model, recipe)``; "<recipe>+fp8act" also stores the other
+activations saved for backward in FP8 (``fp8train.Fp8SavedActivations``). Master weights stay float32 and the
 optimiser is AdamW in every case, so the precisions differ only in the arithmetic.
 FP8 runs go through ``fp8train.LossScaler`` (dynamic), which skips steps whose
 gradients are not finite; the count is reported.
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fp8train
-from fp8train.lab.config import FP8_RECIPES, LabConfig, LabError
+from fp8train.lab.config import LabConfig, LabError, recipe_of, stores_fp8_activations
 from fp8train.lab.data import Corpus, Digits, eval_windows, sample_windows
 from fp8train.lab.gpt import GPT
 
@@ -125,18 +126,19 @@ def apply_precision(model: nn.Module, precision: str, kernels: str = "eager") ->
     """Swap the Linear layers for the recipe's FP8 layers; fp32 and bf16 leave the model
     as it is. Layers whose shape the recipe cannot take stay in high precision (the
     library logs which); the run records how many were converted."""
-    if precision not in FP8_RECIPES:
+    recipe = recipe_of(precision)
+    if recipe is None:
         return model
     try:
-        return fp8train.convert(model, precision, kernels=kernels)  # type: ignore[arg-type]
+        return fp8train.convert(model, recipe, kernels=kernels)  # type: ignore[arg-type]
     except (ValueError, TypeError) as e:  # the library's API errors say what to fix
-        raise LabError(f"fp8train.convert(model, {precision!r}) refused the model: {e}") from e
+        raise LabError(f"fp8train.convert(model, {recipe!r}) refused the model: {e}") from e
 
 
 def make_loss_scaler(precision: str) -> fp8train.LossScaler | None:
     """Dynamic loss scaling for the FP8 recipes (E5M2 gradients underflow without it);
     None for fp32 and bf16, whose exponent range matches fp32's."""
-    if precision not in FP8_RECIPES:
+    if recipe_of(precision) is None:
         return None
     return fp8train.LossScaler(mode="dynamic")
 
@@ -322,7 +324,7 @@ def train_run(
                 "model": model.state_dict(),
                 # Amax histories and counters of the FP8 layers, outside state_dict().
                 "recipe_state": (
-                    fp8train.recipe_state_dict(model) if precision in FP8_RECIPES else None
+                    fp8train.recipe_state_dict(model) if recipe_of(precision) else None
                 ),
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
@@ -351,11 +353,17 @@ def train_run(
     # The numerics health monitor (FP8 runs): per-layer records and culprit-naming
     # warnings in <out>/monitor/<precision>-seed<N>.jsonl, appended across resumes.
     monitor = None
-    if precision in FP8_RECIPES and config.monitor_every > 0:
+    if recipe_of(precision) is not None and config.monitor_every > 0:
         log = checkpoint.parent.parent / "monitor" / f"{precision}-seed{seed}.jsonl"
         log.parent.mkdir(parents=True, exist_ok=True)
         monitor = fp8train.Monitor(model, every=config.monitor_every, jsonl=log, start=step)
         monitor.attach()
+
+    # "<recipe>+fp8act": the model's saved activations go to FP8 (the loss stays outside).
+    storage = None
+    if stores_fp8_activations(precision):
+        storage = fp8train.Fp8SavedActivations(recipe_of(precision),  # type: ignore[arg-type]
+                                               kernels=config.kernels)  # type: ignore[arg-type]
 
     session_steps = 0  # steps in this process: the first few are excluded from timing
     while step < config.steps and (stop_at is None or step < stop_at):
@@ -372,9 +380,13 @@ def train_run(
             if meter is not None
             else contextlib.nullcontext()
         )
+        if storage is not None:
+            storage.observer = meter.pack if meter is not None else None
         with hooks:
             with precision_context(precision):
-                loss = task.loss(model(x), y)
+                with storage if storage is not None else contextlib.nullcontext():
+                    out = model(x)
+                loss = task.loss(out, y)
             if scaler is not None:
                 scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
                 scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
