@@ -34,6 +34,10 @@ def test_config_is_frozen_and_validates() -> None:
         config.resolve("gpt", "tiny", {"steps": 0})
     assert config.parse_precisions(" BF16, int8 ") == ("bf16", "int8")
     assert config.from_dict(dataclasses.asdict(cfg)) == cfg
+    with pytest.raises(LabError, match=r"--micro-batches must be >= 1 and divide --batch \(16\)"):
+        config.resolve("gpt", "default", {"micro_batches": 3})
+    with pytest.raises(LabError, match="--grad-clip must be > 0"):
+        config.resolve("gpt", "default", {"grad_clip": 0.0})
 
 
 def test_default_dimensions_suit_block_recipes() -> None:

@@ -59,6 +59,13 @@ _SHARED: list[tuple[str, dict[str, Any]]] = [
     ("--batch", {"type": int, "metavar": "N", "help": "sequences (digits: images) per batch"}),
     ("--seq", {"type": int, "metavar": "N", "help": "context length in bytes"}),
     ("--lr", {"type": float, "metavar": "LR", "help": "peak learning rate (warmup, cosine)"}),
+    ("--grad-clip", {"type": float, "metavar": "X", "help": "clip the gradient norm to X"}),
+    (
+        "--micro-batches",
+        {"type": int, "metavar": "N",
+         "help": "split each batch into N micro-batches (gradient accumulation); one "
+         "process with N computes what N ranks of --dist compute"},
+    ),
     ("--seed", {"type": int, "metavar": "S", "help": "first seed"}),
     (
         "--seeds",

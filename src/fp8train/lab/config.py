@@ -114,6 +114,10 @@ class LabConfig:
     # monitor costs ~2% of step time (benchmarks/monitor.py); observed steps are left out
     # of the step-time median.
     monitor_every: int = 25
+    # Gradient accumulation: each batch runs as this many equal micro-batches, their
+    # gradients averaged before the step. One process with micro_batches N computes
+    # what N ranks of --dist compute (each rank quantises its own rows).
+    micro_batches: int = 1
 
     def validate(self) -> None:
         """Raise ``LabError`` naming the first invalid field and what it accepts."""
@@ -146,6 +150,13 @@ class LabConfig:
             raise LabError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not self.corpus_mb > 0:
             raise LabError(f"corpus_mb must be > 0, got {self.corpus_mb}")
+        if self.micro_batches < 1 or self.batch % self.micro_batches:
+            raise LabError(
+                f"--micro-batches must be >= 1 and divide --batch ({self.batch}), "
+                f"got {self.micro_batches}"
+            )
+        if not self.grad_clip > 0:
+            raise LabError(f"--grad-clip must be > 0, got {self.grad_clip}")
         if self.task == "gpt" and self.d_model % self.heads:
             raise LabError(f"--d-model ({self.d_model}) must be a multiple of heads ({self.heads})")
 

@@ -5,7 +5,9 @@ every FP8 recipe (and "int8") runs under the same autocast with each ``nn.Linear
 swapped by ``fp8train.convert(model, recipe)``. Master weights stay float32 and the
 optimiser is AdamW in every case, so the precisions differ only in the arithmetic.
 FP8 runs go through ``fp8train.LossScaler`` (dynamic), which skips steps whose
-gradients are not finite; the count is reported.
+gradients are not finite; the count is reported. With ``micro_batches`` N each batch
+runs as N equal micro-batches whose gradients and losses are averaged before the step
+(gradient accumulation): what N data-parallel ranks compute.
 
 A run checkpoints atomically (temporary file, then ``os.replace``) every
 ``ckpt_every`` steps and at its end; a checkpoint holds the model, the optimiser, the
@@ -364,22 +366,36 @@ def train_run(
         t0 = time.perf_counter()
         x, y = task.sample_batch(data_gen)
 
-        # Step 1 also counts the bytes saved for backward; the hooks return every
-        # tensor unchanged, so the step's numerics are untouched.
+        # Step 1 also counts the bytes saved for backward (of one micro-batch); the hooks
+        # return every tensor unchanged, so the step's numerics are untouched.
         meter = SavedTensorBytes(model.parameters()) if step == 0 else None
-        hooks = (
-            torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack)
-            if meter is not None
-            else contextlib.nullcontext()
-        )
-        with hooks:
-            with precision_context(precision):
-                loss = task.loss(model(x), y)
-            if scaler is not None:
-                scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
-                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-            else:
-                loss.backward()  # type: ignore[no-untyped-call]
+        parts = []  # each micro-batch's loss; its gradients add up in .grad
+        for i, (x_part, y_part) in enumerate(
+            zip(x.chunk(config.micro_batches), y.chunk(config.micro_batches))
+        ):
+            hooks = (
+                torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack)
+                if meter is not None and i == 0
+                else contextlib.nullcontext()
+            )
+            with hooks:
+                with precision_context(precision):
+                    part = task.loss(model(x_part), y_part)
+                if scaler is not None:
+                    scaler.scale(part).backward()  # type: ignore[no-untyped-call]
+                else:
+                    part.backward()  # type: ignore[no-untyped-call]
+            parts.append(part.detach())
+        loss = parts[0]
+        if len(parts) > 1:
+            # The mean over micro-batches of gradients and losses, as a data-parallel
+            # all-reduce takes it over ranks (dividing by a power of two is exact).
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.div_(len(parts))
+            loss = sum(parts[1:], parts[0]) / len(parts)
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         if meter is not None:
             history["saved_activation_bytes"] = meter.total
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
