@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "DIST_MODES",
     "FP8_RECIPES",
     "PRECISIONS",
     "PRESETS",
@@ -32,6 +33,8 @@ REFERENCE_PRECISIONS = ("fp32", "bf16")
 FP8_RECIPES = ("tensorwise", "delayed", "rowwise", "blockwise", "mxfp8", "int8")
 PRECISIONS = REFERENCE_PRECISIONS + FP8_RECIPES
 TASKS = ("gpt", "digits")
+# --dist: None (one process), or a data-parallel mode of fp8train.distributed.
+DIST_MODES = (None, "ddp", "fsdp2")
 
 
 class LabError(Exception):
@@ -118,6 +121,14 @@ class LabConfig:
     # gradients averaged before the step. One process with micro_batches N computes
     # what N ranks of --dist compute (each rank quantises its own rows).
     micro_batches: int = 1
+    # Data parallelism under torchrun: None (one process), "ddp" or "fsdp2"
+    # (fp8train.distributed). The global batch stays ``batch``; each rank trains on its
+    # ``batch / world size`` rows of it.
+    dist: str | None = None
+    # FSDP2 only: all-gather FP8 weights instead of fp32 ones. None: for every recipe
+    # whose weight scales allow it (tensorwise, delayed, blockwise, int8; the same
+    # bits either way); True: required (an error for rowwise and mxfp8); False: never.
+    fp8_all_gather: bool | None = None
 
     def validate(self) -> None:
         """Raise ``LabError`` naming the first invalid field and what it accepts."""
@@ -157,6 +168,11 @@ class LabConfig:
             )
         if not self.grad_clip > 0:
             raise LabError(f"--grad-clip must be > 0, got {self.grad_clip}")
+        if self.dist not in DIST_MODES:
+            raise LabError(f"--dist must be ddp or fsdp2, got {self.dist!r}")
+        if self.fp8_all_gather is not None and self.dist != "fsdp2":
+            raise LabError("--fp8-all-gather / --no-fp8-all-gather apply to --dist fsdp2 only "
+                           "(DDP keeps full replicas and gathers no weights)")
         if self.task == "gpt" and self.d_model % self.heads:
             raise LabError(f"--d-model ({self.d_model}) must be a multiple of heads ({self.heads})")
 
