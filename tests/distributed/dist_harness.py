@@ -1,4 +1,4 @@
-"""Launch N ranks of a worker function on this CPU, with a deadline.
+"""Launch N ranks of a worker function on this CPU, with a deadline; or a real torchrun.
 
 Ranks are forked from a ``forkserver`` that has already imported torch, FSDP, DCP and
 fp8train (a cold ``import torch`` per rank costs seconds on two cores). Each rank gets
@@ -14,6 +14,7 @@ import faulthandler
 import multiprocessing
 import os
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -104,3 +105,24 @@ def run_ranks(name: str, out_dir: Path, *, world: int = 2, timeout_s: float = 50
             raise AssertionError(f"{name} failed on {len(bad)} of {world} ranks "
                                  f"(deadline {timeout_s} s):\n{detail}")
     return results
+
+
+def torchrun(*args: str, cwd: Path, nproc: int = 2, timeout_s: float = 55.0,
+             pythonpath: tuple[Path, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc-per-node nproc ARGS`` (a free rendezvous port).
+
+    The ranks import the ``fp8train`` this process imported (its source folder leads
+    ``PYTHONPATH``), after ``pythonpath``. torchrun sets ``OMP_NUM_THREADS=1`` for each
+    rank. Raises ``subprocess.TimeoutExpired`` after ``timeout_s``.
+    """
+    import fp8train
+
+    src = Path(fp8train.__file__).resolve().parents[1]
+    paths = [*map(str, pythonpath), str(src), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)  # torchrun sets them per rank
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+         str(nproc), *args],
+        env=env, capture_output=True, text=True, timeout=timeout_s, cwd=cwd, check=False)

@@ -26,9 +26,6 @@ Runs are single-threaded (ranks and references) so that CPU GEMMs reduce in one 
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +33,7 @@ import dist_workers as w
 import pytest
 import torch
 import torch.distributed as dist
-from dist_harness import run_ranks
+from dist_harness import run_ranks, torchrun
 from torch import nn
 
 from fp8train import RECIPE_NAMES, Recipe, quantize
@@ -332,11 +329,8 @@ def test_torchrun_launch(tmp_path: Path, single_thread: None) -> None:
     """``torchrun --nproc-per-node 2`` with the library's own ``init_from_env``."""
     out = tmp_path / "result.pt"
     here = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(here / "dist_torchrun_main.py"), str(out)],
-        env=env, capture_output=True, text=True, timeout=55, cwd=tmp_path, check=False)
+    proc = torchrun(str(here / "dist_torchrun_main.py"), str(out), cwd=tmp_path,
+                    pythonpath=(here,))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = torch.load(out, weights_only=False)
     assert set(result) == {"ddp/tensorwise/False", "fsdp2/tensorwise/True",

@@ -44,6 +44,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
         (["compare", "--task", "vision"], ["--task"]),
         (["compare", "--preset", "huge"], ["'huge'"]),
         (["compare", "--resume"], ["no run"]),
+        (["train", "--dist", "ddp", "--fp8-all-gather"], ["--fp8-all-gather", "fsdp2 only"]),
         ([], ["compare, train or formats"]),
     ],
 )

@@ -43,6 +43,37 @@ def test_config_is_frozen_and_validates() -> None:
     assert config.stores_fp8_activations("int8+fp8act")
     assert not config.stores_fp8_activations("int8")
     assert config.from_dict(dataclasses.asdict(cfg)) == cfg
+    with pytest.raises(LabError, match=r"--micro-batches must be >= 1 and divide --batch \(16\)"):
+        config.resolve("gpt", "default", {"micro_batches": 3})
+    with pytest.raises(LabError, match="--grad-clip must be > 0"):
+        config.resolve("gpt", "default", {"grad_clip": 0.0})
+    with pytest.raises(LabError, match="--dist must be ddp or fsdp2"):
+        config.resolve("gpt", "default", {"dist": "fsdp"})
+    with pytest.raises(LabError, match="apply to --dist fsdp2 only"):
+        config.resolve("gpt", "default", {"dist": "ddp", "fp8_all_gather": True})
+
+
+def test_saved_config_without_newer_fields_still_loads() -> None:
+    # A checkpoint or config.json from before dist/micro_batches existed resumes.
+    saved = dataclasses.asdict(config.resolve("gpt", "tiny", {}))
+    for name in ("micro_batches", "dist", "fp8_all_gather"):
+        del saved[name]
+    assert config.from_dict(saved) == config.resolve("gpt", "tiny", {})
+
+
+def test_fp8_all_gather_by_default_where_the_recipe_allows_it() -> None:
+    fsdp2 = config.resolve("gpt", "tiny", {"dist": "fsdp2"})
+    used = [p for p in config.PRECISIONS if train.fp8_all_gather_for(fsdp2, p)]
+    assert used == ["tensorwise", "delayed", "blockwise", "int8"]
+    off = dataclasses.replace(fsdp2, fp8_all_gather=False)
+    ddp = config.resolve("gpt", "tiny", {"dist": "ddp"})
+    for cfg in (off, ddp, config.resolve("gpt", "tiny", {})):
+        assert not any(train.fp8_all_gather_for(cfg, p) for p in config.PRECISIONS)
+    required = dataclasses.replace(fsdp2, fp8_all_gather=True)
+    assert train.fp8_all_gather_for(required, "blockwise")
+    assert not train.fp8_all_gather_for(required, "bf16")  # no FP8 weights to gather
+    with pytest.raises(LabError, match="recipe mxfp8 cannot all-gather FP8 weights: .*grad_input"):
+        train.fp8_all_gather_for(required, "mxfp8")
 
 
 def test_default_dimensions_suit_block_recipes() -> None:

@@ -4,14 +4,23 @@ Also reachable as ``python -m fp8train`` (and so ``torchrun -m fp8train``). Erro
 the request print one line, ``fp8train: error: ...``, and exit with status 2; an
 interruption prints how to resume and exits with 130. Only argparse and the config
 are imported before the arguments are checked, so bad arguments fail fast.
+
+``--dist ddp|fsdp2`` runs data-parallel under ``torchrun``: every rank runs this same
+command, joins the process group from torchrun's environment, trains its rows of each
+batch, and only rank 0 prints and writes files. A rank that loses its peers prints one
+line and exits with status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
+import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -59,6 +68,13 @@ _SHARED: list[tuple[str, dict[str, Any]]] = [
     ("--batch", {"type": int, "metavar": "N", "help": "sequences (digits: images) per batch"}),
     ("--seq", {"type": int, "metavar": "N", "help": "context length in bytes"}),
     ("--lr", {"type": float, "metavar": "LR", "help": "peak learning rate (warmup, cosine)"}),
+    ("--grad-clip", {"type": float, "metavar": "X", "help": "clip the gradient norm to X"}),
+    (
+        "--micro-batches",
+        {"type": int, "metavar": "N",
+         "help": "split each batch into N micro-batches (gradient accumulation); one "
+         "process with N computes what N ranks of --dist compute"},
+    ),
     ("--seed", {"type": int, "metavar": "S", "help": "first seed"}),
     (
         "--seeds",
@@ -75,6 +91,18 @@ _SHARED: list[tuple[str, dict[str, Any]]] = [
         {"type": int, "metavar": "N",
          "help": "FP8 health monitor: observe every N-th step (default 25; 0 turns it off)"},
     ),
+    (
+        "--dist",
+        {"choices": ["ddp", "fsdp2"],
+         "help": "data-parallel over the ranks of torchrun (launch with: torchrun "
+         "--nproc-per-node N -m fp8train ...); --batch is the global batch"},
+    ),
+    (
+        "--fp8-all-gather",
+        {"action": argparse.BooleanOptionalAction,
+         "help": "--dist fsdp2: all-gather weights in FP8 (default: for every recipe that "
+         "supports it, same results; --fp8-all-gather makes it required)"},
+    ),
 ]
 
 
@@ -88,6 +116,7 @@ _EXAMPLES = """examples:
   fp8train compare --task digits                    the classifier on scikit-learn's digits
   fp8train train --precision rowwise --steps 100 --data notes.txt
   fp8train compare --resume --out runs/20260101-120000
+  torchrun --nproc-per-node 2 -m fp8train train --dist fsdp2 --precision tensorwise
 """
 
 
@@ -221,6 +250,64 @@ def _config_for_resume(out: Path, args: argparse.Namespace, overrides: dict[str,
     return config
 
 
+class _RankFailed(Exception):
+    """A collective failed (a peer rank died or stalled): one line, status 1."""
+
+
+def _require_torchrun(config: LabConfig, command: str) -> None:
+    """``--dist`` needs the environment torchrun gives each rank; say how to get it."""
+    if config.dist is not None and not {"RANK", "WORLD_SIZE"} <= os.environ.keys():
+        raise LabError(
+            f"--dist {config.dist} runs one process per rank and must be launched by "
+            f"torchrun (RANK and WORLD_SIZE are not set), e.g. torchrun --nproc-per-node 2 "
+            f"-m {PROG} {command} --dist {config.dist} ..."
+        )
+
+
+def _join_process_group(config: LabConfig, out: Path | None, resume: bool) -> Path:
+    """Join torchrun's process group and check the run fits it; return the output folder
+    rank 0 chose (a timestamped name could differ by a second between ranks)."""
+    import torch.distributed
+
+    from fp8train import distributed as fd
+
+    try:
+        info = fd.init_from_env()
+    except ValueError as e:
+        raise LabError(str(e)) from e
+    parts = info.world_size * config.micro_batches
+    if config.batch % parts:
+        over = f"{info.world_size} ranks" + (
+            f" x {config.micro_batches} micro-batches" if config.micro_batches > 1 else ""
+        )
+        raise LabError(
+            f"--batch {config.batch} is the global batch and must split evenly over the "
+            f"{over}; use a multiple of {parts}"
+        )
+    # FSDP2 warns on every forward that the model's output (the logits, a view) would
+    # lose its backward hook if modified in place; the lab never modifies it.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
+    if out is None and info.is_main:
+        out = _new_out_dir()
+    shared = [None if out is None else str(out)]
+    torch.distributed.broadcast_object_list(shared, src=0)
+    if resume and str(out) != shared[0]:
+        raise LabError(f"--resume: rank 0 continues {shared[0]}, rank {info.rank} found {out}; "
+                       "give --out DIR")
+    return Path(str(shared[0]))
+
+
+def _leave_process_group() -> None:
+    """Destroy the process group, if this process joined one (after the models are gone:
+    a DDP reducer that outlives its group can hang at exit)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_initialized():
+        from fp8train import distributed as fd
+
+        gc.collect()
+        fd.shutdown()
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command is None:
         raise LabError("choose a command: compare, train or formats (see fp8train --help)")
@@ -229,30 +316,50 @@ def _run(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
     if args.stop_at is not None and args.stop_at < 1:
         raise LabError(f"--stop-at must be >= 1, got {args.stop_at}")
+    out: Path | None
     if args.resume:
         out = Path(args.out) if args.out else _latest_run()
         config = _config_for_resume(out, args, overrides)
     else:
         config = _fresh_config(args, overrides)
-        out = Path(args.out) if args.out else _new_out_dir()
+        out = Path(args.out) if args.out else None
+    _require_torchrun(config, args.command)
 
     from fp8train.lab.compare import run_all  # torch is imported only from here on
 
+    main_rank = True
+    errors: Any = contextlib.nullcontext()
+    lost_peer: tuple[type[Exception], ...] = ()  # caught below; nothing without --dist
+    if config.dist is not None:
+        from fp8train import distributed as fd
+
+        out = _join_process_group(config, out, args.resume)
+        main_rank, errors = fd.is_main(), fd.collective_errors()
+        lost_peer = (fd.RankFailureError,)
+    out = out if out is not None else _new_out_dir()
+
     resume_hint = f"{PROG} {args.command} --resume --out {out}"
+    if config.dist is not None:
+        resume_hint = f"torchrun --nproc-per-node N -m {resume_hint}"
     try:
-        results = run_all(
-            config,
-            out,
-            command=args.command,
-            resume=args.resume,
-            stop_at=args.stop_at,
-            quiet=args.quiet,
-        )
+        with errors:
+            results = run_all(
+                config,
+                out,
+                command=args.command,
+                resume=args.resume,
+                stop_at=args.stop_at,
+                quiet=args.quiet,
+            )
     except KeyboardInterrupt:
         sys.stderr.write(
             f"{PROG}: interrupted; continue from the last checkpoint with: {resume_hint}\n"
         )
         return 130
+    except lost_peer as e:
+        raise _RankFailed(str(e)) from None
+    if not main_rank:
+        return 0
     if results is None:
         print(f"stopped after step {args.stop_at}; continue with: {resume_hint}")
         return 0
@@ -267,10 +374,16 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return _run(args)
+        code = _run(args)
     except LabError as e:
         sys.stderr.write(f"{PROG}: error: {e}\n")
-        return 2
+        code = 2
+    except _RankFailed as e:
+        sys.stderr.write(f"{PROG}: error: {e}\n")
+        code = 1
     except KeyboardInterrupt:  # before any run started: nothing to resume
         sys.stderr.write(f"{PROG}: interrupted\n")
-        return 130
+        code = 130
+    # Here, outside the handlers, the error's traceback no longer holds the models.
+    _leave_process_group()
+    return code

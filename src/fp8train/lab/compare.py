@@ -7,6 +7,10 @@ changes (and how chaotic training amplifies it). Over ``seeds`` such gaps we rep
 the mean and its standard error. A verdict claims a difference only when the mean gap
 exceeds ``CLAIM_SE`` standard errors; with one seed there is no standard error, and
 the fp32-vs-bf16 gap of that seed is the noise floor instead.
+
+With ``config.dist`` every rank runs ``run_all`` (under torchrun, in a process group the
+CLI has joined); every rank trains, and only the main rank writes files and shows
+progress.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 import torch
 
+from fp8train import distributed as fd
 from fp8train.lab import train as lab_train
 from fp8train.lab.config import LabConfig, LabError
 from fp8train.lab.data import load_corpus, load_digits
@@ -90,7 +95,8 @@ def run_all(
 ) -> dict[str, Any] | None:
     """Train every (seed, precision) of ``config`` into ``out``, then write
     ``results.json``, ``loss_curves.png`` and ``report.md``. Returns the results, or
-    None when ``stop_at`` left runs unfinished (their checkpoints wait for --resume)."""
+    None when ``stop_at`` left runs unfinished (their checkpoints wait for --resume).
+    Distributed (``config.dist``): every rank calls it; the main rank writes."""
     from fp8train.lab import report  # matplotlib only when a report is due
 
     report.require_plotting()
@@ -115,6 +121,8 @@ def run_all(
             f"{out} already holds a run; add --resume to continue it, or pick another --out"
         )
     task, data_info = _load_task(config)
+    for precision in config.precisions:  # refuse --fp8-all-gather now, not after some runs
+        lab_train.fp8_all_gather_for(config, precision)
     if resume:
         saved = json.loads(config_path.read_text())
         if saved["data"]["sha256"] != data_info["sha256"]:
@@ -122,7 +130,11 @@ def run_all(
                 f"the data changed since {out} started (sha256 {saved['data']['sha256'][:12]} "
                 f"then, {data_info['sha256'][:12]} now); start a new run"
             )
-    else:
+    distributed = config.dist is not None
+    if distributed:
+        torch.distributed.barrier()  # every rank has checked config.json before it is written
+    main = fd.is_main()
+    if not resume and main:
         out.mkdir(parents=True, exist_ok=True)
         _write_json(config_path, {"command": command, "config": asdict(config), "data": data_info})
 
@@ -138,7 +150,7 @@ def run_all(
         TimeRemainingColumn(),
     )
     console = Console(stderr=True)
-    with Progress(*columns, console=console, disable=quiet) as progress:
+    with Progress(*columns, console=console, disable=quiet or not main) as progress:
         for seed in config.seed_list:  # seed-major: paired comparisons complete early
             for precision in config.precisions:
                 bar = progress.add_task(
@@ -150,7 +162,9 @@ def run_all(
                     if val is not None:
                         progress.update(bar, val=f"{val:.3f}")
 
-                ckpt = out / "checkpoints" / f"{precision}-seed{seed}.pt"
+                # Distributed: a folder of torch.distributed.checkpoint checkpoints.
+                suffix = ".dcp" if distributed else ".pt"
+                ckpt = out / "checkpoints" / f"{precision}-seed{seed}{suffix}"
                 record = lab_train.train_run(
                     config, task, precision, seed, ckpt, stop_at=stop_at, on_step=on_step
                 )
@@ -171,6 +185,15 @@ def run_all(
         # Step times on a shared machine are only as good as its idleness: the 1-minute
         # load average (runnable processes) before and after, to read them against.
         machine_load={"loadavg_1m_start": load_start, "loadavg_1m_end": _loadavg()},
+        distributed=None
+        if not distributed
+        else {
+            "mode": config.dist,
+            "world_size": fd.world_size(),
+            "backend": torch.distributed.get_backend(),
+            # Precisions whose FSDP2 all-gathers carried FP8 weights (the others: fp32).
+            "fp8_all_gather": [p for p, rs in records.items() if rs[0]["fp8_all_gather"]],
+        },
     )
     # Key order of the file: context first, runs last.
     order = [
@@ -184,12 +207,14 @@ def run_all(
         "seeds",
         "wall_time_s",
         "machine_load",
+        "distributed",
         "noise_floor",
         "runs",
     ]
     results = {k: results[k] for k in order}
-    _write_json(out / "results.json", results)
-    report.write_report(results, out)
+    if main:
+        _write_json(out / "results.json", results)
+        report.write_report(results, out)
     return results
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 __all__ = [
     "ACTIVATION_STORAGE_SUFFIX",
+    "DIST_MODES",
     "FP8_RECIPES",
     "KNOWN_PRECISIONS",
     "PRECISIONS",
@@ -41,6 +42,8 @@ PRECISIONS = REFERENCE_PRECISIONS + FP8_RECIPES
 ACTIVATION_STORAGE_SUFFIX = "+fp8act"
 KNOWN_PRECISIONS = PRECISIONS + tuple(r + ACTIVATION_STORAGE_SUFFIX for r in FP8_RECIPES)
 TASKS = ("gpt", "digits")
+# --dist: None (one process), or a data-parallel mode of fp8train.distributed.
+DIST_MODES = (None, "ddp", "fsdp2")
 
 
 class LabError(Exception):
@@ -123,6 +126,18 @@ class LabConfig:
     # monitor costs ~2% of step time (benchmarks/monitor.py); observed steps are left out
     # of the step-time median.
     monitor_every: int = 25
+    # Gradient accumulation: each batch runs as this many equal micro-batches, their
+    # gradients averaged before the step. One process with micro_batches N computes
+    # what N ranks of --dist compute (each rank quantises its own rows).
+    micro_batches: int = 1
+    # Data parallelism under torchrun: None (one process), "ddp" or "fsdp2"
+    # (fp8train.distributed). The global batch stays ``batch``; each rank trains on its
+    # ``batch / world size`` rows of it.
+    dist: str | None = None
+    # FSDP2 only: all-gather FP8 weights instead of fp32 ones. None: for every recipe
+    # whose weight scales allow it (tensorwise, delayed, blockwise, int8; the same
+    # bits either way); True: required (an error for rowwise and mxfp8); False: never.
+    fp8_all_gather: bool | None = None
 
     def validate(self) -> None:
         """Raise ``LabError`` naming the first invalid field and what it accepts."""
@@ -155,6 +170,18 @@ class LabConfig:
             raise LabError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not self.corpus_mb > 0:
             raise LabError(f"corpus_mb must be > 0, got {self.corpus_mb}")
+        if self.micro_batches < 1 or self.batch % self.micro_batches:
+            raise LabError(
+                f"--micro-batches must be >= 1 and divide --batch ({self.batch}), "
+                f"got {self.micro_batches}"
+            )
+        if not self.grad_clip > 0:
+            raise LabError(f"--grad-clip must be > 0, got {self.grad_clip}")
+        if self.dist not in DIST_MODES:
+            raise LabError(f"--dist must be ddp or fsdp2, got {self.dist!r}")
+        if self.fp8_all_gather is not None and self.dist != "fsdp2":
+            raise LabError("--fp8-all-gather / --no-fp8-all-gather apply to --dist fsdp2 only "
+                           "(DDP keeps full replicas and gathers no weights)")
         if self.task == "gpt" and self.d_model % self.heads:
             raise LabError(f"--d-model ({self.d_model}) must be a multiple of heads ({self.heads})")
 

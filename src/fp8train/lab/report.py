@@ -185,6 +185,18 @@ def markdown(results: dict[str, Any]) -> str:
         ),
         "",
     ]
+    dist = results.get("distributed")
+    if dist:
+        gathered = ", ".join(dist["fp8_all_gather"]) or "none"
+        lines += [
+            (
+                f"Data-parallel: {dist['mode']} over {dist['world_size']} ranks "
+                f"({dist['backend']}), each training on its {cfg['batch'] // dist['world_size']} "
+                f"rows of every batch; FP8 weight all-gather: {gathered}. Step times include "
+                "the communication; saved for backward is not measured."
+            ),
+            "",
+        ]
     se_note = "SE" if len(seeds) > 1 else "SE (needs --seeds >= 2)"
     head = ["precision", "final val loss", "gap vs bf16", se_note]
     if digits:
