@@ -5,7 +5,7 @@ For a 64 MiB fp32 tensor (4096 x 4096) and a 64 MiB bf16 tensor (4096 x 8192), t
 blockwise 1x128, blockwise 128x128, MX 1x32 -- and ``dst.copy_(src)`` of 64 MiB in the
 same run, through both kernel sets: ``eager`` (``fp8train.quantize``, the reference
 pipeline) and ``compiled`` (``fp8train.kernels.Kernels("compiled").quantize_current``,
-amax + scale + cast fused by inductor; block scaling still runs eagerly there, see
+amax + scale + cast fused by inductor, row count dynamic, last dimension static, see
 ``fp8train/kernels.py``). Reports GB/s counting bytes read plus bytes written (see
 ``_common.BANDWIDTH_CONVENTION``): memcpy moves 2 x 64 MiB; a cast is credited with one
 read of its input plus one write of its FP8 payload and fp32 scales. The fraction of
@@ -85,8 +85,7 @@ def bench_input(
         rows.append(
             {
                 "input": name,
-                "kernels": kernels + (" (block: eager)" if spec.granularity is G.BLOCK
-                                      and kernels == "compiled" else ""),
+                "kernels": kernels,
                 "shape": list(shape),
                 "dtype": str(dtype).removeprefix("torch."),
                 "granularity": label,

@@ -135,3 +135,31 @@ def test_lab_gpt_compiled_kernels_match_eager_over_steps(recipe: str) -> None:
     assert len(seen["eager"]) == len(seen["compiled"])
     for i, (e, c) in enumerate(zip(seen["eager"], seen["compiled"])):
         assert_bitwise_equal(c, e, f"{recipe} operand #{i}")
+
+
+def test_one_call_for_many_operands_matches_one_call_each() -> None:
+    """quantize_many / restore_many (one compiled call per GEMM step) give the bits of
+    quantize_current / payload_to_operand called per operand, eager and compiled."""
+    from fp8train.kernels import payload_to_operand, quantize_current
+
+    specs = (SPECS["e4m3-tensor-pow2"], SPECS["e4m3-block1x128"], SPECS["e4m3-mx"],
+             SPECS["e4m3-col"])
+    tensors = (torch.randn(70, 200), torch.randn(130, 96).bfloat16(), torch.randn(33, 64),
+               torch.randn(5, 40))
+    works = (torch.bfloat16, torch.bfloat16, None, torch.bfloat16)
+    expected = [quantize_current(t, s, w) for t, s, w in zip(tensors, specs, works)]
+    for kernels in (Kernels("eager"), COMPILED):
+        got = kernels.quantize_many(tensors, specs, works)
+        for i, (g, e) in enumerate(zip(got, expected)):
+            for part, a, b in zip(("amax", "scale", "payload", "operand"), g, e):
+                if b is None:
+                    assert a is None
+                else:
+                    assert_bitwise_equal(a, b, f"{kernels.mode} operand {i} {part}")
+        payloads = tuple(e[2] for e in expected)
+        scales = tuple(e[1] for e in expected)
+        dtypes = (torch.bfloat16, torch.float32, torch.bfloat16, torch.float32)
+        restored = kernels.restore_many(payloads, scales, specs, dtypes)
+        for i, (p, s, sp, d, r) in enumerate(zip(payloads, scales, specs, dtypes, restored)):
+            assert_bitwise_equal(r, payload_to_operand(p, s, sp, d),
+                                 f"{kernels.mode} restored {i}")

@@ -6,7 +6,7 @@ Shapes: ``x (..., K)`` is viewed as ``x2d (M, K)``; ``W (N, K)``; ``dy (M, N)``.
 * grad_input  ``dx = dy . W``     -- a: grad_output (M, N),  b: weight (N, K), contracts N
 * grad_weight ``dW = dy^T . x2d`` -- a: grad_output^T (N, M), b: input (M, K), contracts M
 
-Every operand passes through :func:`_quantize_operand` (tensor, spec, role). When the
+Every operand passes through :func:`_quantize_gemm_operands` (tensor, spec, role). When the
 backward GEMM contracts the other axis of a tensor than the forward did (row, 1x128 and
 MX scales), that tensor is quantised again along the new axis:
 
@@ -146,35 +146,55 @@ def _work_dtype(out_dtype: torch.dtype, *specs: ScaleSpec) -> torch.dtype:
     return torch.float32
 
 
-def _restore(payload: torch.Tensor, scale: torch.Tensor, spec: ScaleSpec,
-             orig_dtype: torch.dtype, work: torch.dtype, state: LayerState) -> ScaledTensor:
-    """A ScaledTensor from a saved payload, with its GEMM operand built by the kernels."""
-    operand = state.kernels.payload_to_operand(payload, scale, spec, work)
-    return ScaledTensor(payload, scale, spec, orig_dtype, operand)
+def _restore_all(saved: list[tuple[torch.Tensor, torch.Tensor, ScaleSpec, torch.dtype,
+                                     torch.dtype]], state: LayerState) -> list[ScaledTensor]:
+    """ScaledTensors from saved ``(payload, scale, spec, orig dtype, work dtype)``, their
+    GEMM operands built by the kernels in one call."""
+    if not saved:
+        return []
+    operands = state.kernels.restore_many(tuple(p for p, _, _, _, _ in saved),
+                                          tuple(s for _, s, _, _, _ in saved),
+                                          tuple(sp for _, _, sp, _, _ in saved),
+                                          tuple(w for _, _, _, _, w in saved))
+    return [ScaledTensor(p, s, sp, orig, op)
+            for (p, s, sp, orig, _), op in zip(saved, operands)]
 
 
-def _quantize_gemm_operands(
-    state: LayerState, operands: list[tuple[torch.Tensor, ScaleSpec, str]],
-    work: torch.dtype | None,
-) -> list[ScaledTensor] | None:
-    """Quantise every operand of one GEMM: amax -> scale -> cast; None (reported) if any
-    operand holds NaN/inf.
+# One GEMM operand to quantise: (tensor, spec, role, dtype of its GEMM operand or None).
+Operand = tuple[torch.Tensor, ScaleSpec, str, "torch.dtype | None"]
+
+
+def _quantize_gemm_operands(state: LayerState,
+                            operands: list[Operand]) -> list[ScaledTensor] | None:
+    """Quantise the operands of one layer step: amax -> scale -> cast; None (reported)
+    if any operand holds NaN/inf.
 
     Every amax is checked before any history records or any result is kept, so a bad
     input leaves no half-updated state behind. Current scaling runs amax, scale and cast
-    in one fused kernel call (on NaN/inf its output is discarded unseen); delayed scaling
-    takes the amax first, because the scale comes from the history. With ``work`` each
-    result also carries its GEMM operand in that dtype.
+    of all its operands in one fused kernel call (on NaN/inf its output is discarded
+    unseen); delayed scaling takes the amax first, because the scale comes from the
+    history. Each result also carries its GEMM operand in the operand's dtype.
     """
-    pending: list[tuple[torch.Tensor, ScaleSpec, str, torch.Tensor, ScaledTensor | None]] = []
-    for t, spec, role in operands:
+    current = [i for i, (_, spec, role, _) in enumerate(operands)
+               if not (role == "weight" and _gathered(operands[i][0]) is not None)
+               and role.split(".")[0] not in state.histories and spec.rounding == "nearest"]
+    fused: dict[int, tuple[torch.Tensor, ...]] = {}
+    if current:
+        outs = state.kernels.quantize_many(tuple(operands[i][0] for i in current),
+                                           tuple(operands[i][1] for i in current),
+                                           tuple(operands[i][3] for i in current))
+        fused = dict(zip(current, outs))
+
+    pending: list[tuple[torch.Tensor, ScaleSpec, str, Any, torch.Tensor, ScaledTensor | None]]
+    pending = []
+    for i, (t, spec, role, work) in enumerate(operands):
         gathered = _gathered(t) if role == "weight" else None
         if gathered is not None:
             # FSDP2 FP8 all-gather: already cast (and recorded) before the gather.
-            pending.append((t, spec, role, _operand_amax(t, spec, state), gathered))
-        elif role not in state.histories and spec.rounding == "nearest":
-            amax, scale, payload, operand = state.kernels.quantize_current(t, spec, work)
-            pending.append((t, spec, role, amax,
+            pending.append((t, spec, role, work, _operand_amax(t, spec, state), gathered))
+        elif i in fused:
+            amax, scale, payload, operand = fused[i]
+            pending.append((t, spec, role, work, amax,
                             ScaledTensor(payload, scale, spec, t.dtype, operand)))
         else:
             amax = state.kernels.amax(t, spec)
@@ -182,19 +202,22 @@ def _quantize_gemm_operands(
                 # Distributed: the max over ranks, before the check, so that all ranks
                 # record (or skip on NaN/inf) the same values.
                 amax = state.amax_reduce(amax)
-            pending.append((t, spec, role, amax, None))
+            pending.append((t, spec, role, work, amax, None))
 
-    finite = [bool(torch.isfinite(p[3]).all()) for p in pending]
+    finite = [bool(torch.isfinite(p[4]).all()) for p in pending]
     if not all(finite):
-        for (t, _, role, _, _), ok in zip(pending, finite):
-            if not ok:
-                state.report_nonfinite(role.split(".")[0], t.shape)
+        reported: set[tuple[int, str]] = set()
+        for (t, _, role, _, _, _), ok in zip(pending, finite):
+            key = (id(t), role.split(".")[0])  # dy and dy^T: one tensor, reported once
+            if not ok and key not in reported:
+                reported.add(key)
+                state.report_nonfinite(key[1], t.shape)
                 if state.observer is not None:
                     state.observer(state, role, t, None)
         return None
 
     results = []
-    for t, spec, role, amax, q in pending:
+    for t, spec, role, work, amax, q in pending:
         if q is None:
             scale = operand_scale(amax, spec, role, state)  # records delayed history
             if spec.rounding == "nearest":
@@ -207,13 +230,6 @@ def _quantize_gemm_operands(
             state.observer(state, role, t, q)
         results.append(q)
     return results
-
-
-def _quantize_operand(t: torch.Tensor, spec: ScaleSpec, role: str, state: LayerState,
-                      work: torch.dtype | None = None) -> ScaledTensor | None:
-    """One operand through :func:`_quantize_gemm_operands`."""
-    quantized = _quantize_gemm_operands(state, [(t, spec, role)], work)
-    return None if quantized is None else quantized[0]
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -236,7 +252,7 @@ class _Fp8Linear(torch.autograd.Function):
             x2d = x.reshape(-1, in_shape[-1])  # (M, K)
             work = _work_dtype(out_dtype, recipe.input, recipe.weight)
             quantized = _quantize_gemm_operands(
-                state, [(x2d, recipe.input, "input"), (weight, recipe.weight, "weight")], work)
+                state, [(x2d, recipe.input, "input", work), (weight, recipe.weight, "weight", work)])
             qx, qw = quantized if quantized is not None else (None, None)
             if qx is not None and qw is not None:
                 # (M, K) @ (K, N) -> (M, N), bias added before the output rounding
@@ -259,6 +275,7 @@ class _Fp8Linear(torch.autograd.Function):
         w_scale = qw.scale if w_reuse and qw is not None else None
         ctx.save_for_backward(x_saved, x_scale, weight, w_fp8, w_scale)
         ctx.fp8_saved = fp8_saved
+        ctx.fp8_forward = quantized is not None  # False: x or W held NaN/inf (reported)
         ctx.state = state
         ctx.in_shape = in_shape
         ctx.x_dtype = x.dtype
@@ -276,30 +293,51 @@ class _Fp8Linear(torch.autograd.Function):
 
         def x_high_precision() -> torch.Tensor:
             if ctx.fp8_saved:
-                return _restore(x_saved, x_scale, recipe.input, gdtype, gdtype,
-                                state).dequantize()
+                return _restore_all([(x_saved, x_scale, recipe.input, gdtype, gdtype)],
+                                    state)[0].dequantize()
             return x_saved.to(gdtype)
 
         work_d = _work_dtype(gdtype, recipe.grad_output, recipe.weight)
         work_w = _work_dtype(gdtype, recipe.grad_output, recipe.input)
+        fp8_dgrad = ctx.needs_input_grad[0] and recipe.fp8_dgrad
+        fp8_wgrad = ctx.needs_input_grad[1] and recipe.fp8_wgrad
         with torch.autocast(dy.device.type, enabled=False):
-            qdy = None
-            if recipe.fp8_dgrad or recipe.fp8_wgrad:
-                qdy = _quantize_operand(dy2d, recipe.grad_output, "grad_output", state,
-                                        work=work_d)
+            # Every operand the two backward GEMMs quantise, in one kernel call: dy, and
+            # along the other axis where the recipe's scales change with it, the weight,
+            # dy^T and the input. A NaN/inf in any of them runs both GEMMs in high
+            # precision (it would reach the gradients either way).
+            ops: list[Operand] = []
+            if fp8_dgrad or fp8_wgrad:
+                ops.append((dy2d, recipe.grad_output, "grad_output", work_d))
+            # After a non-finite x or W (reported by the forward) both GEMMs stay in high
+            # precision, and the bad tensor is not checked (and counted) a second time.
+            if fp8_dgrad and w_fp8 is None and ctx.fp8_forward:
+                ops.append((weight, recipe.weight.transposed(), "weight.t", work_d))
+            if fp8_wgrad and not _reusable_transposed(recipe.grad_output):
+                ops.append((dy2d, recipe.grad_output.transposed(), "grad_output.t", work_w))
+            x_reused = ctx.fp8_saved and _reusable_transposed(recipe.input)
+            if fp8_wgrad and not x_reused and ctx.fp8_forward:
+                ops.append((x_high_precision(), recipe.input.transposed(), "input.t", work_w))
+            quantized = _quantize_gemm_operands(state, ops) if ops else None
+            q = dict(zip((role for _, _, role, _ in ops), quantized or []))
+            # The saved FP8 copies the backward reuses as they are, restored in one call.
+            restore = []
+            if quantized is not None and fp8_dgrad and w_fp8 is not None:
+                restore.append((w_fp8, w_scale, recipe.weight, weight.dtype, work_d))
+            if quantized is not None and fp8_wgrad and x_reused:
+                restore.append((x_saved, x_scale, recipe.input, gdtype, work_w))
+            restored = iter(_restore_all(restore, state))
+            qw_d = (next(restored) if quantized is not None and fp8_dgrad and w_fp8 is not None
+                    else q.get("weight.t"))
+            qx_w = (next(restored) if quantized is not None and fp8_wgrad and x_reused
+                    else q.get("input.t"))
+            qdy = q.get("grad_output")
+            qdy_w = qdy if _reusable_transposed(recipe.grad_output) else q.get("grad_output.t")
 
             # grad_input = dy . W : (M, N) @ (N, K) -> (M, K)
             dx = None
             if ctx.needs_input_grad[0]:
-                qw_d = None
-                if recipe.fp8_dgrad and qdy is not None:
-                    if w_fp8 is not None:
-                        qw_d = _restore(w_fp8, w_scale, recipe.weight, weight.dtype, work_d,
-                                        state)
-                    else:
-                        qw_d = _quantize_operand(weight, recipe.weight.transposed(),
-                                                 "weight.t", state, work=work_d)
-                if qdy is not None and qw_d is not None:
+                if fp8_dgrad and qdy is not None and qw_d is not None:
                     dx = scaled_mm(qdy, qw_d, out_dtype=gdtype)
                 else:
                     dx = dy2d @ weight.to(gdtype)
@@ -308,17 +346,7 @@ class _Fp8Linear(torch.autograd.Function):
             # grad_weight = dy^T . x : (N, M) @ (M, K) -> (N, K)
             dw = None
             if ctx.needs_input_grad[1]:
-                qdy_w = qx_w = None
-                if recipe.fp8_wgrad and qdy is not None:
-                    qdy_w = (qdy if _reusable_transposed(recipe.grad_output) else
-                             _quantize_operand(dy2d, recipe.grad_output.transposed(),
-                                               "grad_output.t", state, work=work_w))
-                    if ctx.fp8_saved and _reusable_transposed(recipe.input):
-                        qx_w = _restore(x_saved, x_scale, recipe.input, gdtype, work_w, state)
-                    else:
-                        qx_w = _quantize_operand(x_high_precision(), recipe.input.transposed(),
-                                                 "input.t", state, work=work_w)
-                if qdy_w is not None and qx_w is not None:
+                if fp8_wgrad and qdy_w is not None and qx_w is not None:
                     dw = scaled_mm(qdy_w.t(), qx_w, out_dtype=gdtype)
                 else:
                     dw = dy2d.t() @ x_high_precision()

@@ -9,12 +9,17 @@ operand. The arithmetic is identical to the reference pipeline step by step (fp3
 product, saturating RNE cast, multiplication by the fp32 reciprocal), and the tests
 check eager and compiled kernels bit for bit.
 
-``Kernels("compiled")`` compiles lazily on first use with dynamic shapes, so each
-(spec, dtype) compiles once however many layer shapes use it.
+``Kernels("compiled")`` compiles lazily on first use, with the row count dynamic and
+the last dimension static: each (spec, dtype, last dimension) compiles once however
+many batch sizes and layers use it. A static last dimension matters: with it symbolic,
+inductor's CPU code for 1x128, 128x128 and MX tiles ran 40-70 ms on a 2048x512 tensor
+(index arithmetic per element, no vectorisation), against about 1 ms with it static
+(benchmarks/cast.py, 2026-11-28).
 """
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -28,7 +33,15 @@ from fp8train.scaling import (
     scale_from_amax,
 )
 
-__all__ = ["KernelMode", "Kernels", "cast_with_operand", "payload_to_operand", "quantize_current"]
+__all__ = [
+    "KernelMode",
+    "Kernels",
+    "cast_with_operand",
+    "payload_to_operand",
+    "quantize_current",
+    "quantize_many",
+    "restore_many",
+]
 
 KernelMode = Literal["eager", "compiled"]
 
@@ -69,6 +82,24 @@ def payload_to_operand(payload: torch.Tensor, scale: torch.Tensor, spec: ScaleSp
     return multiply_by_scale(payload, scale.reciprocal(), spec).to(dtype)
 
 
+def quantize_many(
+    tensors: tuple[torch.Tensor, ...], specs: tuple[ScaleSpec, ...],
+    works: tuple[torch.dtype | None, ...],
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], ...]:
+    """:func:`quantize_current` of every operand of a GEMM in one call: compiled, that
+    is one dispatch instead of one per operand (each costs ~50 us of Python on the CPU,
+    as much as quantising a small activation)."""
+    return tuple(quantize_current(t, s, w) for t, s, w in zip(tensors, specs, works))
+
+
+def restore_many(payloads: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...],
+                 specs: tuple[ScaleSpec, ...], dtypes: tuple[torch.dtype, ...]
+                 ) -> tuple[torch.Tensor, ...]:
+    """:func:`payload_to_operand` of several saved payloads in one call."""
+    return tuple(payload_to_operand(p, s, sp, d)
+                 for p, s, sp, d in zip(payloads, scales, specs, dtypes))
+
+
 class Kernels:
     """The kernel set one layer uses: ``"eager"`` (plain PyTorch ops) or ``"compiled"``
     (the same functions through ``torch.compile``, inductor's CPU backend)."""
@@ -82,8 +113,12 @@ class Kernels:
             cast_with_operand)
         self.payload_to_operand: Callable[..., torch.Tensor] = payload_to_operand
         self.quantize_current: Callable[..., tuple[Any, ...]] = quantize_current
+        self.quantize_many: Callable[..., tuple[Any, ...]] = quantize_many
+        self.restore_many: Callable[..., tuple[torch.Tensor, ...]] = restore_many
         if mode == "compiled":
             self.quantize_current = _compiled(quantize_current)
+            self.quantize_many = _compiled(quantize_many)
+            self.restore_many = _compiled(restore_many)
             self.amax = _compiled(compute_amax)
             self.cast_with_operand = _compiled(cast_with_operand)
             self.payload_to_operand = _compiled(payload_to_operand)
@@ -97,23 +132,52 @@ class Kernels:
 
 _COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
 
-# Each (spec, dtype) combination is one compiled graph of the same function; a run of
-# every recipe needs a few dozen, past dynamo's default of 8 per function, after which
-# it would silently run eagerly. The limit is raised only around our own calls.
-_RECOMPILE_LIMIT = 128
+# dynamo caches compiled graphs per code object and, past 8 of them (its default
+# recompile limit), silently runs the function eagerly. One function serves every
+# (spec, dtype, last dimension), a few dozen in a run of every recipe, so each such key
+# gets its own copy of the code object and with it its own cache of one or two graphs.
+# (Raising the limit around each call instead cost 26 us a call, as much as the call.)
+
+
+def _fresh_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
+    code = fn.__code__.replace()  # equal code, new identity
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
+
+
+def _key(arg: Any) -> Any:
+    if isinstance(arg, torch.Tensor):
+        return (arg.dtype, arg.dim(), arg.shape[-1] if arg.dim() else None)
+    if isinstance(arg, (tuple, list)):
+        return tuple(_key(a) for a in arg)
+    return arg
+
+
+def _prepare(arg: Any) -> Any:
+    if isinstance(arg, torch.Tensor):
+        # A plain tensor (not a Parameter, whose shape dynamo would guard statically)
+        # with a dynamic row count; "maybe" because a 0/1-row tensor specialises.
+        t = arg.detach()
+        if t.dim() >= 2:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        return t
+    if isinstance(arg, (tuple, list)):
+        return tuple(_prepare(a) for a in arg)
+    return arg
 
 
 def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    # One compiled wrapper per function, shared by every layer, so guards and graphs are
-    # reused across layers with the same spec.
+    # One wrapper per function, shared by every layer, so graphs are reused across
+    # layers with the same key.
     if fn not in _COMPILED:
-        compiled = torch.compile(fn, dynamic=True)
+        graphs: dict[Any, Callable[..., Any]] = {}
 
-        def call(t: torch.Tensor, *args: Any) -> Any:
-            # A plain tensor (not a Parameter) keeps shapes dynamic: dynamo guards
-            # Parameter shapes statically, which would compile once per weight shape.
-            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-                return compiled(t.detach(), *args)
+        def call(*args: Any) -> Any:
+            key = _key(args)
+            compiled = graphs.get(key)
+            if compiled is None:
+                compiled = graphs[key] = torch.compile(_fresh_copy(fn), dynamic=False)
+            return compiled(*_prepare(args))
 
         _COMPILED[fn] = call
     return _COMPILED[fn]

@@ -40,6 +40,17 @@ def _k_axis_varies(spec: ScaleSpec, k_axis: int) -> bool:
     return spec.granularity is Granularity.ROW and spec.axis != k_axis
 
 
+class _Describe:
+    """Both operands' repr, built only when an error message is formatted (a repr per
+    call cost more than the checks themselves)."""
+
+    def __init__(self, a: ScaledTensor, b: ScaledTensor) -> None:
+        self.a, self.b = a, b
+
+    def __str__(self) -> str:
+        return f"a={self.a!r}, b={self.b!r}"
+
+
 def check_pair(a: ScaledTensor, b: ScaledTensor) -> None:
     """Raise ValueError (naming both operands) unless ``a @ b`` is a valid scaled GEMM.
 
@@ -48,7 +59,7 @@ def check_pair(a: ScaledTensor, b: ScaledTensor) -> None:
     tensor/row scales constant along K (``a`` reduced over its last axis, ``b`` over its
     first), or block/MX scales of both operands on the same K chunk.
     """
-    desc = f"a={a!r}, b={b!r}"
+    desc = _Describe(a, b)
     if a.data.dim() != 2 or b.data.dim() != 2:
         raise ValueError(f"scaled_mm needs 2-D operands; {desc}")
     if a.shape[1] != b.shape[0]:

@@ -236,24 +236,21 @@ def expand_scale(scale: torch.Tensor, shape2d: tuple[int, int], spec: ScaleSpec)
 
 
 def multiply_by_scale(x2d: torch.Tensor, grid: torch.Tensor, spec: ScaleSpec) -> torch.Tensor:
-    """``x2d.float() * expand_scale(grid, x2d.shape, spec)``, the same products, computed
-    on the tiled view ``(Mb, br, Kb, bc)`` against ``grid[:, None, :, None]`` so that no
-    expanded scale tensor is built. The fused kernels use this form: inductor compiled
-    the expanded form, with dynamic shapes, into a block kernel that applied block 0's
-    scale to every block of a weight (tests/test_kernels.py keeps the lab run that
-    showed it)."""
+    """``x2d.float() * expand_scale(grid, x2d.shape, spec)``: the same products, with each
+    element's scale gathered from the grid by its tile index, so that no padded or tiled
+    view is built. The fused kernels use this form because inductor miscompiled both
+    others on the CPU: the expanded form with dynamic shapes applied block 0's scale to
+    every block of a weight, and the tiled (padded, 4-D) and expanded forms with static
+    shapes scaled the last, partial 1xB tile of each row wrongly when B does not divide
+    the row (tests/test_kernels.py keeps both cases)."""
     x32 = x2d.float()
     if spec.granularity in (Granularity.TENSOR, Granularity.ROW):
         return x32 * grid
     br, bc = _blocks(spec)
     m, k = x32.shape
-    xp = _pad_to_blocks(x32, br, bc)
-    mp, kp = xp.shape
-    tiles = xp.reshape(mp // br, br, kp // bc, bc) * grid[:, None, :, None]
-    out = tiles.reshape(mp, kp)
-    # Contiguous like the expanded form: consumers' kernels (e.g. gelu_backward) can
-    # round differently on strided inputs.
-    return out if (mp, kp) == (m, k) else out[:m, :k].contiguous()
+    rows = torch.arange(m, device=x32.device) // br  # (M,) tile row of each element row
+    cols = torch.arange(k, device=x32.device) // bc  # (K,) tile column of each column
+    return x32 * grid[rows[:, None], cols[None, :]]
 
 
 def apply_scale_and_cast(x: torch.Tensor, scale: torch.Tensor, spec: ScaleSpec,

@@ -133,8 +133,13 @@ def test_mixed_fp8_formats_against_reference(
 
 
 # ---------------------------------------------------------------- vs torch._scaled_mm
-# Both dequantise with the fp32 reciprocal of the scale and multiply in fp32 on CPU, so
-# the results are equal bit for bit, power-of-two scales or not.
+# With power-of-two scales every dequantised value, product and scaling is exact, so
+# the tests find the two equal bit for bit on every CPU tried so far. With
+# other scales, CPU torch._scaled_mm takes one of two oneDNN paths: on some CPUs (the
+# AMD EPYC) it dequantises to fp32 first, as the emulation does, and the bits agree; on
+# CPUs with AVX512-FP16/AMX (Sapphire Rapids) e4m3 x e4m3 runs a native FP8 kernel
+# whose scaling and summation order differ. That one pair is checked against the
+# float64 reference within the accumulation bound (both backends) instead.
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
 @pytest.mark.parametrize("power_of_two", [False, True])
 @pytest.mark.parametrize("fa, fb", [(E4M3, E4M3), (E4M3, E5M2), (E5M2, E4M3)], ids=lambda f: f.name)
@@ -155,7 +160,14 @@ def test_emulated_bitwise_equals_torch_scaled_mm(
     qa, qb = _operands(*shape, sa, sb, seed=1)
     hw = scaled_mm(qa, qb, out_dtype=out_dtype, backend="scaled_mm")
     emu = scaled_mm(qa, qb, out_dtype=out_dtype, backend="emulate")
-    assert_bitwise_equal(emu, hw, f"{name} {fa.name}x{fb.name} pow2={power_of_two} {shape}")
+    what = f"{name} {fa.name}x{fb.name} pow2={power_of_two} {shape}"
+    if power_of_two or not fa is fb is E4M3:
+        assert_bitwise_equal(emu, hw, what)
+        return
+    ref, abs_prod = _reference(qa, qb)
+    _assert_within_accumulation_bound(emu, ref, abs_prod, shape[1], f"emulated {what}")
+    # The native kernel may scale after the GEMM: 2 more fp32 roundings per product.
+    _assert_within_accumulation_bound(hw, ref, abs_prod, shape[1] + 2, f"_scaled_mm {what}")
 
 
 @pytest.mark.parametrize("name, sa, sb", PAIRS[2:], ids=[p[0] for p in PAIRS[2:]])
