@@ -4,8 +4,9 @@
 
 Shapes: square 1024, 2048, 4096 and a 4x MLP (d -> 4d). For each: bf16 autocast
 ``nn.Linear``; the FP8 linear (tensorwise recipe) with eager and compiled kernels; and
-the bare forward GEMM three ways on the same quantised operands: bf16 ``torch.mm``,
-fp8train's emulation, and ``torch._scaled_mm`` on CPU (which dequantises to fp32).
+the bare forward GEMM on the same quantised operands: bf16 ``torch.mm`` and fp8train's
+emulation; and ``torch._scaled_mm`` on CPU timed once on a few rows against the
+emulation on the same rows (it can be orders of magnitude slower, see below).
 Results: benchmarks/results/linear-<date>.json.
 """
 
@@ -38,6 +39,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--scaled-mm-tokens", type=int, default=16,
+                        help="rows of the one torch._scaled_mm timing (it can be very slow)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
@@ -68,16 +71,35 @@ def main() -> None:
         gemms = {
             "gemm bf16 torch.mm": lambda: torch.mm(a16, b16),
             "gemm fp8 emulated": lambda: fp8train.scaled_mm(qx, qw.t(), backend="emulate"),
-            "gemm torch._scaled_mm": lambda: fp8train.scaled_mm(qx, qw.t(), backend="scaled_mm"),
         }
         for label, fn in gemms.items():
             entry[label] = _common.time_median(fn, warmup=2, repeats=args.repeats)["median_s"]
+        # CPU torch._scaled_mm can be three orders of magnitude slower than a bf16 GEMM
+        # (oneDNN's FP8 path on a Sapphire Rapids CPU: 50 s for 2048x1024x1024), so it is
+        # timed once, on the first --scaled-mm-tokens rows, against the emulation on the
+        # same rows.
+        few = args.scaled_mm_tokens
+        qx_few = fp8train.ScaledTensor(qx.data[:few], qx.scale, qx.spec, qx.orig_dtype)
+        few_times = {
+            label: _common.time_median(fn, warmup=0, repeats=1)["median_s"]
+            for label, fn in {
+                "emulated": lambda: fp8train.scaled_mm(qx_few, qw.t(), backend="emulate"),
+                "torch._scaled_mm": lambda: fp8train.scaled_mm(qx_few, qw.t(),
+                                                               backend="scaled_mm"),
+            }.items()}
         results[name] = {"in_features": k, "out_features": n, "tokens": args.tokens,
                          "median_s": entry,
                          "ratio_to_bf16": {lbl: v / entry["bf16 nn.Linear"]
                                            for lbl, v in entry.items() if not lbl.startswith("gemm")},
                          "gemm_ratio_to_bf16_mm": {lbl: v / entry["gemm bf16 torch.mm"]
-                                                   for lbl, v in entry.items() if lbl.startswith("gemm")}}
+                                                   for lbl, v in entry.items() if lbl.startswith("gemm")},
+                         "scaled_mm_on_few_tokens": {
+                             "tokens": few, "seconds_once": few_times,
+                             "scaled_mm_vs_emulated": few_times["torch._scaled_mm"]
+                             / few_times["emulated"]}}
+        rows.append((name, f"gemm torch._scaled_mm ({few} tokens, once)",
+                     f"{few_times['torch._scaled_mm'] * 1e3:.2f}",
+                     f"{few_times['torch._scaled_mm'] / few_times['emulated']:.0f}x emulated"))
         for label, v in entry.items():
             base_v = entry["gemm bf16 torch.mm" if label.startswith("gemm") else "bf16 nn.Linear"]
             rows.append((name, label, f"{v * 1e3:.2f}", f"{v / base_v:.2f}"))

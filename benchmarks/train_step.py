@@ -150,13 +150,45 @@ def main() -> None:
     print("\nprofiled self CPU ms per step, by category")
     print(_common.format_table(["precision", *cats], [
         (p, *(f"{profiles[p][c]:.1f}" for c in cats)) for p in precisions]))
+    verdict = target_verdict(targets, results, ref)
+    print("\n" + "\n".join(verdict["lines"]))
     if not args.no_write:
-        path = _common.write_results("train_step", {
+        # The default preset keeps the plain name; other widths get their own file.
+        name = "train_step" if shape == SHAPE else f"train_step-d{shape['d_model']}"
+        path = _common.write_results(name, {
             "config": {"model": shape, "batch": BATCH, "steps": args.steps,
                        "warmup": args.warmup, "kernels": args.kernels,
                        "threads": torch.get_num_threads()},
-            "targets": targets, "results": results})
+            "targets": targets, "verdict": verdict, "results": results})
         print(f"wrote {path}")
+
+
+def target_verdict(targets: dict, results: dict, ref: str) -> dict:  # type: ignore[type-arg]
+    """Each target met or missed, by how much, and the measured extra time per category
+    (the cause) for every recipe that misses the step-time target."""
+    limit = targets["step_time_vs_bf16_max"]
+    speed = {}
+    lines = []
+    for p in targets["recipes_with_speed_target"]:
+        if p not in results:
+            continue
+        r = results[p]
+        ratio = r["step_time_vs_bf16"]
+        extra = {k: round(v, 1) for k, v in sorted(
+            r["extra_ms_vs_bf16_by_category"].items(), key=lambda kv: -kv[1])}
+        speed[p] = {"step_time_vs_bf16": ratio, "met": ratio <= limit,
+                    "over_target_by": max(0.0, ratio - limit),
+                    "extra_ms_vs_bf16_by_category": extra}
+        cause = ", ".join(f"{k} {v:+.1f} ms" for k, v in extra.items() if abs(v) >= 1)
+        lines.append(f"{p}: step {ratio:.2f}x {ref} (target <= {limit}): "
+                     + ("met" if ratio <= limit else f"missed by {ratio - limit:.2f}; {cause}"))
+    bytes_limit = targets["saved_bytes_vs_bf16_max"]
+    saved = {p: r["saved_bytes_vs_bf16"] for p, r in results.items() if p not in (ref, "fp32")}
+    meeting = sorted(p for p, v in saved.items() if v <= bytes_limit)
+    lines.append(f"saved bytes <= {bytes_limit} of {ref}: "
+                 + (f"met by {', '.join(meeting)}" if meeting else
+                    f"missed; best {min(saved.values()):.2f}" if saved else "not measured"))
+    return {"speed": speed, "saved_bytes_meeting_target": meeting, "lines": lines}
 
 
 if __name__ == "__main__":
