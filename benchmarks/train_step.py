@@ -37,7 +37,7 @@ from fp8train.lab.gpt import GPT
 from fp8train.lab.train import SavedTensorBytes
 
 # The lab's default preset (fp8train.lab.config.LabConfig).
-SHAPE = dict(vocab=256, seq=128, d_model=128, layers=4, heads=4)
+SHAPE = {"vocab": 256, "seq": 128, "d_model": 128, "layers": 4, "heads": 4}
 BATCH = 16
 
 

@@ -178,7 +178,7 @@ def _quantize_gemm_operands(state: LayerState,
     current = [i for i, (_, spec, role, _) in enumerate(operands)
                if not (role == "weight" and _gathered(operands[i][0]) is not None)
                and role.split(".")[0] not in state.histories and spec.rounding == "nearest"]
-    fused: dict[int, tuple[torch.Tensor, ...]] = {}
+    fused: dict[int, tuple[Any, ...]] = {}
     if current:
         outs = state.kernels.quantize_many(tuple(operands[i][0] for i in current),
                                            tuple(operands[i][1] for i in current),
@@ -193,9 +193,9 @@ def _quantize_gemm_operands(state: LayerState,
             # FSDP2 FP8 all-gather: already cast (and recorded) before the gather.
             pending.append((t, spec, role, work, _operand_amax(t, spec, state), gathered))
         elif i in fused:
-            amax, scale, payload, operand = fused[i]
+            amax, scale, payload, fused_operand = fused[i]
             pending.append((t, spec, role, work, amax,
-                            ScaledTensor(payload, scale, spec, t.dtype, operand)))
+                            ScaledTensor(payload, scale, spec, t.dtype, fused_operand)))
         else:
             amax = state.kernels.amax(t, spec)
             if state.amax_reduce is not None and role in state.histories:
@@ -220,6 +220,7 @@ def _quantize_gemm_operands(state: LayerState,
     for t, spec, role, work, amax, q in pending:
         if q is None:
             scale = operand_scale(amax, spec, role, state)  # records delayed history
+            operand: torch.Tensor | None
             if spec.rounding == "nearest":
                 payload, operand = state.kernels.cast_with_operand(t, scale, spec, work)
             else:
@@ -241,7 +242,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         state: LayerState,
     ) -> torch.Tensor:
@@ -284,7 +285,7 @@ class _Fp8Linear(torch.autograd.Function):
         return y.reshape(*in_shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x_saved, x_scale, weight, w_fp8, w_scale = ctx.saved_tensors
         state: LayerState = ctx.state
         recipe = state.recipe
@@ -295,7 +296,8 @@ class _Fp8Linear(torch.autograd.Function):
             if ctx.fp8_saved:
                 return _restore_all([(x_saved, x_scale, recipe.input, gdtype, gdtype)],
                                     state)[0].dequantize()
-            return x_saved.to(gdtype)
+            x_hp: torch.Tensor = x_saved.to(gdtype)
+            return x_hp
 
         work_d = _work_dtype(gdtype, recipe.grad_output, recipe.weight)
         work_w = _work_dtype(gdtype, recipe.grad_output, recipe.input)
@@ -372,4 +374,5 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             f"shape {tuple(weight.shape)} (last dim must be in_features={weight.shape[1]})")
     if not x.is_floating_point():
         raise TypeError(f"layer {state.name!r}: input must be floating point, got {x.dtype}")
-    return _Fp8Linear.apply(x, weight, bias, state)  # type: ignore[no-any-return]
+    y: torch.Tensor = _Fp8Linear.apply(x, weight, bias, state)  # type: ignore[no-untyped-call]
+    return y
