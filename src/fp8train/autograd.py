@@ -175,9 +175,10 @@ def _quantize_gemm_operands(state: LayerState,
     unseen); delayed scaling takes the amax first, because the scale comes from the
     history. Each result also carries its GEMM operand in the operand's dtype.
     """
+    gathered = [_gathered(t) if role == "weight" else None for t, _, role, _ in operands]
     current = [i for i, (_, spec, role, _) in enumerate(operands)
-               if not (role == "weight" and _gathered(operands[i][0]) is not None)
-               and role.split(".")[0] not in state.histories and spec.rounding == "nearest"]
+               if gathered[i] is None and role not in state.histories
+               and spec.rounding == "nearest"]
     fused: dict[int, tuple[Any, ...]] = {}
     if current:
         outs = state.kernels.quantize_many(tuple(operands[i][0] for i in current),
@@ -185,13 +186,12 @@ def _quantize_gemm_operands(state: LayerState,
                                            tuple(operands[i][3] for i in current))
         fused = dict(zip(current, outs))
 
-    pending: list[tuple[torch.Tensor, ScaleSpec, str, Any, torch.Tensor, ScaledTensor | None]]
-    pending = []
+    pending: list[tuple[torch.Tensor, ScaleSpec, str, Any, torch.Tensor,
+                        ScaledTensor | None]] = []
     for i, (t, spec, role, work) in enumerate(operands):
-        gathered = _gathered(t) if role == "weight" else None
-        if gathered is not None:
+        if gathered[i] is not None:
             # FSDP2 FP8 all-gather: already cast (and recorded) before the gather.
-            pending.append((t, spec, role, work, _operand_amax(t, spec, state), gathered))
+            pending.append((t, spec, role, work, _operand_amax(t, spec, state), gathered[i]))
         elif i in fused:
             amax, scale, payload, fused_operand = fused[i]
             pending.append((t, spec, role, work, amax,
@@ -323,16 +323,16 @@ class _Fp8Linear(torch.autograd.Function):
             quantized = _quantize_gemm_operands(state, ops) if ops else None
             q = dict(zip((role for _, _, role, _ in ops), quantized or []))
             # The saved FP8 copies the backward reuses as they are, restored in one call.
-            restore = []
-            if quantized is not None and fp8_dgrad and w_fp8 is not None:
-                restore.append((w_fp8, w_scale, recipe.weight, weight.dtype, work_d))
-            if quantized is not None and fp8_wgrad and x_reused:
-                restore.append((x_saved, x_scale, recipe.input, gdtype, work_w))
-            restored = iter(_restore_all(restore, state))
-            qw_d = (next(restored) if quantized is not None and fp8_dgrad and w_fp8 is not None
-                    else q.get("weight.t"))
-            qx_w = (next(restored) if quantized is not None and fp8_wgrad and x_reused
-                    else q.get("input.t"))
+            restore_w = quantized is not None and fp8_dgrad and w_fp8 is not None
+            restore_x = quantized is not None and fp8_wgrad and x_reused
+            saved = []
+            if restore_w:
+                saved.append((w_fp8, w_scale, recipe.weight, weight.dtype, work_d))
+            if restore_x:
+                saved.append((x_saved, x_scale, recipe.input, gdtype, work_w))
+            restored = _restore_all(saved, state)
+            qw_d = restored.pop(0) if restore_w else q.get("weight.t")
+            qx_w = restored.pop(0) if restore_x else q.get("input.t")
             qdy = q.get("grad_output")
             qdy_w = qdy if _reusable_transposed(recipe.grad_output) else q.get("grad_output.t")
 
