@@ -61,11 +61,10 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _git_commit() -> str | None:
-    """HEAD of the repository holding this file (read-only; None outside a checkout)."""
+def _git(*args: str) -> str | None:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            ["git", *args],
             cwd=Path(__file__).resolve().parent,
             capture_output=True,
             text=True,
@@ -74,7 +73,17 @@ def _git_commit() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return out.stdout.strip()
+
+
+def _git_commit() -> str | None:
+    """HEAD of the repository holding this file, with ``+uncommitted`` when tracked
+    source files differ from it (read-only; None outside a checkout)."""
+    head = _git("rev-parse", "HEAD")
+    if not head:
+        return None
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--", ":/src", ":/benchmarks")
+    return head + ("+uncommitted" if changed else "")
 
 
 def machine() -> dict[str, Any]:

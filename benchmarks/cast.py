@@ -11,6 +11,12 @@ amax + scale + cast fused by inductor, row count dynamic, last dimension static,
 read of its input plus one write of its FP8 payload and fp32 scales. The fraction of
 memcpy says how far the cast is from a single streaming pass.
 
+Where the time goes (compiled kernels, recorded per row under ``parts``): the amax pass
+alone, the cast pass alone with a given scale (what one pass would cost), and, once per
+input, the price of writing the payload into freshly allocated memory against
+rewriting memory already touched (a compiled kernel allocates its outputs on every
+call; on this VM the first touch of fresh pages is a large part of the cast).
+
 Run: ``python benchmarks/cast.py`` (writes ``benchmarks/results/cast-<date>.json``).
 """
 
@@ -81,6 +87,15 @@ def bench_input(
             assert torch.equal(payload.view(torch.uint8), q.data.view(torch.uint8)), label
             assert torch.equal(scale, q.scale), label
         timing = time_median(fn, warmup=warmup, repeats=repeats)
+        parts = None
+        if kernels == "compiled":
+            parts = {
+                "amax_pass_s": time_median(functools.partial(compiled.amax, x, spec),
+                                           warmup=warmup, repeats=repeats)["median_s"],
+                "cast_pass_given_scale_s": time_median(
+                    functools.partial(compiled.cast_with_operand, x, q.scale, spec, None),
+                    warmup=warmup, repeats=repeats)["median_s"],
+            }
         gbs = gb_per_s(in_bytes + out_bytes, timing["median_s"])
         rows.append(
             {
@@ -97,9 +112,20 @@ def bench_input(
                 "times_s": timing["times_s"],
                 "gb_per_s": gbs,
                 "fraction_of_memcpy": gbs / memcpy_gbs,
+                "parts": parts,
             }
         )
     return rows
+
+
+def first_touch_cost(nbytes: int, warmup: int, repeats: int) -> dict[str, float]:
+    """Seconds to write ``nbytes`` into a fresh allocation against into a reused one."""
+    reused = torch.empty(nbytes, dtype=torch.uint8)
+    reused.fill_(1)
+    fresh = time_median(lambda: torch.empty(nbytes, dtype=torch.uint8).fill_(1),
+                        warmup=warmup, repeats=repeats)["median_s"]
+    again = time_median(lambda: reused.fill_(1), warmup=warmup, repeats=repeats)["median_s"]
+    return {"bytes": nbytes, "fresh_s": fresh, "reused_s": again}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for name, (shape, dtype) in INPUTS.items():
         rows += bench_input(name, shape, dtype, memcpy["gb_per_s"], args.warmup, args.repeats)
+    # The payload of a 4096 x 4096 (fp32 input) or 4096 x 8192 (bf16) E4M3 cast.
+    touch = {f"{n >> 20} MiB": first_touch_cost(n, args.warmup, args.repeats)
+             for n in (16 * MIB, 32 * MIB)}
     # memcpy again at the end: if the machine got busier meanwhile, the two differ.
     memcpy_after = memcpy_bandwidth(NBYTES, warmup=1, repeats=args.repeats)
 
@@ -138,6 +167,14 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
     )
+    print("\nwhere the compiled time goes (ms): amax pass alone, cast pass alone (scale given)")
+    print(format_table(
+        ["input", "granularity", "total", "amax pass", "cast pass"],
+        [[r["input"], r["granularity"], r["median_s"] * 1e3, r["parts"]["amax_pass_s"] * 1e3,
+          r["parts"]["cast_pass_given_scale_s"] * 1e3] for r in rows if r["parts"]]))
+    for label, t in touch.items():
+        print(f"writing {label} into fresh memory: {t['fresh_s'] * 1e3:.1f} ms, into memory "
+              f"already touched: {t['reused_s'] * 1e3:.1f} ms")
     if not args.no_write:
         path = write_results(
             "cast",
@@ -151,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                 "repeats": args.repeats,
                 "memcpy": memcpy,
                 "memcpy_at_end": memcpy_after,
+                "first_touch": touch,
                 "results": rows,
             },
         )

@@ -60,7 +60,7 @@ def main() -> None:
         }
         entry = {}
         for label, layer in layers.items():
-            t = _common.time_median(lambda layer=layer: fwd_bwd(layer, x, dy),
+            t = _common.time_median(lambda layer=layer, x=x, dy=dy: fwd_bwd(layer, x, dy),
                                     warmup=2, repeats=args.repeats)
             entry[label] = t["median_s"]
         # The bare forward GEMM on the same quantised operands.
@@ -69,8 +69,9 @@ def main() -> None:
         qw = fp8train.quantize(base.weight.detach(), spec)
         a16, b16 = qx.dequantize(torch.bfloat16), qw.t().dequantize(torch.bfloat16)
         gemms = {
-            "gemm bf16 torch.mm": lambda: torch.mm(a16, b16),
-            "gemm fp8 emulated": lambda: fp8train.scaled_mm(qx, qw.t(), backend="emulate"),
+            "gemm bf16 torch.mm": lambda a16=a16, b16=b16: torch.mm(a16, b16),
+            "gemm fp8 emulated": lambda qx=qx, qw=qw: fp8train.scaled_mm(qx, qw.t(),
+                                                                        backend="emulate"),
         }
         for label, fn in gemms.items():
             entry[label] = _common.time_median(fn, warmup=2, repeats=args.repeats)["median_s"]
@@ -83,9 +84,10 @@ def main() -> None:
         few_times = {
             label: _common.time_median(fn, warmup=0, repeats=1)["median_s"]
             for label, fn in {
-                "emulated": lambda: fp8train.scaled_mm(qx_few, qw.t(), backend="emulate"),
-                "torch._scaled_mm": lambda: fp8train.scaled_mm(qx_few, qw.t(),
-                                                               backend="scaled_mm"),
+                "emulated": lambda qx_few=qx_few, qw=qw: fp8train.scaled_mm(
+                    qx_few, qw.t(), backend="emulate"),
+                "torch._scaled_mm": lambda qx_few=qx_few, qw=qw: fp8train.scaled_mm(
+                    qx_few, qw.t(), backend="scaled_mm"),
             }.items()}
         results[name] = {"in_features": k, "out_features": n, "tokens": args.tokens,
                          "median_s": entry,

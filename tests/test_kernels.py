@@ -163,3 +163,40 @@ def test_one_call_for_many_operands_matches_one_call_each() -> None:
         for i, (p, s, sp, d, r) in enumerate(zip(payloads, scales, specs, dtypes, restored)):
             assert_bitwise_equal(r, payload_to_operand(p, s, sp, d),
                                  f"{kernels.mode} restored {i}")
+
+
+def test_gemm_step_in_one_call_matches_the_separate_kernels() -> None:
+    """prepare_gemm_operands (a backward step in one compiled call) gives the bits of the
+    separate kernels: a saved payload dequantised then re-quantised along the other axis,
+    a plain tensor quantised, saved payloads restored, and one finiteness flag that is
+    False as soon as any operand holds NaN/inf."""
+    from fp8train.kernels import payload_to_operand, quantize_current
+
+    row, col = SPECS["e4m3-block1x128"], SPECS["e4m3-block1x128"].transposed()
+    x = torch.randn(130, 256).bfloat16()
+    _, x_scale, x_payload, _ = quantize_current(x, row, None)
+    dy = torch.randn(130, 96).bfloat16()
+    w = torch.randn(96, 256)
+    _, w_scale, w_payload, _ = quantize_current(w, SPECS["e4m3-block128"], None)
+    saved_x = (x_payload, x_scale, row, torch.bfloat16)
+    saved_w = (w_payload, w_scale, SPECS["e4m3-block128"], torch.bfloat16)
+    x_hp = payload_to_operand(*saved_x)
+    expected = [quantize_current(dy, SPECS["e5m2-tensor"], torch.bfloat16),
+                quantize_current(x_hp, col, torch.bfloat16)]
+    for kernels in (Kernels("eager"), COMPILED):
+        dequantised, got, finite, restored = kernels.prepare_gemm_operands(
+            (dy, saved_x), (SPECS["e5m2-tensor"], col), (torch.bfloat16, torch.bfloat16),
+            (None, None), (saved_w,))
+        assert bool(finite) is True
+        assert_bitwise_equal(dequantised[0], x_hp, f"{kernels.mode} dequantised x")
+        for i, (g, e) in enumerate(zip(got, expected)):
+            for part, a, b in zip(("amax", "scale", "payload", "operand"), g, e):
+                assert_bitwise_equal(a, b, f"{kernels.mode} operand {i} {part}")
+        assert_bitwise_equal(restored[0], payload_to_operand(*saved_w),
+                             f"{kernels.mode} restored weight")
+        bad = dy.clone()
+        bad[7, 3] = float("nan")
+        _, _, finite, _ = kernels.prepare_gemm_operands(
+            (bad, saved_x), (SPECS["e5m2-tensor"], col), (torch.bfloat16, torch.bfloat16),
+            (None, None), ())
+        assert bool(finite) is False, kernels.mode

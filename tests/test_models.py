@@ -77,11 +77,11 @@ def test_layer_compiled_matches_eager_bitwise(recipe: str) -> None:
     base = nn.Sequential(nn.Linear(128, 256))
     records: dict[str, list[tuple[str, torch.Tensor, torch.Tensor]]] = {"eager": [], "compiled": []}
     models = {}
-    for kind in records:
+    for kind, record in records.items():
         model = fp8train.convert(copy.deepcopy(base), recipe)
         for _, layer in fp8_layers(model):
             layer.fp8_state.observer = (
-                lambda state, role, t, q, kind=kind: records[kind].append(
+                lambda state, role, t, q, record=record: record.append(
                     (role, q.data.clone(), q.scale.clone())) if q is not None else None)
         models[kind] = model
     x = torch.randn(4, 40, 128)

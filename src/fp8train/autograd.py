@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from fp8train.history import AmaxHistory
-from fp8train.kernels import Kernels
+from fp8train.kernels import Kernels, Saved
 from fp8train.matmul import scaled_mm
 from fp8train.recipes import Recipe
 from fp8train.scaling import (
@@ -146,78 +146,107 @@ def _work_dtype(out_dtype: torch.dtype, *specs: ScaleSpec) -> torch.dtype:
     return torch.float32
 
 
-def _restore_all(saved: list[tuple[torch.Tensor, torch.Tensor, ScaleSpec, torch.dtype,
-                                     torch.dtype]], state: LayerState) -> list[ScaledTensor]:
-    """ScaledTensors from saved ``(payload, scale, spec, orig dtype, work dtype)``, their
-    GEMM operands built by the kernels in one call."""
-    if not saved:
-        return []
-    operands = state.kernels.restore_many(tuple(p for p, _, _, _, _ in saved),
-                                          tuple(s for _, s, _, _, _ in saved),
-                                          tuple(sp for _, _, sp, _, _ in saved),
-                                          tuple(w for _, _, _, _, w in saved))
-    return [ScaledTensor(p, s, sp, orig, op)
-            for (p, s, sp, orig, _), op in zip(saved, operands)]
-
-
 # One GEMM operand to quantise: (tensor, spec, role, dtype of its GEMM operand or None).
-Operand = tuple[torch.Tensor, ScaleSpec, str, "torch.dtype | None"]
+# The tensor may be a saved FP8 payload (kernels.Saved) standing for its dequantised
+# values: the kernels dequantise and re-quantise it in one call.
+Operand = tuple["torch.Tensor | Saved", ScaleSpec, str, "torch.dtype | None"]
 
 
-def _quantize_gemm_operands(state: LayerState,
-                            operands: list[Operand]) -> list[ScaledTensor] | None:
+def _dequantised(src: torch.Tensor | Saved, state: LayerState) -> torch.Tensor:
+    if isinstance(src, torch.Tensor):
+        return src
+    restored: torch.Tensor = state.kernels.prepare_gemm_operands((), (), (), (), (src,))[3][0]
+    return restored
+
+
+def _quantize_gemm_operands(
+    state: LayerState, operands: list[Operand], restore: tuple[Saved, ...] = (),
+) -> tuple[list[ScaledTensor] | None, list[torch.Tensor]]:
     """Quantise the operands of one layer step: amax -> scale -> cast; None (reported)
-    if any operand holds NaN/inf.
+    if any operand holds NaN/inf. Also returns the GEMM operands of the saved payloads
+    in ``restore`` (valid either way).
 
     Every amax is checked before any history records or any result is kept, so a bad
     input leaves no half-updated state behind. Current scaling runs amax, scale and cast
-    of all its operands in one fused kernel call (on NaN/inf its output is discarded
-    unseen); delayed scaling takes the amax first, because the scale comes from the
-    history. Each result also carries its GEMM operand in the operand's dtype.
+    of all its operands, and the restores, in one fused kernel call that also reports
+    whether every amax is finite (on NaN/inf its output is discarded unseen); delayed
+    scaling takes the amax first, because the scale comes from the history. Each result
+    also carries its GEMM operand in the operand's dtype.
     """
-    gathered = [_gathered(t) if role == "weight" else None for t, _, role, _ in operands]
-    current = [i for i, (_, spec, role, _) in enumerate(operands)
-               if gathered[i] is None and role not in state.histories
-               and spec.rounding == "nearest"]
+    gathered = [_gathered(t) if role == "weight" and isinstance(t, torch.Tensor) else None
+                for t, _, role, _ in operands]
+    # Fused: current scaling, and delayed scaling once its history holds an amax (the
+    # scale is known before the cast, so amax and cast share one pass over the tensor).
+    given: dict[int, torch.Tensor] = {}
+    fused_idx = []
+    for i, (_, spec, role, _) in enumerate(operands):
+        if gathered[i] is not None or spec.rounding != "nearest":
+            continue
+        history = state.histories.get(role)
+        if history is None:
+            fused_idx.append(i)
+        elif not history.empty:
+            given[i] = scale_from_amax(history.reduced(), spec)
+            fused_idx.append(i)
+    sources = [t for t, _, _, _ in operands]
     fused: dict[int, tuple[Any, ...]] = {}
-    if current:
-        outs = state.kernels.quantize_many(tuple(operands[i][0] for i in current),
-                                           tuple(operands[i][1] for i in current),
-                                           tuple(operands[i][3] for i in current))
-        fused = dict(zip(current, outs))
+    fused_finite = True
+    restored: list[torch.Tensor] = []
+    if fused_idx or restore:
+        dequantised, outs, finite, restored_t = state.kernels.prepare_gemm_operands(
+            tuple(sources[i] for i in fused_idx), tuple(operands[i][1] for i in fused_idx),
+            tuple(operands[i][3] for i in fused_idx), tuple(given.get(i) for i in fused_idx),
+            restore)
+        restored = list(restored_t)
+        fused = dict(zip(fused_idx, outs))
+        it = iter(dequantised)
+        for i in fused_idx:
+            if not isinstance(sources[i], torch.Tensor):
+                sources[i] = next(it)
+        fused_finite = finite is None or bool(finite)
+    # Saved payloads outside the fused call (delayed or stochastic scaling) get their
+    # high-precision values here.
+    hp = [_dequantised(s, state) for s in sources]
 
     pending: list[tuple[torch.Tensor, ScaleSpec, str, Any, torch.Tensor,
                         ScaledTensor | None]] = []
-    for i, (t, spec, role, work) in enumerate(operands):
+    checked = set(fused)  # amaxes the fused call's flag vouches for
+    for i, ((_, spec, role, work), t) in enumerate(zip(operands, hp)):
         if gathered[i] is not None:
             # FSDP2 FP8 all-gather: already cast (and recorded) before the gather.
             pending.append((t, spec, role, work, _operand_amax(t, spec, state), gathered[i]))
-        elif i in fused:
+            continue
+        if i in fused:
             amax, scale, payload, fused_operand = fused[i]
-            pending.append((t, spec, role, work, amax,
-                            ScaledTensor(payload, scale, spec, t.dtype, fused_operand)))
+            q: ScaledTensor | None = ScaledTensor(payload, scale, spec, t.dtype, fused_operand)
         else:
-            amax = state.kernels.amax(t, spec)
-            if state.amax_reduce is not None and role in state.histories:
-                # Distributed: the max over ranks, before the check, so that all ranks
-                # record (or skip on NaN/inf) the same values.
-                amax = state.amax_reduce(amax)
-            pending.append((t, spec, role, work, amax, None))
+            amax, q = state.kernels.amax(t, spec), None
+        if state.amax_reduce is not None and role in state.histories:
+            # Distributed: the max over ranks, before the check, so that all ranks
+            # record (or skip on NaN/inf) the same values.
+            amax = state.amax_reduce(amax)
+            checked.discard(i)
+        pending.append((t, spec, role, work, amax, q))
 
-    finite = [bool(torch.isfinite(p[4]).all()) for p in pending]
-    if not all(finite):
+    # The fused operands were checked by one flag; the others one by one. Only on
+    # failure is each amax looked at, to name the bad tensors.
+    ok = fused_finite and all(bool(torch.isfinite(p[4]).all())
+                              for i, p in enumerate(pending) if i not in checked)
+    if not ok:
         reported: set[tuple[int, str]] = set()
-        for (t, _, role, _, _, _), ok in zip(pending, finite):
+        for t, _, role, _, amax, _ in pending:
             key = (id(t), role.split(".")[0])  # dy and dy^T: one tensor, reported once
-            if not ok and key not in reported:
+            if not bool(torch.isfinite(amax).all()) and key not in reported:
                 reported.add(key)
                 state.report_nonfinite(key[1], t.shape)
                 if state.observer is not None:
                     state.observer(state, role, t, None)
-        return None
+        return None, restored
 
     results = []
-    for t, spec, role, work, amax, q in pending:
+    for i, (t, spec, role, work, amax, q) in enumerate(pending):
+        if i in given:
+            state.histories[role].record(amax)  # its scale came from the history
         if q is None:
             scale = operand_scale(amax, spec, role, state)  # records delayed history
             operand: torch.Tensor | None
@@ -230,7 +259,7 @@ def _quantize_gemm_operands(state: LayerState,
         if state.observer is not None:
             state.observer(state, role, t, q)
         results.append(q)
-    return results
+    return results, restored
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -252,7 +281,7 @@ class _Fp8Linear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             x2d = x.reshape(-1, in_shape[-1])  # (M, K)
             work = _work_dtype(out_dtype, recipe.input, recipe.weight)
-            quantized = _quantize_gemm_operands(
+            quantized, _ = _quantize_gemm_operands(
                 state, [(x2d, recipe.input, "input", work), (weight, recipe.weight, "weight", work)])
             qx, qw = quantized if quantized is not None else (None, None)
             if qx is not None and qw is not None:
@@ -292,12 +321,10 @@ class _Fp8Linear(torch.autograd.Function):
         gdtype = dy.dtype
         dy2d = dy.reshape(-1, dy.shape[-1])  # (M, N)
 
-        def x_high_precision() -> torch.Tensor:
-            if ctx.fp8_saved:
-                return _restore_all([(x_saved, x_scale, recipe.input, gdtype, gdtype)],
-                                    state)[0].dequantize()
-            x_hp: torch.Tensor = x_saved.to(gdtype)
-            return x_hp
+        # x as backward has it: the saved FP8 payload (dequantised by the kernels, in the
+        # same call that re-quantises it) or the compute-dtype copy.
+        x_src: torch.Tensor | Saved = ((x_saved, x_scale, recipe.input, gdtype)
+                                       if ctx.fp8_saved else x_saved.to(gdtype))
 
         work_d = _work_dtype(gdtype, recipe.grad_output, recipe.weight)
         work_w = _work_dtype(gdtype, recipe.grad_output, recipe.input)
@@ -306,8 +333,9 @@ class _Fp8Linear(torch.autograd.Function):
         with torch.autocast(dy.device.type, enabled=False):
             # Every operand the two backward GEMMs quantise, in one kernel call: dy, and
             # along the other axis where the recipe's scales change with it, the weight,
-            # dy^T and the input. A NaN/inf in any of them runs both GEMMs in high
-            # precision (it would reach the gradients either way).
+            # dy^T and the input; the same call restores the saved FP8 copies reused as
+            # they are. A NaN/inf in any of them runs both GEMMs in high precision (it
+            # would reach the gradients either way).
             ops: list[Operand] = []
             if fp8_dgrad or fp8_wgrad:
                 ops.append((dy2d, recipe.grad_output, "grad_output", work_d))
@@ -319,20 +347,23 @@ class _Fp8Linear(torch.autograd.Function):
                 ops.append((dy2d, recipe.grad_output.transposed(), "grad_output.t", work_w))
             x_reused = ctx.fp8_saved and _reusable_transposed(recipe.input)
             if fp8_wgrad and not x_reused and ctx.fp8_forward:
-                ops.append((x_high_precision(), recipe.input.transposed(), "input.t", work_w))
-            quantized = _quantize_gemm_operands(state, ops) if ops else None
-            q = dict(zip((role for _, _, role, _ in ops), quantized or []))
-            # The saved FP8 copies the backward reuses as they are, restored in one call.
-            restore_w = quantized is not None and fp8_dgrad and w_fp8 is not None
-            restore_x = quantized is not None and fp8_wgrad and x_reused
-            saved = []
+                ops.append((x_src, recipe.input.transposed(), "input.t", work_w))
+            restore_w = fp8_dgrad and w_fp8 is not None
+            restore_x = fp8_wgrad and x_reused
+            saved: list[Saved] = []
             if restore_w:
-                saved.append((w_fp8, w_scale, recipe.weight, weight.dtype, work_d))
+                saved.append((w_fp8, w_scale, recipe.weight, work_d))
             if restore_x:
-                saved.append((x_saved, x_scale, recipe.input, gdtype, work_w))
-            restored = _restore_all(saved, state)
-            qw_d = restored.pop(0) if restore_w else q.get("weight.t")
-            qx_w = restored.pop(0) if restore_x else q.get("input.t")
+                saved.append((x_saved, x_scale, recipe.input, work_w))
+            quantized, restored = (_quantize_gemm_operands(state, ops, tuple(saved)) if ops
+                                   else (None, []))
+            q = dict(zip((role for _, _, role, _ in ops), quantized or []))
+            qw_d = q.get("weight.t")
+            qx_w = q.get("input.t")
+            if quantized is not None and restore_w:
+                qw_d = ScaledTensor(w_fp8, w_scale, recipe.weight, weight.dtype, restored.pop(0))
+            if quantized is not None and restore_x:
+                qx_w = ScaledTensor(x_saved, x_scale, recipe.input, gdtype, restored.pop(0))
             qdy = q.get("grad_output")
             qdy_w = qdy if _reusable_transposed(recipe.grad_output) else q.get("grad_output.t")
 
@@ -351,7 +382,7 @@ class _Fp8Linear(torch.autograd.Function):
                 if fp8_wgrad and qdy_w is not None and qx_w is not None:
                     dw = scaled_mm(qdy_w.t(), qx_w, out_dtype=gdtype)
                 else:
-                    dw = dy2d.t() @ x_high_precision()
+                    dw = dy2d.t() @ _dequantised(x_src, state)
                 dw = dw.to(weight.dtype)
 
             db = None

@@ -38,7 +38,9 @@ __all__ = [
     "Kernels",
     "cast_with_operand",
     "payload_to_operand",
+    "prepare_gemm_operands",
     "quantize_current",
+    "quantize_given",
     "quantize_many",
     "restore_many",
 ]
@@ -76,6 +78,17 @@ def quantize_current(
     return amax, scale, payload, operand
 
 
+def quantize_given(
+    x2d: torch.Tensor, scale: torch.Tensor, spec: ScaleSpec, operand_dtype: torch.dtype | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Delayed scaling in one pass: ``(amax, scale, payload, operand)`` with ``scale``
+    given (from earlier steps' amaxes) and this tensor's amax taken alongside the cast,
+    for the caller to check and record."""
+    amax = compute_amax(x2d, spec)
+    payload, operand = cast_with_operand(x2d, scale, spec, operand_dtype)
+    return amax, scale, payload, operand
+
+
 def payload_to_operand(payload: torch.Tensor, scale: torch.Tensor, spec: ScaleSpec,
                        dtype: torch.dtype) -> torch.Tensor:
     """``payload * (1 / scale)`` in ``dtype`` for a 2-D payload (ScaledTensor.dequantize)."""
@@ -84,12 +97,15 @@ def payload_to_operand(payload: torch.Tensor, scale: torch.Tensor, spec: ScaleSp
 
 def quantize_many(
     tensors: tuple[torch.Tensor, ...], specs: tuple[ScaleSpec, ...],
-    works: tuple[torch.dtype | None, ...],
+    works: tuple[torch.dtype | None, ...], scales: tuple[torch.Tensor | None, ...] = (),
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], ...]:
-    """:func:`quantize_current` of every operand of a GEMM in one call: compiled, that
-    is one dispatch instead of one per operand (each costs ~50 us of Python on the CPU,
-    as much as quantising a small activation)."""
-    return tuple(quantize_current(t, s, w) for t, s, w in zip(tensors, specs, works))
+    """:func:`quantize_current` of every operand of a GEMM in one call (or
+    :func:`quantize_given` where ``scales`` holds a scale): compiled, that is one dispatch
+    instead of one per operand (each costs ~50 us of Python on the CPU, as much as
+    quantising a small activation)."""
+    given = scales or (None,) * len(tensors)
+    return tuple(quantize_current(t, s, w) if g is None else quantize_given(t, g, s, w)
+                 for t, s, w, g in zip(tensors, specs, works, given))
 
 
 def restore_many(payloads: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...],
@@ -98,6 +114,36 @@ def restore_many(payloads: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor,
     """:func:`payload_to_operand` of several saved payloads in one call."""
     return tuple(payload_to_operand(p, s, sp, d)
                  for p, s, sp, d in zip(payloads, scales, specs, dtypes))
+
+
+# A saved FP8 payload standing for the high-precision tensor it dequantises to:
+# (payload, scale, spec, dtype), the arguments of payload_to_operand.
+Saved = tuple[torch.Tensor, torch.Tensor, ScaleSpec, torch.dtype]
+
+
+def prepare_gemm_operands(
+    sources: tuple[torch.Tensor | Saved, ...], specs: tuple[ScaleSpec, ...],
+    works: tuple[torch.dtype | None, ...], scales: tuple[torch.Tensor | None, ...],
+    saved: tuple[Saved, ...],
+) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...], torch.Tensor | None,
+           tuple[torch.Tensor, ...]]:
+    """Everything one GEMM step needs from the kernels, in one call:
+    ``(dequantised, quantized, all_finite, restored)``.
+
+    * ``sources``: the tensors to quantise (:func:`quantize_many` with ``specs``,
+      ``works`` and ``scales``: None for current scaling, else the delayed scale); a :data:`Saved` payload is dequantised first (its high-precision values
+      come back in ``dequantised``, in order), so re-quantising a saved activation along
+      another axis is one call, not two.
+    * ``all_finite``: one bool tensor, whether every amax is finite (None without
+      sources); the caller checks it once instead of once per operand.
+    * ``restored``: :func:`payload_to_operand` of each ``saved`` payload.
+    """
+    hps = tuple(s if isinstance(s, torch.Tensor) else payload_to_operand(*s) for s in sources)
+    quantized = quantize_many(hps, specs, works, scales)
+    finite = (torch.stack([torch.isfinite(q[0]).all() for q in quantized]).all()
+              if quantized else None)
+    dequantised = tuple(h for s, h in zip(sources, hps) if not isinstance(s, torch.Tensor))
+    return dequantised, quantized, finite, tuple(payload_to_operand(*s) for s in saved)
 
 
 class Kernels:
@@ -115,7 +161,9 @@ class Kernels:
         self.quantize_current: Callable[..., tuple[Any, ...]] = quantize_current
         self.quantize_many: Callable[..., tuple[Any, ...]] = quantize_many
         self.restore_many: Callable[..., tuple[torch.Tensor, ...]] = restore_many
+        self.prepare_gemm_operands: Callable[..., tuple[Any, ...]] = prepare_gemm_operands
         if mode == "compiled":
+            self.prepare_gemm_operands = _compiled(prepare_gemm_operands)
             self.quantize_current = _compiled(quantize_current)
             self.quantize_many = _compiled(quantize_many)
             self.restore_many = _compiled(restore_many)
@@ -181,6 +229,12 @@ def _bytes_as_e5m2(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.float8_e5m2) if t.dtype == torch.uint8 else t
 
 
+def _holds_bytes(obj: Any) -> bool:
+    if isinstance(obj, torch.Tensor):
+        return obj.dtype == torch.uint8
+    return isinstance(obj, (tuple, list)) and any(_holds_bytes(o) for o in obj)
+
+
 def _returning_e5m2_as_bytes(fn: Callable[..., Any]) -> Callable[..., Any]:
     def returning_bytes(*args: Any) -> Any:
         return _map_tensors(_e5m2_as_bytes, fn(*args))
@@ -192,15 +246,21 @@ def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     # One wrapper per function, shared by every layer, so graphs are reused across
     # layers with the same key.
     if fn not in _COMPILED:
-        graphs: dict[Any, Callable[..., Any]] = {}
+        # key -> (compiled graph, whether its outputs hold E5M2 bytes to view back)
+        graphs: dict[Any, tuple[Callable[..., Any], bool]] = {}
         traced = _returning_e5m2_as_bytes(fn)
 
         def call(*args: Any) -> Any:
             key = _map_tensors(_graph_key, args)
-            compiled = graphs.get(key)
-            if compiled is None:
-                compiled = graphs[key] = torch.compile(_fresh_copy(traced), dynamic=False)
-            return _map_tensors(_bytes_as_e5m2, compiled(*_map_tensors(_with_dynamic_rows, args)))
+            entry = graphs.get(key)
+            if entry is None:
+                compiled = torch.compile(_fresh_copy(traced), dynamic=False)
+                out = compiled(*_map_tensors(_with_dynamic_rows, args))
+                graphs[key] = (compiled, _holds_bytes(out))
+                return _map_tensors(_bytes_as_e5m2, out)
+            compiled, holds_bytes = entry
+            out = compiled(*_map_tensors(_with_dynamic_rows, args))
+            return _map_tensors(_bytes_as_e5m2, out) if holds_bytes else out
 
         _COMPILED[fn] = call
     return _COMPILED[fn]

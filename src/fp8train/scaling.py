@@ -13,7 +13,9 @@ ever dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -119,9 +121,9 @@ class ScaleSpec:
 
     def transposed(self) -> ScaleSpec:
         """The spec describing the transpose of a tensor quantised with this spec."""
-        from dataclasses import replace
-
-        return replace(self, axis=0 if self.axis == -1 else -1, block=self.block[::-1])
+        if torch.compiler.is_compiling():  # dynamo traces through caches; build it
+            return _build_transposed(self)
+        return _transposed(self)
 
     def describe(self) -> str:
         g = self.granularity
@@ -135,6 +137,14 @@ class ScaleSpec:
             where = f"MX {self.block[0]}x{self.block[1]} E8M0"
         pow2 = ", pow2" if self.power_of_two and g is not Granularity.MX else ""
         return f"{self.fmt.name} {where}{pow2}"
+
+
+def _build_transposed(spec: ScaleSpec) -> ScaleSpec:
+    return dataclasses.replace(spec, axis=0 if spec.axis == -1 else -1, block=spec.block[::-1])
+
+
+# Cached: every backward asks for it, and building a validated spec costs ~10 us.
+_transposed = functools.lru_cache(maxsize=256)(_build_transposed)
 
 
 def _as_2d(x: torch.Tensor) -> torch.Tensor:
