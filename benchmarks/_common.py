@@ -77,12 +77,14 @@ def _git(*args: str) -> str | None:
 
 
 def _git_commit() -> str | None:
-    """HEAD of the repository holding this file, with ``+uncommitted`` when tracked
-    source files differ from it (read-only; None outside a checkout)."""
+    """HEAD of the repository holding this file, with ``+uncommitted`` when the package
+    or the benchmark scripts differ from it (results files aside); None outside a
+    checkout."""
     head = _git("rev-parse", "HEAD")
     if not head:
         return None
-    changed = _git("status", "--porcelain", "--untracked-files=no", "--", ":/src", ":/benchmarks")
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--",
+                   ":/src", ":/benchmarks/*.py")
     return head + ("+uncommitted" if changed else "")
 
 
