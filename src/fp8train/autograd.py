@@ -153,10 +153,7 @@ Operand = tuple["torch.Tensor | Saved", ScaleSpec, str, "torch.dtype | None"]
 
 
 def _dequantised(src: torch.Tensor | Saved, state: LayerState) -> torch.Tensor:
-    if isinstance(src, torch.Tensor):
-        return src
-    restored: torch.Tensor = state.kernels.prepare_gemm_operands((), (), (), (), (src,))[3][0]
-    return restored
+    return src if isinstance(src, torch.Tensor) else state.kernels.payload_to_operand(*src)
 
 
 def _quantize_gemm_operands(
@@ -167,13 +164,15 @@ def _quantize_gemm_operands(
     in ``restore`` (valid either way).
 
     Every amax is checked before any history records or any result is kept, so a bad
-    input leaves no half-updated state behind. Current scaling runs amax, scale and cast
-    of all its operands, and the restores, in one fused kernel call that also reports
-    whether every amax is finite (on NaN/inf its output is discarded unseen); delayed
-    scaling takes the amax first, because the scale comes from the history. Each result
-    also carries its GEMM operand in the operand's dtype.
+    input leaves no half-updated state behind. One fused kernel call runs amax, scale and
+    cast of every current-scaling operand, amax and cast of every delayed one whose
+    history gives its scale, and the restores, and reports whether every amax is finite
+    (on NaN/inf its output is discarded unseen). Delayed scaling's first step (the scale
+    is the amax itself), stochastic rounding and FSDP2-gathered weights take their own
+    path. Each result also carries its GEMM operand in the operand's dtype.
     """
-    gathered = [_gathered(t) if role == "weight" and isinstance(t, torch.Tensor) else None
+    # Only the weight (never a Saved payload) can arrive FP8-gathered.
+    gathered = [_gathered(t) if role == "weight" else None  # type: ignore[arg-type]
                 for t, _, role, _ in operands]
     # Fused: current scaling, and delayed scaling once its history holds an amax (the
     # scale is known before the cast, so amax and cast share one pass over the tensor).

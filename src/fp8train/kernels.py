@@ -131,9 +131,10 @@ def prepare_gemm_operands(
     ``(dequantised, quantized, all_finite, restored)``.
 
     * ``sources``: the tensors to quantise (:func:`quantize_many` with ``specs``,
-      ``works`` and ``scales``: None for current scaling, else the delayed scale); a :data:`Saved` payload is dequantised first (its high-precision values
-      come back in ``dequantised``, in order), so re-quantising a saved activation along
-      another axis is one call, not two.
+      ``works`` and ``scales``: None for current scaling, else the delayed scale). A
+      :data:`Saved` payload is dequantised first (its high-precision values come back
+      in ``dequantised``, in order), so re-quantising a saved activation along another
+      axis is one call, not two.
     * ``all_finite``: one bool tensor, whether every amax is finite (None without
       sources); the caller checks it once instead of once per operand.
     * ``restored``: :func:`payload_to_operand` of each ``saved`` payload.
@@ -256,11 +257,10 @@ def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
             if entry is None:
                 compiled = torch.compile(_fresh_copy(traced), dynamic=False)
                 out = compiled(*_map_tensors(_with_dynamic_rows, args))
-                graphs[key] = (compiled, _holds_bytes(out))
-                return _map_tensors(_bytes_as_e5m2, out)
-            compiled, holds_bytes = entry
-            out = compiled(*_map_tensors(_with_dynamic_rows, args))
-            return _map_tensors(_bytes_as_e5m2, out) if holds_bytes else out
+                graphs[key] = entry = (compiled, _holds_bytes(out))
+            else:
+                out = entry[0](*_map_tensors(_with_dynamic_rows, args))
+            return _map_tensors(_bytes_as_e5m2, out) if entry[1] else out
 
         _COMPILED[fn] = call
     return _COMPILED[fn]

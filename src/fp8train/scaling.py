@@ -13,11 +13,10 @@ ever dropped.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -140,7 +139,7 @@ class ScaleSpec:
 
 
 def _build_transposed(spec: ScaleSpec) -> ScaleSpec:
-    return dataclasses.replace(spec, axis=0 if spec.axis == -1 else -1, block=spec.block[::-1])
+    return replace(spec, axis=0 if spec.axis == -1 else -1, block=spec.block[::-1])
 
 
 # Cached: every backward asks for it, and building a validated spec costs ~10 us.
