@@ -59,6 +59,63 @@ def test_operand_is_optional() -> None:
     assert operand is None and payload.dtype == torch.float8_e4m3fn
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(SPECS))
+def test_operand_without_payload_has_the_same_bits(name: str, dtype: torch.dtype) -> None:
+    """keep_payload=False skips the FP8 payload (FP8 specs) and leaves the operand's bits
+    unchanged; formats without the float-arithmetic path return their payload anyway."""
+    spec = SPECS[name]
+    x = (torch.randn(130, 200) * torch.logspace(-3, 3, 200)).to(dtype)
+    scale = scale_from_amax(compute_amax(x, spec), spec)
+    work = torch.bfloat16 if spec.scales_are_power_of_two else torch.float32
+    for kernels in (Kernels("eager"), COMPILED):
+        payload, operand = kernels.cast_with_operand(x, scale, spec, work, True)
+        no_payload, same_operand = kernels.cast_with_operand(x, scale, spec, work, False)
+        assert same_operand is not None and operand is not None
+        assert_bitwise_equal(same_operand, operand, f"{kernels.mode} {name} operand")
+        if spec.fmt.name == "int8":
+            assert no_payload is not None
+            assert_bitwise_equal(no_payload, payload, f"{kernels.mode} {name} payload")
+        else:
+            assert no_payload is None, f"{kernels.mode} {name}: payload made anyway"
+
+
+@pytest.mark.parametrize("recipe", [r for r in fp8train.RECIPE_NAMES if not r.startswith("int8")])
+def test_layer_skipping_payloads_matches_keeping_them(recipe: str) -> None:
+    """Without an observer the layer makes FP8 payloads only for what backward stores
+    (dy's never); outputs and gradients are bitwise those of a run that keeps every
+    payload (an observer forces them)."""
+    base = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 128))
+    models = {keep: fp8train.convert(copy.deepcopy(base), recipe, kernels="compiled")
+              for keep in (True, False)}
+    calls: list[tuple[tuple[str, ...], tuple[bool, ...]]] = []
+    for _, layer in fp8_layers(models[True]):
+        layer.fp8_state.observer = lambda *args: None
+    for _, layer in fp8_layers(models[False]):
+        state = layer.fp8_state
+        state.kernels = copy.copy(state.kernels)
+        prepare = state.kernels.prepare_gemm_operands
+
+        def spy(sources, specs, *rest, prepare=prepare):  # type: ignore[no-untyped-def]
+            calls.append((tuple(s.fmt.name for s in specs), rest[-1]))
+            return prepare(sources, specs, *rest)
+
+        state.kernels.prepare_gemm_operands = spy
+    x = torch.randn(3, 50, 128)
+    results = {}
+    for keep, model in models.items():
+        for _ in range(2):  # step 2: delayed scaling from its history
+            xi = x.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = model(xi)
+            y.float().square().mean().backward()
+        results[keep] = [y, xi.grad] + [p.grad for p in model.parameters()]
+    for a, b in zip(results[True], results[False], strict=True):
+        assert_bitwise_equal(b, a, f"{recipe} output/grad")
+    assert calls, "the fused kernels were not called"
+    assert any(not all(keeps) for _, keeps in calls), f"{recipe}: every payload was made"
+
+
 def test_unknown_kernel_mode_raises() -> None:
     with pytest.raises(ValueError, match="eager"):
         Kernels("fast")  # type: ignore[arg-type]

@@ -232,3 +232,30 @@ def test_finer_granularity_does_not_lose_sqnr_on_outliers() -> None:
     tensor_db = sqnr(x[1:], quantize(x, SPECS["tensor"]).dequantize()[1:])
     row_db = sqnr(x[1:], quantize(x, SPECS["row"]).dequantize()[1:])
     assert row_db > E4M3_SQNR_BAND[0] and row_db > tensor_db + 10, (tensor_db, row_db)
+
+
+@pytest.mark.parametrize("name", ["tensor", "row", "block128x128", "mx1x32", "e5m2-tensor"])
+@pytest.mark.parametrize("pow2", [True, False])
+def test_payload_derived_from_operand_is_the_payload(name: str, pow2: bool) -> None:
+    """A ScaledTensor built from its operand alone (as the fused kernels leave it when
+    nothing stores the FP8 bytes) derives ``data`` bit for bit, also from an fp32
+    operand rounded once (non-power-of-two scales), and transposes the same way."""
+    from fp8train.kernels import cast_with_operand
+
+    spec = ScaleSpec(fmt=E5M2) if name == "e5m2-tensor" else SPECS[name]
+    spec = replace(spec, power_of_two=pow2)
+    x = torch.randn(96, 256) * torch.logspace(-4, 4, 256)
+    q = quantize(x, spec)
+    work = torch.bfloat16 if spec.scales_are_power_of_two else torch.float32
+    _, operand = cast_with_operand(x, q.scale, spec, work, False)
+    assert operand is not None
+    lazy = ScaledTensor(None, q.scale, spec, x.dtype, operand)
+    assert lazy.payload is None and lazy.shape == q.shape
+    assert_bitwise_equal(lazy.t().data, q.data.t(), f"{name} transposed payload")
+    assert_bitwise_equal(lazy.data, q.data, f"{name} derived payload")
+    assert_bitwise_equal(lazy.dequantize(work), q.dequantize(work), f"{name} operand")
+
+
+def test_scaled_tensor_needs_payload_or_operand() -> None:
+    with pytest.raises(ValueError, match="payload or an operand"):
+        ScaledTensor(None, torch.tensor(1.0), ScaleSpec(), torch.float32)

@@ -158,6 +158,7 @@ def _dequantised(src: torch.Tensor | Saved, state: LayerState) -> torch.Tensor:
 
 def _quantize_gemm_operands(
     state: LayerState, operands: list[Operand], restore: tuple[Saved, ...] = (),
+    stored: tuple[str, ...] = (),
 ) -> tuple[list[ScaledTensor] | None, list[torch.Tensor]]:
     """Quantise the operands of one layer step: amax -> scale -> cast; None (reported)
     if any operand holds NaN/inf. Also returns the GEMM operands of the saved payloads
@@ -170,6 +171,11 @@ def _quantize_gemm_operands(
     (on NaN/inf its output is discarded unseen). Delayed scaling's first step (the scale
     is the amax itself), stochastic rounding and FSDP2-gathered weights take their own
     path. Each result also carries its GEMM operand in the operand's dtype.
+
+    FP8 payloads are made only for the roles in ``stored`` (kept for backward), for an
+    observer, and off the CPU (where ``torch._scaled_mm`` reads them); the CPU's
+    emulated GEMM reads only the operands, and any other ``ScaledTensor.data`` is
+    derived from its operand when first read (the same bits).
     """
     # Only the weight (never a Saved payload) can arrive FP8-gathered.
     gathered = [_gathered(t) if role == "weight" else None  # type: ignore[arg-type]
@@ -192,10 +198,13 @@ def _quantize_gemm_operands(
     fused_finite = True
     restored: list[torch.Tensor] = []
     if fused_idx or restore:
+        keep_all = state.observer is not None or any(
+            not (t if isinstance(t, torch.Tensor) else t[0]).is_cpu for t in sources)
+        keeps = tuple(keep_all or operands[i][2] in stored for i in fused_idx)
         dequantised, outs, finite, restored_t = state.kernels.prepare_gemm_operands(
             tuple(sources[i] for i in fused_idx), tuple(operands[i][1] for i in fused_idx),
             tuple(operands[i][3] for i in fused_idx), tuple(given.get(i) for i in fused_idx),
-            restore)
+            restore, keeps)
         restored = list(restored_t)
         fused = dict(zip(fused_idx, outs))
         it = iter(dequantised)
@@ -280,8 +289,14 @@ class _Fp8Linear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             x2d = x.reshape(-1, in_shape[-1])  # (M, K)
             work = _work_dtype(out_dtype, recipe.input, recipe.weight)
+            # Payloads backward will keep: x's if saved in FP8, W's if reused as it is.
+            stored: tuple[str, ...] = (
+                ("input",) if recipe.save_fp8_activations and recipe.fp8_wgrad else ())
+            if _reusable_transposed(recipe.weight) and recipe.fp8_dgrad:
+                stored += ("weight",)
             quantized, _ = _quantize_gemm_operands(
-                state, [(x2d, recipe.input, "input", work), (weight, recipe.weight, "weight", work)])
+                state, [(x2d, recipe.input, "input", work), (weight, recipe.weight, "weight", work)],
+                stored=stored)
             qx, qw = quantized if quantized is not None else (None, None)
             if qx is not None and qw is not None:
                 # (M, K) @ (K, N) -> (M, N), bias added before the output rounding

@@ -37,7 +37,7 @@ from fp8train.formats import E4M3, E5M2, INT8, Format, by_name
 
 Rounding = Literal["nearest", "stochastic"]
 
-__all__ = ["cast", "cast_finite", "overflow_threshold", "round_to_grid"]
+__all__ = ["cast", "cast_finite", "fp8_grid_values", "overflow_threshold", "round_to_grid"]
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -198,3 +198,41 @@ def _cast_native(x: torch.Tensor, fmt: Format, saturate: bool) -> torch.Tensor:
     # E4M3 has no inf: everything that rounds past max (and +-inf) is NaN.
     too_big = x.abs() > overflow_threshold(fmt)
     return torch.where(too_big, torch.full_like(x, torch.nan), x).to(fmt.torch_dtype)
+
+
+def fp8_grid_values(y: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """``cast_finite(y, fmt).float()`` for fp32 ``y`` and E4M3/E5M2 with saturation and
+    nearest rounding, in plain float arithmetic: the same fp32 values, signed zeros
+    included, without a conversion to or from the FP8 dtype.
+
+    Why: on the CPU the vectorised fp32 <-> FP8 conversions (integer bit manipulation
+    in ATen's at::vec) cost 2-4x a multiply pass, and the emulated GEMM only needs the
+    values; the FP8 bytes are made only where something stores them.
+
+    How (``p`` = significant bits of ``fmt``, 4 for E4M3, 3 for E5M2):
+
+    * normal range: Veltkamp's split, ``c = y * (2**(24 - p) + 1)``, ``hi = c - (c - y)``
+      keeps the top ``p`` bits of ``y`` rounded to nearest. Every step scales exactly
+      with ``y``'s binade (no intermediate can be subnormal or overflow once ``y`` is
+      clamped to ``fmt.max``), so one binade checked exhaustively covers all of them;
+      tests/test_cast.py checks every fp32 of several binades against torch's cast.
+    * subnormal range (``|y| < fmt.min_normal``): ``(|y| + m) - m`` with
+      ``m = 1.5 * 2**23 * fmt.min_subnormal``, whose fp32 spacing is the FP8 subnormal
+      step, so the addition itself rounds (ties to even: ``m`` is an even multiple).
+      The sign is put back with ``copysign`` so that ``-0`` and tiny negatives stay
+      negative zero, as the cast keeps them.
+
+    Inductor compiles with ``-fno-unsafe-math-optimizations`` and
+    ``-ffp-contract=off`` (torch 2.13 defaults), so ``c - (c - y)`` is not simplified or
+    fused; the compiled kernels are checked bit for bit against eager ones.
+    """
+    if fmt not in (E4M3, E5M2):
+        raise ValueError(f"fp8_grid_values supports e4m3 and e5m2, got {fmt.name}")
+    significant = fmt.mantissa_bits + 1
+    splitter = float(2 ** (24 - significant) + 1)
+    magic = 1.5 * 2.0**23 * fmt.min_subnormal
+    y = y.clamp(-fmt.max, fmt.max)
+    c = y * splitter
+    normal = c - (c - y)
+    subnormal = torch.copysign((y.abs() + magic) - magic, y)
+    return torch.where(y.abs() < fmt.min_normal, subnormal, normal)

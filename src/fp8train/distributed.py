@@ -448,7 +448,9 @@ class Fp8AllGatherWeight(torch.Tensor):
             first = row0 // spec.block[0]
             local_scale = scale[first:first + -(-aligned.shape[0] // spec.block[0])]
         # The layer's own cast kernel (eager or compiled): the single-process bits.
-        payload = state.kernels.cast_with_operand(aligned, local_scale, spec, None)[0][pad_top:]
+        cast, _ = state.kernels.cast_with_operand(aligned, local_scale, spec, None)
+        assert cast is not None  # no operand asked for: the payload is always made
+        payload = cast[pad_top:]
         if payload.shape[0] != per_rank:  # FSDP gathers equal-sized (padded) shards
             payload = F.pad(payload.view(torch.uint8), (0, 0, 0, per_rank - payload.shape[0]))
         # Bytes on the wire: gloo has no float8 dtype, and FSDP packs mixed dtypes as uint8.
@@ -521,7 +523,7 @@ class Fp8GatheredWeight(torch.Tensor):
             # FSDP2 views the padded gathered rows as the parameter's shape; the scale grid
             # already describes the unpadded weight.
             s: ScaledTensor = args[0]._scaled
-            return cls(replace(s, data=func(s.data, *args[1:], **kwargs)), args[0]._amax)
+            return cls(replace(s, payload=func(s.data, *args[1:], **kwargs)), args[0]._amax)
         args, kwargs = pytree.tree_map_only(cls, lambda t: t._scaled.dequantize(t.dtype),
                                             (args, kwargs))
         return func(*args, **kwargs)

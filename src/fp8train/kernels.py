@@ -25,7 +25,8 @@ from typing import Any, Literal
 
 import torch
 
-from fp8train.cast import cast_finite
+from fp8train.cast import cast_finite, fp8_grid_values
+from fp8train.formats import E4M3, E5M2
 from fp8train.scaling import (
     ScaleSpec,
     compute_amax,
@@ -37,6 +38,7 @@ __all__ = [
     "KernelMode",
     "Kernels",
     "cast_with_operand",
+    "grid_arithmetic",
     "payload_to_operand",
     "prepare_gemm_operands",
     "quantize_current",
@@ -48,16 +50,33 @@ __all__ = [
 KernelMode = Literal["eager", "compiled"]
 
 
+def grid_arithmetic(spec: ScaleSpec) -> bool:
+    """Whether :func:`cast_with_operand` rounds ``spec`` by float arithmetic
+    (:func:`fp8train.cast.fp8_grid_values`) and can skip the FP8 payload."""
+    return spec.fmt in (E4M3, E5M2) and spec.saturate and spec.rounding == "nearest"
+
+
 def cast_with_operand(
-    x2d: torch.Tensor, scale: torch.Tensor, spec: ScaleSpec, operand_dtype: torch.dtype | None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    x2d: torch.Tensor, scale: torch.Tensor, spec: ScaleSpec, operand_dtype: torch.dtype | None,
+    keep_payload: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(payload, operand)``: ``payload = cast(x * scale)`` and, if ``operand_dtype`` is
     given, ``operand = payload * (1 / scale)`` in that dtype (what ``dequantize`` gives).
+
+    ``keep_payload=False``: the payload is not made (None) where :func:`grid_arithmetic`
+    holds and an operand is asked for; the operand then comes from the FP8 values
+    computed in fp32 arithmetic, without the FP8 conversions (the same bits: the values
+    are those of the payload). Elsewhere the payload is returned anyway.
 
     ``x2d`` must be finite (the caller checked its amax). Upcasting before scaling keeps
     eager and compiled rounding identical.
     """
     scaled = multiply_by_scale(x2d, scale, spec)
+    if operand_dtype is not None and grid_arithmetic(spec):
+        values = fp8_grid_values(scaled, spec.fmt)
+        operand = multiply_by_scale(values, scale.reciprocal(), spec).to(operand_dtype)
+        assert spec.fmt.torch_dtype is not None
+        return (values.to(spec.fmt.torch_dtype) if keep_payload else None), operand
     payload = cast_finite(scaled, spec.fmt, saturate=spec.saturate)
     if operand_dtype is None:
         return payload, None
@@ -65,27 +84,30 @@ def cast_with_operand(
 
 
 def quantize_current(
-    x2d: torch.Tensor, spec: ScaleSpec, operand_dtype: torch.dtype | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Current scaling in one call: ``(amax, scale, payload, operand)``.
+    x2d: torch.Tensor, spec: ScaleSpec, operand_dtype: torch.dtype | None,
+    keep_payload: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Current scaling in one call: ``(amax, scale, payload, operand)`` (the payload as
+    :func:`cast_with_operand` gives it).
 
     The caller checks ``amax`` is finite before using anything else it returns (with a
     NaN/inf amax the scale and payload are meaningless and must be discarded).
     """
     amax = compute_amax(x2d, spec)
     scale = scale_from_amax(amax, spec)
-    payload, operand = cast_with_operand(x2d, scale, spec, operand_dtype)
+    payload, operand = cast_with_operand(x2d, scale, spec, operand_dtype, keep_payload)
     return amax, scale, payload, operand
 
 
 def quantize_given(
-    x2d: torch.Tensor, scale: torch.Tensor, spec: ScaleSpec, operand_dtype: torch.dtype | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    x2d: torch.Tensor, scale: torch.Tensor, spec: ScaleSpec, operand_dtype: torch.dtype | None,
+    keep_payload: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Delayed scaling in one pass: ``(amax, scale, payload, operand)`` with ``scale``
     given (from earlier steps' amaxes) and this tensor's amax taken alongside the cast,
     for the caller to check and record."""
     amax = compute_amax(x2d, spec)
-    payload, operand = cast_with_operand(x2d, scale, spec, operand_dtype)
+    payload, operand = cast_with_operand(x2d, scale, spec, operand_dtype, keep_payload)
     return amax, scale, payload, operand
 
 
@@ -98,14 +120,17 @@ def payload_to_operand(payload: torch.Tensor, scale: torch.Tensor, spec: ScaleSp
 def quantize_many(
     tensors: tuple[torch.Tensor, ...], specs: tuple[ScaleSpec, ...],
     works: tuple[torch.dtype | None, ...], scales: tuple[torch.Tensor | None, ...] = (),
-) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], ...]:
+    keep_payloads: tuple[bool, ...] = (),
+) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], ...]:
     """:func:`quantize_current` of every operand of a GEMM in one call (or
     :func:`quantize_given` where ``scales`` holds a scale): compiled, that is one dispatch
     instead of one per operand (each costs ~50 us of Python on the CPU, as much as
-    quantising a small activation)."""
+    quantising a small activation). ``keep_payloads``: per operand, as in
+    :func:`cast_with_operand` (default: keep every payload)."""
     given = scales or (None,) * len(tensors)
-    return tuple(quantize_current(t, s, w) if g is None else quantize_given(t, g, s, w)
-                 for t, s, w, g in zip(tensors, specs, works, given))
+    keeps = keep_payloads or (True,) * len(tensors)
+    return tuple(quantize_current(t, s, w, k) if g is None else quantize_given(t, g, s, w, k)
+                 for t, s, w, g, k in zip(tensors, specs, works, given, keeps))
 
 
 def restore_many(payloads: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...],
@@ -124,7 +149,7 @@ Saved = tuple[torch.Tensor, torch.Tensor, ScaleSpec, torch.dtype]
 def prepare_gemm_operands(
     sources: tuple[torch.Tensor | Saved, ...], specs: tuple[ScaleSpec, ...],
     works: tuple[torch.dtype | None, ...], scales: tuple[torch.Tensor | None, ...],
-    saved: tuple[Saved, ...],
+    saved: tuple[Saved, ...], keep_payloads: tuple[bool, ...] = (),
 ) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...], torch.Tensor | None,
            tuple[torch.Tensor, ...]]:
     """Everything one GEMM step needs from the kernels, in one call:
@@ -134,13 +159,13 @@ def prepare_gemm_operands(
       ``works`` and ``scales``: None for current scaling, else the delayed scale). A
       :data:`Saved` payload is dequantised first (its high-precision values come back
       in ``dequantised``, in order), so re-quantising a saved activation along another
-      axis is one call, not two.
+      axis is one call, not two. ``keep_payloads``: as in :func:`quantize_many`.
     * ``all_finite``: one bool tensor, whether every amax is finite (None without
       sources); the caller checks it once instead of once per operand.
     * ``restored``: :func:`payload_to_operand` of each ``saved`` payload.
     """
     hps = tuple(s if isinstance(s, torch.Tensor) else payload_to_operand(*s) for s in sources)
-    quantized = quantize_many(hps, specs, works, scales)
+    quantized = quantize_many(hps, specs, works, scales, keep_payloads)
     finite = (torch.stack([torch.isfinite(q[0]).all() for q in quantized]).all()
               if quantized else None)
     dequantised = tuple(h for s, h in zip(sources, hps) if not isinstance(s, torch.Tensor))
@@ -156,8 +181,8 @@ class Kernels:
             raise ValueError(f"kernels must be 'eager' or 'compiled', got {mode!r}")
         self.mode = mode
         self.amax: Callable[[torch.Tensor, ScaleSpec], torch.Tensor] = compute_amax
-        self.cast_with_operand: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] = (
-            cast_with_operand)
+        self.cast_with_operand: Callable[
+            ..., tuple[torch.Tensor | None, torch.Tensor | None]] = cast_with_operand
         self.payload_to_operand: Callable[..., torch.Tensor] = payload_to_operand
         self.quantize_current: Callable[..., tuple[Any, ...]] = quantize_current
         self.quantize_many: Callable[..., tuple[Any, ...]] = quantize_many

@@ -60,7 +60,7 @@ def check_pair(a: ScaledTensor, b: ScaledTensor) -> None:
     first), or block/MX scales of both operands on the same K chunk.
     """
     desc = _Describe(a, b)
-    if a.data.dim() != 2 or b.data.dim() != 2:
+    if len(a.shape) != 2 or len(b.shape) != 2:
         raise ValueError(f"scaled_mm needs 2-D operands; {desc}")
     if a.shape[1] != b.shape[0]:
         raise ValueError(f"scaled_mm shape mismatch: a is {tuple(a.shape)}, b is "
@@ -120,14 +120,14 @@ def scaled_mm(
                          f"{tuple(bias.shape)}; a={a!r}, b={b!r}")
     if backend not in ("auto", "scaled_mm", "emulate"):
         raise ValueError(f"backend must be 'auto', 'scaled_mm' or 'emulate', got {backend!r}")
-    use_torch = backend == "scaled_mm" or (backend == "auto" and a.data.is_cuda
+    use_torch = backend == "scaled_mm" or (backend == "auto" and a.device.type == "cuda"
                                            and _supports_scaled_mm(a, b))
     if use_torch and not _supports_scaled_mm(a, b):
         raise ValueError(
             "torch._scaled_mm takes FP8 operands with tensorwise x tensorwise or rowwise "
             f"x rowwise scales; got {a!r} and {b!r}; use backend='emulate'")
     # Autocast would silently turn the fp32 GEMMs into bf16 ones.
-    with torch.autocast(a.data.device.type, enabled=False):
+    with torch.autocast(a.device.type, enabled=False):
         if use_torch:
             return _torch_scaled_mm(a, b, bias, out_dtype)
         return _emulated_mm(a, b, bias, out_dtype)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from fp8train.cast import cast_finite
 from fp8train.formats import Format
 from fp8train.kernels import payload_to_operand
 from fp8train.scaling import (
@@ -14,6 +15,7 @@ from fp8train.scaling import (
     apply_scale_and_cast,
     check_finite_amax,
     compute_amax,
+    multiply_by_scale,
     scale_from_amax,
 )
 
@@ -30,17 +32,48 @@ class ScaledTensor:
     the dequantised values already computed (by a fused kernel) in the dtype a GEMM
     consumes; ``dequantize`` returns it when asked for that dtype. It is a cache of
     ``dequantize``'s own result, never different values.
+
+    Built with ``payload=None`` (by the fused kernels, when nothing stores the FP8
+    bytes: the emulated GEMM reads only ``operand``), ``data`` is made from ``operand``
+    on first access: ``cast(operand * scale)`` gives back the exact payload, because
+    ``operand`` is the payload times ``1 / scale`` rounded at most once in fp32 (exact
+    for power-of-two scales), far inside half an FP8 step.
     """
 
-    data: torch.Tensor
+    payload: torch.Tensor | None
     scale: torch.Tensor
     spec: ScaleSpec
     orig_dtype: torch.dtype
     operand: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        if self.payload is None and self.operand is None:
+            raise ValueError("ScaledTensor needs a payload or an operand to derive it from")
+
+    @property
+    def data(self) -> torch.Tensor:
+        """The payload (derived from ``operand`` and cached if built without one)."""
+        if self.payload is None:
+            assert self.operand is not None  # __post_init__
+            op2d = self.operand.reshape(-1, self.operand.shape[-1]) if self.operand.dim() \
+                else self.operand.reshape(1, 1)
+            values = multiply_by_scale(op2d, self.scale, self.spec)
+            payload = cast_finite(values, self.spec.fmt, saturate=self.spec.saturate)
+            object.__setattr__(self, "payload", payload.reshape(self.operand.shape))
+        assert self.payload is not None
+        return self.payload
+
     @property
     def shape(self) -> torch.Size:
-        return self.data.shape
+        held = self.payload if self.payload is not None else self.operand
+        assert held is not None  # __post_init__
+        return held.shape
+
+    @property
+    def device(self) -> torch.device:
+        held = self.payload if self.payload is not None else self.operand
+        assert held is not None  # __post_init__
+        return held.device
 
     @property
     def fmt(self) -> Format:
@@ -61,17 +94,19 @@ class ScaledTensor:
         if self.operand is not None and self.operand.dtype == (dtype or self.orig_dtype):
             return self.operand.reshape(self.shape)
         # One dequantisation formula for the whole library: the fused kernels' own.
-        d2 = self.data.reshape(-1, self.shape[-1]) if self.data.dim() else self.data.reshape(1, 1)
+        data = self.data
+        d2 = data.reshape(-1, self.shape[-1]) if data.dim() else data.reshape(1, 1)
         out = payload_to_operand(d2, self.scale, self.spec, dtype or self.orig_dtype)
         return out.reshape(self.shape)
 
     def t(self) -> ScaledTensor:
         """Transpose of a 2-D scaled tensor (payload and scale grid transposed; no requantisation)."""
-        if self.data.dim() != 2:
+        if len(self.shape) != 2:
             raise ValueError(f"t() needs a 2-D ScaledTensor, got shape {tuple(self.shape)}")
         scale = self.scale if self.scale.dim() == 0 else self.scale.t()
+        payload = None if self.payload is None else self.payload.t()
         operand = None if self.operand is None else self.operand.t()
-        return ScaledTensor(self.data.t(), scale, self.spec.transposed(), self.orig_dtype, operand)
+        return ScaledTensor(payload, scale, self.spec.transposed(), self.orig_dtype, operand)
 
     def __repr__(self) -> str:
         return (f"ScaledTensor({self.spec.describe()}, shape={tuple(self.shape)}, "
