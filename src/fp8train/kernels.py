@@ -9,6 +9,13 @@ operand. The arithmetic is identical to the reference pipeline step by step (fp3
 product, saturating RNE cast, multiplication by the fp32 reciprocal), and the tests
 check eager and compiled kernels bit for bit.
 
+For E4M3/E5M2 the FP8 values are computed in fp32 arithmetic
+(:func:`fp8train.cast.fp8_grid_values`) and the operand is made from them, so the FP8
+bytes are only written where something keeps them (a payload saved for backward, an
+observer, a GPU's ``torch._scaled_mm``): each fp32 <-> FP8 conversion costs 2-4x a
+multiply pass on the CPU, and the emulated GEMM needs only the operand. On the lab GPT
+(d128, 2026-11-29, interleaved A/B) this took 1-5 ms off a 140-150 ms FP8 step.
+
 ``Kernels("compiled")`` compiles lazily on first use, with the row count dynamic and
 the last dimension static: each (spec, dtype, last dimension) compiles once however
 many batch sizes and layers use it. A static last dimension matters: with it symbolic,
