@@ -289,11 +289,11 @@ class _Fp8Linear(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             x2d = x.reshape(-1, in_shape[-1])  # (M, K)
             work = _work_dtype(out_dtype, recipe.input, recipe.weight)
-            # Payloads backward will keep: x's if saved in FP8, W's if reused as it is.
-            stored: tuple[str, ...] = (
-                ("input",) if recipe.save_fp8_activations and recipe.fp8_wgrad else ())
-            if _reusable_transposed(recipe.weight) and recipe.fp8_dgrad:
-                stored += ("weight",)
+            # What backward keeps in FP8 (so only these payloads are made): x, if the
+            # recipe saves activations in FP8; W, if the grad_input GEMM reuses it as is.
+            keep_x = recipe.save_fp8_activations and recipe.fp8_wgrad
+            keep_w = _reusable_transposed(recipe.weight) and recipe.fp8_dgrad
+            stored = (("input",) if keep_x else ()) + (("weight",) if keep_w else ())
             quantized, _ = _quantize_gemm_operands(
                 state, [(x2d, recipe.input, "input", work), (weight, recipe.weight, "weight", work)],
                 stored=stored)
@@ -306,7 +306,7 @@ class _Fp8Linear(torch.autograd.Function):
                                                None if bias is None else bias.to(out_dtype))
 
         # What backward needs of x: its FP8 payload (1 byte/element) or the compute-dtype copy.
-        fp8_saved = recipe.save_fp8_activations and qx is not None and recipe.fp8_wgrad
+        fp8_saved = keep_x and qx is not None
         if fp8_saved:
             assert qx is not None
             x_saved, x_scale = qx.data, qx.scale
@@ -314,7 +314,7 @@ class _Fp8Linear(torch.autograd.Function):
             x_saved, x_scale = x2d.to(out_dtype), None
         # The weight: reuse its FP8 copy when the grad_input GEMM can, else keep only the
         # master weight (a Parameter: saving it costs no memory) and re-quantise.
-        w_reuse = qw is not None and _reusable_transposed(recipe.weight) and recipe.fp8_dgrad
+        w_reuse = keep_w and qw is not None
         w_fp8 = qw.data if w_reuse and qw is not None else None
         w_scale = qw.scale if w_reuse and qw is not None else None
         ctx.save_for_backward(x_saved, x_scale, weight, w_fp8, w_scale)

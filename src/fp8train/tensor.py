@@ -6,16 +6,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from fp8train.cast import cast_finite
 from fp8train.formats import Format
-from fp8train.kernels import payload_to_operand
+from fp8train.kernels import cast_with_operand, payload_to_operand
 from fp8train.scaling import (
     Granularity,
     ScaleSpec,
     apply_scale_and_cast,
     check_finite_amax,
     compute_amax,
-    multiply_by_scale,
     scale_from_amax,
 )
 
@@ -55,25 +53,27 @@ class ScaledTensor:
         """The payload (derived from ``operand`` and cached if built without one)."""
         if self.payload is None:
             assert self.operand is not None  # __post_init__
-            op2d = self.operand.reshape(-1, self.operand.shape[-1]) if self.operand.dim() \
-                else self.operand.reshape(1, 1)
-            values = multiply_by_scale(op2d, self.scale, self.spec)
-            payload = cast_finite(values, self.spec.fmt, saturate=self.spec.saturate)
+            # The fused kernels' own cast, eager: the bits they would have written.
+            payload, _ = cast_with_operand(_as_matrix(self.operand), self.scale, self.spec, None)
+            assert payload is not None  # no operand asked for: the payload is always made
             object.__setattr__(self, "payload", payload.reshape(self.operand.shape))
         assert self.payload is not None
         return self.payload
 
     @property
-    def shape(self) -> torch.Size:
+    def _held(self) -> torch.Tensor:
+        """The payload if made, else the operand (same shape and device)."""
         held = self.payload if self.payload is not None else self.operand
         assert held is not None  # __post_init__
-        return held.shape
+        return held
+
+    @property
+    def shape(self) -> torch.Size:
+        return self._held.shape
 
     @property
     def device(self) -> torch.device:
-        held = self.payload if self.payload is not None else self.operand
-        assert held is not None  # __post_init__
-        return held.device
+        return self._held.device
 
     @property
     def fmt(self) -> Format:
@@ -94,9 +94,8 @@ class ScaledTensor:
         if self.operand is not None and self.operand.dtype == (dtype or self.orig_dtype):
             return self.operand.reshape(self.shape)
         # One dequantisation formula for the whole library: the fused kernels' own.
-        data = self.data
-        d2 = data.reshape(-1, self.shape[-1]) if data.dim() else data.reshape(1, 1)
-        out = payload_to_operand(d2, self.scale, self.spec, dtype or self.orig_dtype)
+        out = payload_to_operand(_as_matrix(self.data), self.scale, self.spec,
+                                 dtype or self.orig_dtype)
         return out.reshape(self.shape)
 
     def t(self) -> ScaledTensor:
@@ -111,6 +110,11 @@ class ScaledTensor:
     def __repr__(self) -> str:
         return (f"ScaledTensor({self.spec.describe()}, shape={tuple(self.shape)}, "
                 f"scale shape={tuple(self.scale.shape)}, orig_dtype={self.orig_dtype})")
+
+
+def _as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """The 2-D view the kernels work on: ``(-1, last dim)``, a scalar as ``(1, 1)``."""
+    return t.reshape(-1, t.shape[-1]) if t.dim() else t.reshape(1, 1)
 
 
 def quantize(
