@@ -257,3 +257,50 @@ def test_gemm_step_in_one_call_matches_the_separate_kernels() -> None:
             (bad, saved_x), (SPECS["e5m2-tensor"], col), (torch.bfloat16, torch.bfloat16),
             (None, None), ())
         assert bool(finite) is False, kernels.mode
+
+
+def _prepare_args(spec_names: tuple[str, str], rows: tuple[int, int]) -> tuple[object, ...]:
+    specs = tuple(SPECS[n] for n in spec_names)
+    torch.manual_seed(sum(rows))
+    tensors = (torch.randn(rows[0], 96).bfloat16() * 3, torch.randn(rows[1], 64))
+    return (tensors, specs, (torch.bfloat16, torch.float32), (None, None), (), (False, True))
+
+
+def _assert_same_results(got: object, expected: object, what: str) -> None:
+    if isinstance(expected, tuple):
+        assert isinstance(got, tuple) and len(got) == len(expected), what
+        for i, (g, e) in enumerate(zip(got, expected)):
+            _assert_same_results(g, e, f"{what}[{i}]")
+    elif isinstance(expected, torch.Tensor):
+        assert isinstance(got, torch.Tensor), what
+        assert_bitwise_equal(got, expected, what)
+    else:
+        assert got == expected, what
+
+
+@pytest.mark.parametrize("spec_names", [("e5m2-tensor", "e4m3-row"),
+                                        ("e4m3-mx", "e4m3-col"),
+                                        ("e4m3-block1x128", "e4m3-block128")])
+def test_compiled_graphs_follow_the_row_count(spec_names: tuple[str, str]) -> None:
+    """One compiled graph serves every row count it was traced for, each operand's its
+    own (equal counts at tracing do not tie them); where tracing had to assume something
+    of the rows (whole 32- or 128-row blocks) or needed them concrete, a row count
+    outside that gets a graph of its own, never a wrong result. Every call gives the
+    eager bits, through make_fx + standalone_compile and through dynamo."""
+    from fp8train.kernels import _compiled, _StandaloneCompiled, prepare_gemm_operands
+
+    standalone = _compiled(prepare_gemm_operands, "standalone")
+    dynamo = _compiled(prepare_gemm_operands, "dynamo")
+    assert isinstance(standalone, _StandaloneCompiled)
+    before = sum(len(g) for g in standalone.graphs.values())
+    for rows in ((256, 256), (96, 256), (130, 64), (256, 256), (1, 96)):
+        args = _prepare_args(spec_names, rows)
+        expected = prepare_gemm_operands(*args)
+        _assert_same_results(standalone(*args), expected, f"standalone {spec_names} {rows} rows")
+        _assert_same_results(dynamo(*args), expected, f"dynamo {spec_names} {rows} rows")
+    made = sum(len(g) for g in standalone.graphs.values()) - before
+    # 1 row specialises (its own key); the other pairs share one graph unless tracing
+    # constrained the rows; the second (256, 256) never compiles again.
+    assert 2 <= made <= 4, f"{made} graphs compiled for 4 distinct pairs of row counts"
+    if spec_names[0] == "e5m2-tensor":
+        assert made == 2, "a tensorwise/rowwise step should take any row count"

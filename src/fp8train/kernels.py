@@ -18,8 +18,13 @@ multiply pass on the CPU, and the emulated GEMM needs only the operand. On the l
 step and about 1 ms off a tensorwise one.
 
 ``Kernels("compiled")`` compiles lazily on first use, with the row count dynamic and
-the last dimension static: each (spec, dtype, last dimension) compiles once however
-many batch sizes and layers use it. A static last dimension matters: with it symbolic,
+the other dimensions static: each (spec, dtype, shape but rows) compiles once however
+many batch sizes and layers use it (a graph whose tracing needed whole blocks of rows
+gets a sibling for a row count outside them). The graph is traced by ``make_fx`` and
+compiled by inductor's ``standalone_compile``; the layer then calls inductor's code
+directly, without ``torch.compile``'s frame evaluation and guards (about 45 us a call,
+two calls per layer step: 0.08-0.11 off the lab GPT's FP8/bf16 step ratio, 2026-11-29).
+A static last dimension matters: with it symbolic,
 inductor's CPU code for 1x128, 128x128 and MX tiles ran 40-70 ms on a 2048x512 tensor
 (index arithmetic per element, no vectorisation), against about 1 ms with it static
 (benchmarks/cast.py, 2026-11-28).
@@ -27,9 +32,10 @@ inductor's CPU code for 1x128, 128x128 and MX tiles ran 40-70 ms on a 2048x512 t
 
 from __future__ import annotations
 
+import logging
 import types
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -212,8 +218,190 @@ class Kernels:
         return (Kernels, (self.mode,))
 
 
-_COMPILED: dict[Callable[..., Any], Callable[..., Any]] = {}
+# Inductor's CPU code stores an E5M2 output buffer 3-4x slower than the same bytes as
+# uint8 (2048x512 bf16 -> e5m2: 1.46 ms against 0.35 ms, torch 2.13), so compiled kernels
+# hand E5M2 payloads out as their bytes and the caller views them back. No kernel
+# returns uint8 otherwise (INT8 payloads are int8).
+def _e5m2_as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8) if t.dtype == torch.float8_e5m2 else t
 
+
+def _bytes_as_e5m2(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.float8_e5m2) if t.dtype == torch.uint8 else t
+
+
+_COMPILED: dict[tuple[Callable[..., Any], str], Callable[..., Any]] = {}
+
+
+def _compiled(fn: Callable[..., Any], capture: str | None = None) -> Callable[..., Any]:
+    """``fn`` compiled by inductor, one wrapper per function shared by every layer (so
+    graphs are reused across layers with the same key).
+
+    ``capture``: how the graph is taken. ``"standalone"`` (the default where this torch
+    has ``torch._inductor.standalone_compile``) traces ``fn`` once per key with
+    ``make_fx`` and calls inductor's compiled graph directly; ``"dynamo"`` goes through
+    ``torch.compile``. Same graph, same bits (tests/test_kernels.py checks both), but a
+    ``torch.compile`` call costs about 45 us more (dynamo's frame evaluation and guards
+    on every spec field), as much as quantising a small activation, twice per layer step.
+    """
+    capture = capture or _DEFAULT_CAPTURE
+    if (fn, capture) not in _COMPILED:
+        _COMPILED[fn, capture] = (_StandaloneCompiled(fn) if capture == "standalone"
+                                  else _dynamo_compiled(fn))
+    return _COMPILED[fn, capture]
+
+
+# --- capture by make_fx + inductor's standalone_compile ---------------------------------
+# A call is flattened in one pass into its tensors and a key: the structure, every
+# non-tensor argument (specs, dtypes, flags: constants of the graph) and per tensor its
+# dtype and shape, except that a row count of 2 or more (of a tensor of rank >= 2) is
+# symbolic in the graph. 0 and 1 rows specialise, hence their own keys.
+
+class _Slot(int):
+    """Where a tensor sat in a flattened structure: its index in the tensor list."""
+
+
+def _flatten(obj: Any, tensors: list[torch.Tensor], key: list[Any]) -> Any:
+    """``obj`` with tensors replaced by slots (appended to ``tensors``, described in
+    ``key``); nested tuples and lists become tuples."""
+    if isinstance(obj, torch.Tensor):
+        if not obj.is_contiguous():  # the graph is traced for contiguous inputs
+            obj = obj.contiguous()
+        if obj.requires_grad:  # a Parameter: the graph takes plain tensors
+            obj = obj.detach()
+        shape = obj.shape
+        key.append((obj.dtype, (min(shape[0], 2), *shape[1:]) if len(shape) >= 2 else shape))
+        tensors.append(obj)
+        return _Slot(len(tensors) - 1)
+    if isinstance(obj, (tuple, list)):
+        key.append(len(obj))
+        return tuple(_flatten(o, tensors, key) for o in obj)
+    key.append(("leaf", obj))
+    return obj
+
+
+def _fill(template: Any, tensors: Any) -> Any:
+    """The structure ``_flatten`` took apart, with ``tensors`` back in their slots."""
+    if isinstance(template, _Slot):
+        return tensors[template]
+    if isinstance(template, tuple):
+        return tuple(_fill(t, tensors) for t in template)
+    return template
+
+
+def _fake_inputs(tensors: list[torch.Tensor], dynamic_rows: bool) -> tuple[list[Any], Any]:
+    """Fake copies of ``tensors`` (row counts symbolic if ``dynamic_rows``) and their fake
+    mode, whose shape environment records what tracing and compiling assumed of them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import (
+        DimDynamic,
+        ShapeEnv,
+        StatelessSymbolicContext,
+    )
+
+    # duck_shape=False: equal row counts at tracing (x and W both 256 rows) must not
+    # become one symbol, or the graph would demand them equal ever after.
+    shape_env = ShapeEnv(duck_shape=False)
+    mode = FakeTensorMode(shape_env=shape_env)
+    fakes = []
+    for t in tensors:
+        dims = [DimDynamic.STATIC] * t.dim()
+        if dynamic_rows and t.dim() >= 2 and t.shape[0] >= 2:
+            dims[0] = DimDynamic.DYNAMIC
+        fakes.append(mode.from_tensor(
+            t, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims)))
+    return fakes, mode
+
+
+class _Graph(NamedTuple):
+    run: Callable[..., Any]  # inductor's compiled graph, flat tensors in and out
+    out_template: Any  # where its outputs go in the function's result
+    e5m2: frozenset[int]  # output slots holding E5M2 payloads as bytes
+    holds: Callable[[list[torch.Tensor]], bool] | None  # which row counts; None: all
+
+
+def _guard_check(shape_env: Any, fakes: list[Any]) -> Callable[[list[torch.Tensor]], bool] | None:
+    """What tracing and compiling assumed of the row counts (e.g. whole 32-row MX
+    blocks), as a check on concrete inputs (dynamo's guards, evaluated here since
+    nothing else does); None if they assumed nothing."""
+    from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+
+    expression = shape_env.produce_guards_expression(fakes)
+    if expression is None:
+        return None
+    code = compile(expression, "<fp8train guards>", "eval")
+
+    def holds(tensors: list[torch.Tensor]) -> bool:
+        return bool(eval(code, SYMPY_INTERP, {"L": {f"t{i}": t for i, t in enumerate(tensors)}}))
+
+    return holds
+
+
+class _StandaloneCompiled:
+    """``fn`` through make_fx + ``standalone_compile``: ``graphs`` maps each key to the
+    graphs compiled for it, each with the row counts it holds for (a new graph is
+    compiled when none holds, as dynamo would recompile)."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.graphs: dict[tuple[Any, ...], list[_Graph]] = {}
+
+    def compile_graph(self, template: Any, tensors: list[torch.Tensor]) -> _Graph:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        out_template: list[Any] = []
+        e5m2: set[int] = set()
+
+        def flat_fn(*ts: torch.Tensor) -> list[torch.Tensor]:
+            outs: list[torch.Tensor] = []
+            out_template[:] = [_flatten(self.fn(*_fill(template, ts)), outs, [])]
+            e5m2.update(i for i, t in enumerate(outs) if t.dtype == torch.float8_e5m2)
+            return [_e5m2_as_bytes(t) for t in outs]
+
+        fakes, mode = _fake_inputs(tensors, dynamic_rows=True)
+        shapes = None  # the only input shapes a static graph takes
+        # An op refusing symbolic sizes is expected here; fake tensors would log it as an
+        # error before it reaches us.
+        fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+        disabled, fake_log.disabled = fake_log.disabled, True
+        try:
+            gm = make_fx(flat_fn, tracing_mode="fake")(*fakes)
+        except RuntimeError:
+            # An op that needs concrete sizes (a block grid's padding): these shapes only.
+            shapes = [t.shape for t in tensors]
+            fakes, mode = _fake_inputs(tensors, dynamic_rows=False)
+            gm = make_fx(flat_fn, tracing_mode="fake")(*fakes)
+        finally:
+            fake_log.disabled = disabled
+        # Compiled in the tracing's own fake mode (its shape environment, without duck
+        # shaping): what inductor assumes of the rows joins tracing's guards.
+        run = torch._inductor.standalone_compile(
+            gm, fakes, dynamic_shapes="from_example_inputs", fake_mode=mode, options={})
+        holds: Callable[[list[torch.Tensor]], bool] | None = None
+        if shapes is not None:
+            def holds(ts: list[torch.Tensor]) -> bool:
+                return [t.shape for t in ts] == shapes
+        else:
+            holds = _guard_check(mode.shape_env, fakes)
+        return _Graph(run, out_template[0], frozenset(e5m2), holds)
+
+    def __call__(self, *args: Any) -> Any:
+        tensors: list[torch.Tensor] = []
+        key: list[Any] = []
+        template = _flatten(args, tensors, key)
+        candidates = self.graphs.setdefault(tuple(key), [])
+        graph = next((g for g in candidates if g.holds is None or g.holds(tensors)), None)
+        if graph is None:
+            graph = self.compile_graph(template, tensors)
+            candidates.append(graph)
+        outs = graph.run(*tensors)
+        if graph.e5m2:
+            outs = [o.view(torch.float8_e5m2) if i in graph.e5m2 else o
+                    for i, o in enumerate(outs)]
+        return _fill(graph.out_template, outs)
+
+
+# --- capture by torch.compile (dynamo) ---------------------------------------------------
 # dynamo caches compiled graphs per code object and, past 8 of them (its default
 # recompile limit), silently runs the function eagerly. One function serves every
 # (spec, dtype, last dimension), a few dozen in a run of every recipe, so each such key
@@ -229,7 +417,7 @@ def _fresh_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
     """``obj`` with ``fn`` applied to every tensor in it (nested tuples and lists become
-    tuples; anything else passes through). Cheaper than pytree on this hot path."""
+    tuples; anything else passes through)."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, (tuple, list)):
@@ -251,18 +439,6 @@ def _with_dynamic_rows(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-# Inductor's CPU code stores an E5M2 output buffer 3-4x slower than the same bytes as
-# uint8 (2048x512 bf16 -> e5m2: 1.46 ms against 0.35 ms, torch 2.13), so compiled kernels
-# hand E5M2 payloads out as their bytes and the caller views them back. No kernel
-# returns uint8 otherwise (INT8 payloads are int8).
-def _e5m2_as_bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.uint8) if t.dtype == torch.float8_e5m2 else t
-
-
-def _bytes_as_e5m2(t: torch.Tensor) -> torch.Tensor:
-    return t.view(torch.float8_e5m2) if t.dtype == torch.uint8 else t
-
-
 def _holds_bytes(obj: Any) -> bool:
     if isinstance(obj, torch.Tensor):
         return obj.dtype == torch.uint8
@@ -276,24 +452,24 @@ def _returning_e5m2_as_bytes(fn: Callable[..., Any]) -> Callable[..., Any]:
     return returning_bytes
 
 
-def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
-    # One wrapper per function, shared by every layer, so graphs are reused across
-    # layers with the same key.
-    if fn not in _COMPILED:
-        # key -> (compiled graph, whether its outputs hold E5M2 bytes to view back)
-        graphs: dict[Any, tuple[Callable[..., Any], bool]] = {}
-        traced = _returning_e5m2_as_bytes(fn)
+def _dynamo_compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    # key -> (compiled graph, whether its outputs hold E5M2 bytes to view back)
+    graphs: dict[Any, tuple[Callable[..., Any], bool]] = {}
+    traced = _returning_e5m2_as_bytes(fn)
 
-        def call(*args: Any) -> Any:
-            key = _map_tensors(_graph_key, args)
-            entry = graphs.get(key)
-            if entry is None:
-                compiled = torch.compile(_fresh_copy(traced), dynamic=False)
-                out = compiled(*_map_tensors(_with_dynamic_rows, args))
-                graphs[key] = entry = (compiled, _holds_bytes(out))
-            else:
-                out = entry[0](*_map_tensors(_with_dynamic_rows, args))
-            return _map_tensors(_bytes_as_e5m2, out) if entry[1] else out
+    def call(*args: Any) -> Any:
+        key = _map_tensors(_graph_key, args)
+        entry = graphs.get(key)
+        if entry is None:
+            compiled = torch.compile(_fresh_copy(traced), dynamic=False)
+            out = compiled(*_map_tensors(_with_dynamic_rows, args))
+            graphs[key] = entry = (compiled, _holds_bytes(out))
+        else:
+            out = entry[0](*_map_tensors(_with_dynamic_rows, args))
+        return _map_tensors(_bytes_as_e5m2, out) if entry[1] else out
 
-        _COMPILED[fn] = call
-    return _COMPILED[fn]
+    return call
+
+
+# torch.compile where this torch lacks standalone_compile (it came in 2.8).
+_DEFAULT_CAPTURE = "standalone" if hasattr(torch._inductor, "standalone_compile") else "dynamo"
