@@ -544,8 +544,30 @@ def test_fp8_grid_values_equal_the_cast_bit_for_bit(fmt: Format) -> None:
         assert_bitwise_equal(fn(y, fmt), expected, f"{name} {fmt.name} grid values")
 
 
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=lambda f: f.name)
+def test_fp8_grid_bytes_are_the_codes(fmt: Format) -> None:
+    """fp8_grid_bytes reads the code of an on-grid value off its fp32 bits: every finite
+    code round-trips (both zeros, subnormals, max), and on the grid values of the inputs
+    above it gives torch's cast byte for byte, eager and compiled."""
+    from fp8train.cast import fp8_grid_bytes, fp8_grid_values
+
+    assert fmt.torch_dtype is not None
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    decoded = codes.view(fmt.torch_dtype).float()
+    finite = torch.isfinite(decoded)
+    y = _grid_value_inputs(fmt)
+    expected = cast(y, fmt, saturate=True).view(torch.uint8)
+    compiled = torch.compile(fp8_grid_bytes, dynamic=False)
+    for name, fn in (("eager", fp8_grid_bytes), ("compiled", compiled)):
+        assert_bitwise_equal(fn(decoded[finite], fmt), codes[finite], f"{name} {fmt.name} codes")
+        assert_bitwise_equal(fn(fp8_grid_values(y, fmt), fmt), expected,
+                             f"{name} {fmt.name} bytes of grid values")
+
+
 def test_fp8_grid_values_rejects_other_formats() -> None:
-    from fp8train.cast import fp8_grid_values
+    from fp8train.cast import fp8_grid_bytes, fp8_grid_values
 
     with pytest.raises(ValueError, match="e4m3 and e5m2"):
         fp8_grid_values(torch.ones(3), by_name("int8"))
+    with pytest.raises(ValueError, match="e4m3 and e5m2"):
+        fp8_grid_bytes(torch.ones(3), by_name("int8"))

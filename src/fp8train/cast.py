@@ -37,7 +37,8 @@ from fp8train.formats import E4M3, E5M2, INT8, Format, by_name
 
 Rounding = Literal["nearest", "stochastic"]
 
-__all__ = ["cast", "cast_finite", "fp8_grid_values", "overflow_threshold", "round_to_grid"]
+__all__ = ["cast", "cast_finite", "fp8_grid_bytes", "fp8_grid_values", "overflow_threshold",
+           "round_to_grid"]
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -236,3 +237,32 @@ def fp8_grid_values(y: torch.Tensor, fmt: Format) -> torch.Tensor:
     normal = c - (c - y)
     subnormal = torch.copysign((y.abs() + magic) - magic, y)
     return torch.where(y.abs() < fmt.min_normal, subnormal, normal)
+
+
+def fp8_grid_bytes(values: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """The E4M3/E5M2 codes (uint8) of fp32 ``values`` that already lie on ``fmt``'s grid
+    (:func:`fp8_grid_values`' output): ``values.to(fmt.torch_dtype).view(torch.uint8)``
+    by reading the bit fields, with no rounding left to do. Off-grid, NaN or inf inputs
+    give meaningless codes (the callers check amaxes and discard such results).
+
+    Why: torch's fp32 -> FP8 conversion carries the whole rounding logic per element;
+    for values known to be on the grid the code is a shift and a subtraction.
+
+    How (``mb`` = mantissa bits, ``bias`` = ``fmt.bias``): a normal value ``1.m * 2**E``
+    has fp32 bits ``(E + 127) << 23 | m << (23 - mb)``, so ``bits >> (23 - mb)`` minus
+    ``(127 - bias) << mb`` is its code ``(E + bias) << mb | m``. A subnormal one is
+    ``m * 2**(1 - bias - mb)``, so ``|v| * 2**(bias - 1 + mb)`` is the integer ``m``,
+    its code (exponent field 0). The sign bit (``-0`` included) is fp32's bit 31.
+    tests/test_cast.py round-trips every finite code of both formats.
+    """
+    if fmt not in (E4M3, E5M2):
+        raise ValueError(f"fp8_grid_bytes supports e4m3 and e5m2, got {fmt.name}")
+    if values.dtype != torch.float32:  # the bit fields read are fp32's
+        raise TypeError(f"fp8_grid_bytes needs float32 values, got {values.dtype}")
+    mb = fmt.mantissa_bits
+    magnitude = values.abs()
+    normal = (magnitude.view(torch.int32) >> (23 - mb)) - ((127 - fmt.bias) << mb)
+    subnormal = (magnitude * float(2 ** (fmt.bias - 1 + mb))).to(torch.int32)
+    code = torch.where(magnitude < fmt.min_normal, subnormal, normal)
+    sign = (values.view(torch.int32) >> 24) & 0x80  # arithmetic shift: bit 31 -> bit 7
+    return (code | sign).to(torch.uint8)

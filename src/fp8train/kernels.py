@@ -39,7 +39,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
-from fp8train.cast import cast_finite, fp8_grid_values
+from fp8train.cast import cast_finite, fp8_grid_bytes, fp8_grid_values
 from fp8train.formats import E4M3, E5M2
 from fp8train.scaling import (
     ScaleSpec,
@@ -86,11 +86,15 @@ def cast_with_operand(
     eager and compiled rounding identical.
     """
     scaled = multiply_by_scale(x2d, scale, spec)
-    if operand_dtype is not None and grid_arithmetic(spec):
+    if grid_arithmetic(spec):
         values = fp8_grid_values(scaled, spec.fmt)
-        operand = multiply_by_scale(values, scale.reciprocal(), spec).to(operand_dtype)
-        assert spec.fmt.torch_dtype is not None
-        return (values.to(spec.fmt.torch_dtype) if keep_payload else None), operand
+        payload = None
+        if keep_payload or operand_dtype is None:
+            assert spec.fmt.torch_dtype is not None
+            payload = fp8_grid_bytes(values, spec.fmt).view(spec.fmt.torch_dtype)
+        if operand_dtype is None:
+            return payload, None
+        return payload, multiply_by_scale(values, scale.reciprocal(), spec).to(operand_dtype)
     payload = cast_finite(scaled, spec.fmt, saturate=spec.saturate)
     if operand_dtype is None:
         return payload, None
