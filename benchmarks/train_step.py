@@ -11,8 +11,10 @@ also stores the other saved activations in FP8 (fp8train.Fp8SavedActivations).
 
 Breakdown: each precision's steps are also profiled (torch.profiler, self CPU time per
 op over a few steps) and the time is sorted into GEMMs, attention, the fused FP8
-kernels, compiled-call dispatch (dynamo guards and wrappers), the FP8 autograd
-function's Python, and everything else, so the gap to bf16 has a measured cause.
+kernels, compiled-call dispatch (dynamo's guards and wrappers; near zero since the
+kernels are called without torch.compile, their remaining wrappers count as the FP8
+autograd function's Python), the FP8 autograd function's Python, and everything else,
+so the gap to bf16 has a measured cause.
 Results: benchmarks/results/train_step-<date>.json.
 """
 
