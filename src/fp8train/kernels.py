@@ -15,7 +15,9 @@ bytes are only written where something keeps them (a payload saved for backward,
 observer, a GPU's ``torch._scaled_mm``): each fp32 <-> FP8 conversion costs 2-4x a
 multiply pass on the CPU, and the emulated GEMM needs only the operand. On the lab GPT
 (d128, 2026-11-29, interleaved A/B) this took 7-8 ms off a 138-141 ms row, block or MX
-step and about 1 ms off a tensorwise one.
+step and about 1 ms off a tensorwise one. Where bytes are kept they are read off the
+values' fp32 bit fields (:func:`fp8train.cast.fp8_grid_bytes`), not converted with
+torch's rounding cast (a 16.8 M-element fp32 cast pass: 7.3-8.2 -> 4.5-5.5 ms).
 
 ``Kernels("compiled")`` compiles lazily on first use, with the row count dynamic and
 the other dimensions static: each (spec, dtype, shape but rows) compiles once however
@@ -249,7 +251,7 @@ def _compiled(fn: Callable[..., Any], capture: str | None = None) -> Callable[..
     ``torch.compile`` call costs about 45 us more (dynamo's frame evaluation and guards
     on every spec field), as much as quantising a small activation, twice per layer step.
     """
-    capture = capture or _DEFAULT_CAPTURE
+    capture = capture or _DEFAULT_CAPTURE or _default_capture()
     if (fn, capture) not in _COMPILED:
         _COMPILED[fn, capture] = (_StandaloneCompiled(fn) if capture == "standalone"
                                   else _dynamo_compiled(fn))
@@ -259,7 +261,7 @@ def _compiled(fn: Callable[..., Any], capture: str | None = None) -> Callable[..
 # --- capture by make_fx + inductor's standalone_compile ---------------------------------
 # A call is flattened in one pass into its tensors and a key: the structure, every
 # non-tensor argument (specs, dtypes, flags: constants of the graph) and per tensor its
-# dtype and shape, except that a row count of 2 or more (of a tensor of rank >= 2) is
+# dtype, device and shape, except that a row count of 2 or more (of a tensor of rank >= 2) is
 # symbolic in the graph. 0 and 1 rows specialise, hence their own keys.
 
 class _Slot(int):
@@ -275,7 +277,8 @@ def _flatten(obj: Any, tensors: list[torch.Tensor], key: list[Any]) -> Any:
         if obj.requires_grad:  # a Parameter: the graph takes plain tensors
             obj = obj.detach()
         shape = obj.shape
-        key.append((obj.dtype, (min(shape[0], 2), *shape[1:]) if len(shape) >= 2 else shape))
+        key.append((obj.dtype, obj.device,
+                    (min(shape[0], 2), *shape[1:]) if len(shape) >= 2 else shape))
         tensors.append(obj)
         return _Slot(len(tensors) - 1)
     if isinstance(obj, (tuple, list)):
@@ -476,5 +479,12 @@ def _dynamo_compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-# torch.compile where this torch lacks standalone_compile (it came in 2.8).
-_DEFAULT_CAPTURE = "standalone" if hasattr(torch._inductor, "standalone_compile") else "dynamo"
+# None: standalone where this torch has standalone_compile (it came in 2.8), else
+# torch.compile. (Benchmarks set it to compare the two.)
+_DEFAULT_CAPTURE: str | None = None
+
+
+def _default_capture() -> str:
+    import torch._inductor
+
+    return "standalone" if hasattr(torch._inductor, "standalone_compile") else "dynamo"
