@@ -35,6 +35,7 @@ inductor's CPU code for 1x128, 128x128 and MX tiles ran 40-70 ms on a 2048x512 t
 
 from __future__ import annotations
 
+import functools
 import logging
 import types
 from collections.abc import Callable
@@ -251,7 +252,7 @@ def _compiled(fn: Callable[..., Any], capture: str | None = None) -> Callable[..
     ``torch.compile`` call costs about 45 us more (dynamo's frame evaluation and guards
     on every spec field), as much as quantising a small activation, twice per layer step.
     """
-    capture = capture or _DEFAULT_CAPTURE or _default_capture()
+    capture = capture or _default_capture()
     if (fn, capture) not in _COMPILED:
         _COMPILED[fn, capture] = (_StandaloneCompiled(fn) if capture == "standalone"
                                   else _dynamo_compiled(fn))
@@ -261,8 +262,9 @@ def _compiled(fn: Callable[..., Any], capture: str | None = None) -> Callable[..
 # --- capture by make_fx + inductor's standalone_compile ---------------------------------
 # A call is flattened in one pass into its tensors and a key: the structure, every
 # non-tensor argument (specs, dtypes, flags: constants of the graph) and per tensor its
-# dtype, device and shape, except that a row count of 2 or more (of a tensor of rank >= 2) is
-# symbolic in the graph. 0 and 1 rows specialise, hence their own keys.
+# dtype, device and shape, except that a row count of 2 or more (of a tensor of rank
+# >= 2) is symbolic in the graph. 0 and 1 rows specialise, hence their own keys. Both
+# captures select graphs by this key.
 
 class _Slot(int):
     """Where a tensor sat in a flattened structure: its index in the tensor list."""
@@ -328,7 +330,8 @@ class _Graph(NamedTuple):
     holds: Callable[[list[torch.Tensor]], bool] | None  # which row counts; None: all
 
 
-def _guard_check(shape_env: Any, fakes: list[Any]) -> Callable[[list[torch.Tensor]], bool] | None:
+def _guard_check(shape_env: Any, fakes: list[Any]
+                 ) -> Callable[[list[torch.Tensor]], bool] | None:
     """What tracing and compiling assumed of the row counts (e.g. whole 32-row MX
     blocks), as a check on concrete inputs (dynamo's guards, evaluated here since
     nothing else does); None if they assumed nothing."""
@@ -433,11 +436,6 @@ def _map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:
     return obj
 
 
-def _graph_key(t: torch.Tensor) -> tuple[Any, ...]:
-    # What selects a graph: dtype, rank and the static last dimension.
-    return (t.dtype, t.dim(), t.shape[-1] if t.dim() else None)
-
-
 def _with_dynamic_rows(t: torch.Tensor) -> torch.Tensor:
     # A plain tensor (not a Parameter, whose shape dynamo would guard statically) with a
     # dynamic row count; "maybe" because a 0/1-row tensor specialises.
@@ -466,25 +464,26 @@ def _dynamo_compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     traced = _returning_e5m2_as_bytes(fn)
 
     def call(*args: Any) -> Any:
-        key = _map_tensors(_graph_key, args)
-        entry = graphs.get(key)
+        tensors: list[torch.Tensor] = []
+        key: list[Any] = []
+        template = _flatten(args, tensors, key)
+        marked = _fill(template, [_with_dynamic_rows(t) for t in tensors])
+        entry = graphs.get(tuple(key))
         if entry is None:
             compiled = torch.compile(_fresh_copy(traced), dynamic=False)
-            out = compiled(*_map_tensors(_with_dynamic_rows, args))
-            graphs[key] = entry = (compiled, _holds_bytes(out))
+            out = compiled(*marked)
+            graphs[tuple(key)] = entry = (compiled, _holds_bytes(out))
         else:
-            out = entry[0](*_map_tensors(_with_dynamic_rows, args))
+            out = entry[0](*marked)
         return _map_tensors(_bytes_as_e5m2, out) if entry[1] else out
 
     return call
 
 
-# None: standalone where this torch has standalone_compile (it came in 2.8), else
-# torch.compile. (Benchmarks set it to compare the two.)
-_DEFAULT_CAPTURE: str | None = None
-
-
+@functools.cache
 def _default_capture() -> str:
+    """Standalone where this torch has standalone_compile (it came in 2.8), else
+    torch.compile."""
     import torch._inductor
 
     return "standalone" if hasattr(torch._inductor, "standalone_compile") else "dynamo"
