@@ -17,6 +17,12 @@ input, the price of writing the payload into freshly allocated memory against
 rewriting memory already touched (a compiled kernel allocates its outputs on every
 call; on this VM the first touch of fresh pages is a large part of the cast).
 
+Allocator: everything is timed twice, first with the default allocator, then (compiled
+kernels only) with glibc's malloc keeping freed memory (``_common.keep_freed_memory``).
+By default a block of 32 MiB or more -- the bf16 input's payload -- is a fresh mmap on
+every call, and its page faults are timed as the kernel's; memcpy writes into a buffer
+already touched. The second run compares like with like; both are recorded.
+
 Run: ``python benchmarks/cast.py`` (writes ``benchmarks/results/cast-<date>.json``).
 """
 
@@ -36,8 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # insert above also covers runpy and other launchers).
 from _common import (
     BANDWIDTH_CONVENTION,
+    KEEP_FREED_MEMORY,
     format_table,
     gb_per_s,
+    keep_freed_memory,
     memcpy_bandwidth,
     time_median,
     write_results,
@@ -70,13 +78,15 @@ def bench_input(
     memcpy_gbs: float,
     warmup: int,
     repeats: int,
+    kernel_sets: tuple[str, ...],
+    allocator: str,
 ) -> list[dict[str, Any]]:
     x = torch.randn(shape, dtype=torch.float32).to(dtype)
     in_bytes = x.numel() * x.element_size()
     assert in_bytes == NBYTES, (name, in_bytes)
     rows = []
     compiled = Kernels("compiled")
-    for (label, spec), kernels in itertools.product(SPECS.items(), ("eager", "compiled")):
+    for (label, spec), kernels in itertools.product(SPECS.items(), kernel_sets):
         q = quantize(x, spec)  # also checks the spec works before timing it
         out_bytes = q.data.numel() * q.data.element_size() + q.scale.numel() * 4
         if kernels == "eager":
@@ -101,6 +111,7 @@ def bench_input(
             {
                 "input": name,
                 "kernels": kernels,
+                "allocator": allocator,
                 "shape": list(shape),
                 "dtype": str(dtype).removeprefix("torch."),
                 "granularity": label,
@@ -136,16 +147,49 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
-    memcpy = memcpy_bandwidth(NBYTES, warmup=args.warmup, repeats=args.repeats)
-    rows: list[dict[str, Any]] = []
-    for name, (shape, dtype) in INPUTS.items():
-        rows += bench_input(name, shape, dtype, memcpy["gb_per_s"], args.warmup, args.repeats)
-    # The payload of a 4096 x 4096 (fp32 input) or 4096 x 8192 (bf16) E4M3 cast.
-    touch = {f"{n >> 20} MiB": first_touch_cost(n, args.warmup, args.repeats)
-             for n in (16 * MIB, 32 * MIB)}
-    # memcpy again at the end: if the machine got busier meanwhile, the two differ.
-    memcpy_after = memcpy_bandwidth(NBYTES, warmup=1, repeats=args.repeats)
+    phases: list[dict[str, Any]] = []
+    for allocator in ("default", "freed memory kept"):
+        if allocator != "default" and not keep_freed_memory():
+            print("not glibc: the run with freed memory kept is skipped")
+            break
+        memcpy = memcpy_bandwidth(NBYTES, warmup=args.warmup, repeats=args.repeats)
+        rows: list[dict[str, Any]] = []
+        # The eager reference is timed once, with the default allocator.
+        kernel_sets = ("eager", "compiled") if allocator == "default" else ("compiled",)
+        for name, (shape, dtype) in INPUTS.items():
+            rows += bench_input(name, shape, dtype, memcpy["gb_per_s"], args.warmup,
+                                args.repeats, kernel_sets, allocator)
+        # The payload of a 4096 x 4096 (fp32 input) or 4096 x 8192 (bf16) E4M3 cast.
+        touch = {f"{n >> 20} MiB": first_touch_cost(n, args.warmup, args.repeats)
+                 for n in (16 * MIB, 32 * MIB)}
+        # memcpy again at the end: if the machine got busier meanwhile, the two differ.
+        memcpy_after = memcpy_bandwidth(NBYTES, warmup=1, repeats=args.repeats)
+        phases.append({"allocator": allocator if allocator == "default" else
+                       f"{allocator} ({KEEP_FREED_MEMORY})", "memcpy": memcpy,
+                       "memcpy_at_end": memcpy_after, "first_touch": touch, "results": rows})
+        report(phases[-1])
+    if not args.no_write:
+        path = write_results(
+            "cast",
+            {
+                "benchmark": "cast",
+                "what": "amax + scale + cast to E4M3, eager (fp8train.quantize) and compiled "
+                "(Kernels('compiled').quantize_current), vs dst.copy_(src); once with the "
+                "default allocator, once with glibc keeping freed memory",
+                "target_fraction_of_memcpy": 0.7,
+                "bandwidth_convention": BANDWIDTH_CONVENTION,
+                "warmup": args.warmup,
+                "repeats": args.repeats,
+                "phases": phases,
+            },
+        )
+        print(f"wrote {path}")
+    return 0
 
+
+def report(phase: dict[str, Any]) -> None:
+    memcpy, memcpy_after, rows = phase["memcpy"], phase["memcpy_at_end"], phase["results"]
+    print(f"\n== allocator: {phase['allocator']}")
     print(
         f"memcpy 64 MiB: {memcpy['gb_per_s']:.2f} GB/s (read+write; "
         f"{memcpy_after['gb_per_s']:.2f} GB/s at the end), "
@@ -172,28 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         ["input", "granularity", "total", "amax pass", "cast pass"],
         [[r["input"], r["granularity"], r["median_s"] * 1e3, r["parts"]["amax_pass_s"] * 1e3,
           r["parts"]["cast_pass_given_scale_s"] * 1e3] for r in rows if r["parts"]]))
-    for label, t in touch.items():
+    for label, t in phase["first_touch"].items():
         print(f"writing {label} into fresh memory: {t['fresh_s'] * 1e3:.1f} ms, into memory "
               f"already touched: {t['reused_s'] * 1e3:.1f} ms")
-    if not args.no_write:
-        path = write_results(
-            "cast",
-            {
-                "benchmark": "cast",
-                "what": "amax + scale + cast to E4M3, eager (fp8train.quantize) and compiled "
-                "(Kernels('compiled').quantize_current), vs dst.copy_(src)",
-                "target_fraction_of_memcpy": 0.7,
-                "bandwidth_convention": BANDWIDTH_CONVENTION,
-                "warmup": args.warmup,
-                "repeats": args.repeats,
-                "memcpy": memcpy,
-                "memcpy_at_end": memcpy_after,
-                "first_touch": touch,
-                "results": rows,
-            },
-        )
-        print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

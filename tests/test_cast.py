@@ -564,8 +564,29 @@ def test_fp8_grid_bytes_are_the_codes(fmt: Format) -> None:
                              f"{name} {fmt.name} bytes of grid values")
 
 
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=lambda f: f.name)
+def test_fp8_codes_equal_the_cast_byte_for_byte(fmt: Format) -> None:
+    """fp8_codes rounds on the input's bits (integer RNE for normals, the rounding
+    addition for subnormals) and gives torch's saturating cast byte for byte, eager and
+    compiled. The integer rounding treats every binade alike (only the exponent field
+    differs, and a carry into it is the next binade's first value), so the whole binades
+    of the inputs stand for all of them; the clamp covers everything past max."""
+    from fp8train.cast import fp8_codes
+
+    y = _grid_value_inputs(fmt)
+    expected = cast(y, fmt, saturate=True).view(torch.uint8)
+    compiled = torch.compile(fp8_codes, dynamic=False)
+    for name, fn in (("eager", fp8_codes), ("compiled", compiled)):
+        assert_bitwise_equal(fn(y, fmt), expected, f"{name} {fmt.name} codes")
+
+
 def test_fp8_grid_values_rejects_other_formats() -> None:
-    from fp8train.cast import fp8_grid_bytes, fp8_grid_values
+    from fp8train.cast import fp8_codes, fp8_grid_bytes, fp8_grid_values
+
+    with pytest.raises(ValueError, match="e4m3 and e5m2"):
+        fp8_codes(torch.ones(3), by_name("int8"))
+    with pytest.raises(TypeError, match="float32"):
+        fp8_codes(torch.ones(3, dtype=torch.bfloat16), E4M3)
 
     with pytest.raises(ValueError, match="e4m3 and e5m2"):
         fp8_grid_values(torch.ones(3), by_name("int8"))

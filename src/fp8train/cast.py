@@ -37,8 +37,8 @@ from fp8train.formats import E4M3, E5M2, INT8, Format, by_name
 
 Rounding = Literal["nearest", "stochastic"]
 
-__all__ = ["cast", "cast_finite", "fp8_grid_bytes", "fp8_grid_values", "overflow_threshold",
-           "round_to_grid"]
+__all__ = ["cast", "cast_finite", "fp8_codes", "fp8_grid_bytes", "fp8_grid_values",
+           "overflow_threshold", "round_to_grid"]
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -265,4 +265,49 @@ def fp8_grid_bytes(values: torch.Tensor, fmt: Format) -> torch.Tensor:
     subnormal = (magnitude * float(2 ** (fmt.bias - 1 + mb))).to(torch.int32)
     code = torch.where(magnitude < fmt.min_normal, subnormal, normal)
     sign = (values.view(torch.int32) >> 24) & 0x80  # arithmetic shift: bit 31 -> bit 7
+    return (code | sign).to(torch.uint8)
+
+
+def fp8_codes(y: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """``cast_finite(y, fmt).view(torch.uint8)`` for finite fp32 ``y`` and E4M3/E5M2 with
+    saturation and nearest rounding, rounded in integer arithmetic on ``y``'s bits: the
+    codes straight from the input, where :func:`fp8_grid_bytes` needs the grid values
+    first. For a payload alone (no GEMM operand) this is the shorter route (a 4096^2
+    fp32 cast pass, compiled: 4.5 -> 3.4 ms, 2026-11-29).
+
+    How (``mb`` = mantissa bits, ``s = 23 - mb`` the fp32 bits dropped):
+
+    * normal range: adding ``2**(s-1) - 1`` plus the lowest kept bit to the magnitude's
+      bits and shifting right by ``s`` rounds to nearest, ties to even; a carry out of
+      the mantissa moves into the exponent field, which is the next binade's first
+      value, as it should be. Subtracting ``(127 - bias) << mb`` rebiases the exponent.
+      ``y`` is clamped to ``fmt.max`` first, and nothing below max rounds past it.
+    * subnormal range: the rounding addition of :func:`fp8_grid_values`
+      (``|y| + m``, ``m = 1.5 * 2**23 * fmt.min_subnormal``); the sum's low bits minus
+      ``m``'s are the number of subnormal steps, the code. A value that rounds up to
+      ``min_normal`` counts ``2**mb`` steps: the code of ``min_normal``.
+    * the sign is fp32's bit 31 moved to bit 7 (``-0`` and tiny negatives give ``-0``).
+
+    NaN or inf inputs give meaningless codes (callers check amaxes first). The integer
+    constants are plain Python arithmetic so that ``torch.compile`` traces them too.
+    """
+    if fmt not in (E4M3, E5M2):
+        raise ValueError(f"fp8_codes supports e4m3 and e5m2, got {fmt.name}")
+    if y.dtype != torch.float32:  # the bits rounded are fp32's
+        raise TypeError(f"fp8_codes needs float32 input, got {y.dtype}")
+    mb = fmt.mantissa_bits
+    dropped = 23 - mb
+    y = y.clamp(-fmt.max, fmt.max)
+    bits = y.view(torch.int32)
+    magnitude = bits & 0x7FFFFFFF
+    lowest_kept = (magnitude >> dropped) & 1
+    normal = ((magnitude + ((1 << (dropped - 1)) - 1) + lowest_kept) >> dropped) \
+        - ((127 - fmt.bias) << mb)
+    # m = 1.5 * 2**(24 - bias - mb): exponent field 151 - bias - mb, top mantissa bit set
+    magic_bits = ((151 - fmt.bias - mb) << 23) | (1 << 22)
+    magic = 1.5 * 2.0**23 * fmt.min_subnormal
+    subnormal = (magnitude.view(torch.float32) + magic).view(torch.int32) - magic_bits
+    min_normal_bits = (128 - fmt.bias) << 23  # 2**(1 - bias)
+    code = torch.where(magnitude < min_normal_bits, subnormal, normal)
+    sign = (bits >> 24) & 0x80  # arithmetic shift: bit 31 -> bit 7
     return (code | sign).to(torch.uint8)
