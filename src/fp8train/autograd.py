@@ -35,7 +35,7 @@ import torch
 
 from fp8train.history import AmaxHistory
 from fp8train.kernels import Kernels, Saved
-from fp8train.matmul import scaled_mm
+from fp8train.matmul import autocast_off, scaled_mm
 from fp8train.recipes import Recipe
 from fp8train.scaling import (
     Granularity,
@@ -286,7 +286,7 @@ class _Fp8Linear(torch.autograd.Function):
         recipe = state.recipe
         out_dtype = _compute_dtype(x)
         in_shape = x.shape
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             x2d = x.reshape(-1, in_shape[-1])  # (M, K)
             work = _work_dtype(out_dtype, recipe.input, recipe.weight)
             # What backward keeps in FP8 (so only these payloads are made): x, if the
@@ -344,7 +344,7 @@ class _Fp8Linear(torch.autograd.Function):
         work_w = _work_dtype(gdtype, recipe.grad_output, recipe.input)
         fp8_dgrad = ctx.needs_input_grad[0] and recipe.fp8_dgrad
         fp8_wgrad = ctx.needs_input_grad[1] and recipe.fp8_wgrad
-        with torch.autocast(dy.device.type, enabled=False):
+        with autocast_off(dy.device.type):
             # Every operand the two backward GEMMs quantise, in one kernel call: dy, and
             # along the other axis where the recipe's scales change with it, the weight,
             # dy^T and the input; the same call restores the saved FP8 copies reused as
