@@ -17,6 +17,7 @@ from fp8train.scaling import (
     ScaleSpec,
     apply_scale_and_cast,
     compute_amax,
+    expand_scale,
     scale_from_amax,
 )
 from fp8train.testing import assert_bitwise_equal
@@ -50,6 +51,51 @@ def test_cast_with_operand_matches_reference_pipeline(name: str, dtype: torch.dt
         assert operand is not None
         assert_bitwise_equal(operand, expected_operand, f"{kernels.mode} {name} operand")
         assert_bitwise_equal(kernels.amax(x, spec), compute_amax(x, spec), f"{kernels.mode} amax")
+
+
+OWN_AMAX_SPECS = {
+    "e4m3-tensor": ScaleSpec(),
+    "e4m3-tensor-margin": ScaleSpec(margin=1),
+    "e5m2-tensor-pow2": ScaleSpec(fmt="e5m2", power_of_two=True),
+    "e4m3-row": ScaleSpec(granularity=G.ROW),
+    "e5m2-row": ScaleSpec(fmt="e5m2", granularity=G.ROW),
+    "e4m3-col-pow2": ScaleSpec(granularity=G.ROW, axis=0, power_of_two=True),
+    "e4m3-block1x128": ScaleSpec(granularity=G.BLOCK, block=(1, 128)),
+    "e5m2-block128-pow2": ScaleSpec(fmt="e5m2", granularity=G.BLOCK, block=(128, 128),
+                                    power_of_two=True),
+    "e4m3-mx": ScaleSpec(granularity=G.MX, block=(1, 32)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", list(OWN_AMAX_SPECS))
+def test_current_scaling_without_clamp_matches_reference(name: str, dtype: torch.dtype) -> None:
+    """quantize_current skips the saturating clamp where the scale comes from the tensor's
+    own amax (not MX): every |x * scale| then stays within a few fp32 ulps of max, which
+    rounds to max by itself. Rows scaled by 3000 random factors give 3000 amaxes per
+    tensor for row and block scales; the tensorwise amax is set to 1.2109375 * 2**5, for
+    which fp32's max / amax rounds up. So products land just above max before rounding
+    (asserted where the scale is not rounded down); payload and operand must equal the
+    reference pipeline's (fp8train.quantize, which clamps), eager and compiled."""
+    spec = OWN_AMAX_SPECS[name]
+    gen = torch.Generator().manual_seed(7)
+    rows = torch.exp2(torch.rand(3000, 1, generator=gen) * 40 - 20)  # 2^-20 .. 2^20
+    x = (torch.randn(3000, 256, generator=gen) * rows).to(dtype)
+    if spec.granularity is G.TENSOR:
+        x = torch.randn(3000, 256, generator=gen).clamp(-1, 1).to(dtype) * (1.2109375 * 32)
+    reference = fp8train.quantize(x, spec)
+    if spec.granularity is not G.MX and spec.margin == 0 and not spec.power_of_two:
+        products = x.float() * expand_scale(reference.scale, tuple(x.shape), spec)
+        assert bool((products.abs() > spec.fmt.max).any()), "no product above max: test is moot"
+    work = torch.bfloat16 if spec.scales_are_power_of_two else torch.float32
+    for kernels in (Kernels("eager"), COMPILED):
+        amax, scale, payload, operand = kernels.quantize_current(x, spec, work)
+        assert_bitwise_equal(amax, compute_amax(x, spec), f"{kernels.mode} {name} amax")
+        assert_bitwise_equal(scale, reference.scale, f"{kernels.mode} {name} scale")
+        assert_bitwise_equal(payload, reference.data, f"{kernels.mode} {name} payload")
+        assert_bitwise_equal(operand, reference.dequantize(work), f"{kernels.mode} {name} operand")
+        _, _, codes_only, _ = kernels.quantize_current(x, spec, None)
+        assert_bitwise_equal(codes_only, reference.data, f"{kernels.mode} {name} codes")
 
 
 def test_operand_is_optional() -> None:

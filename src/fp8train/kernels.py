@@ -46,6 +46,7 @@ import torch
 from fp8train.cast import cast_finite, fp8_codes, fp8_grid_bytes, fp8_grid_values
 from fp8train.formats import E4M3, E5M2
 from fp8train.scaling import (
+    Granularity,
     ScaleSpec,
     compute_amax,
     multiply_by_scale,
@@ -76,7 +77,7 @@ def grid_arithmetic(spec: ScaleSpec) -> bool:
 
 def cast_with_operand(
     x2d: torch.Tensor, scale: torch.Tensor, spec: ScaleSpec, operand_dtype: torch.dtype | None,
-    keep_payload: bool = True,
+    keep_payload: bool = True, own_amax_scale: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(payload, operand)``: ``payload = cast(x * scale)`` and, if ``operand_dtype`` is
     given, ``operand = payload * (1 / scale)`` in that dtype (what ``dequantize`` gives).
@@ -86,15 +87,20 @@ def cast_with_operand(
     computed in fp32 arithmetic, without the FP8 conversions (the same bits: the values
     are those of the payload). Elsewhere the payload is returned anyway.
 
+    ``own_amax_scale=True``: ``scale`` is ``scale_from_amax`` of ``x2d``'s own amax, so
+    for every granularity but MX no product can round past ``fmt.max`` and the grid
+    arithmetic skips its clamp (the bound is argued in fp8train/cast.py; the same bits).
+
     ``x2d`` must be finite (the caller checked its amax). Upcasting before scaling keeps
     eager and compiled rounding identical.
     """
     scaled = multiply_by_scale(x2d, scale, spec)
     if grid_arithmetic(spec):
         assert spec.fmt.torch_dtype is not None
+        clamp = not (own_amax_scale and spec.granularity is not Granularity.MX)
         if operand_dtype is None:  # the codes alone: rounded on the bits, no values
-            return fp8_codes(scaled, spec.fmt).view(spec.fmt.torch_dtype), None
-        values = fp8_grid_values(scaled, spec.fmt)
+            return fp8_codes(scaled, spec.fmt, clamp=clamp).view(spec.fmt.torch_dtype), None
+        values = fp8_grid_values(scaled, spec.fmt, clamp=clamp)
         payload = None
         if keep_payload:  # from the values made anyway: fewer operations than fp8_codes
             payload = fp8_grid_bytes(values, spec.fmt).view(spec.fmt.torch_dtype)
@@ -117,7 +123,8 @@ def quantize_current(
     """
     amax = compute_amax(x2d, spec)
     scale = scale_from_amax(amax, spec)
-    payload, operand = cast_with_operand(x2d, scale, spec, operand_dtype, keep_payload)
+    payload, operand = cast_with_operand(x2d, scale, spec, operand_dtype, keep_payload,
+                                         own_amax_scale=True)
     return amax, scale, payload, operand
 
 
