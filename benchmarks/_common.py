@@ -148,6 +148,25 @@ def time_median(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 7) 
     return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
 
 
+def time_interleaved(fns: Sequence[Callable[[], object]], *, warmup: int = 2,
+                     repeats: int = 7) -> list[dict[str, Any]]:
+    """:func:`time_median` of each of ``fns``, their runs alternating (A B A B ...), so
+    that a change in machine load hits all of them alike."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [{"median_s": statistics.median(ts), "min_s": min(ts), "times_s": ts}
+            for ts in times]
+
+
 def gb_per_s(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
 
