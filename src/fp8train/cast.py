@@ -296,7 +296,7 @@ def fp8_codes(y: torch.Tensor, fmt: Format, *, clamp: bool = True) -> torch.Tens
       bits and shifting right by ``s`` rounds to nearest, ties to even; a carry out of
       the mantissa moves into the exponent field, which is the next binade's first
       value, as it should be. Subtracting ``(127 - bias) << mb`` rebiases the exponent.
-      ``y`` is clamped to ``fmt.max`` first, and nothing below max rounds past it.
+      ``y`` is clamped to ``fmt.max`` first (or known not to round past it).
     * subnormal range: the rounding addition of :func:`fp8_grid_values`
       (``|y| + m``, ``m = 1.5 * 2**23 * fmt.min_subnormal``); the sum's low bits minus
       ``m``'s are the number of subnormal steps, the code. A value that rounds up to
@@ -304,8 +304,8 @@ def fp8_codes(y: torch.Tensor, fmt: Format, *, clamp: bool = True) -> torch.Tens
     * the sign is fp32's bit 31 moved to bit 7 (``-0`` and tiny negatives give ``-0``).
 
     ``clamp=False``: as in :func:`fp8_grid_values`. NaN or inf inputs give meaningless
-    codes (callers check amaxes first). The integer
-    constants are plain Python arithmetic so that ``torch.compile`` traces them too.
+    codes (callers check amaxes first). The integer constants are plain Python
+    arithmetic so that ``torch.compile`` traces them too.
     """
     if fmt not in (E4M3, E5M2):
         raise ValueError(f"fp8_codes supports e4m3 and e5m2, got {fmt.name}")
