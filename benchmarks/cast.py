@@ -13,9 +13,9 @@ memcpy says how far the cast is from a single streaming pass; each row's memcpy 
 alternately with it (its GB/s is in the row), so that both see the same machine load.
 
 Where the time goes (compiled kernels, recorded per row under ``parts``): the amax pass
-alone, the cast pass alone with a given scale (what one pass would cost), and, once per
-input, the price of writing the payload into freshly allocated memory against
-rewriting memory already touched (a compiled kernel allocates its outputs on every
+alone, the cast pass alone with the scale given (current scaling's cast pass, without
+the clamp a delayed scale would need), and, once per phase, the price of writing a
+payload-sized buffer into a new allocation against rewriting memory already touched (a compiled kernel allocates its outputs on every
 call; on this VM the first touch of fresh pages is a large part of the cast).
 
 Allocator: everything is timed twice, first with the default allocator, then (compiled
@@ -113,6 +113,8 @@ def bench_input(
                 "cast_pass_given_scale_s": time_median(
                     # The scale is x's own (as quantize_current's), so the same arithmetic
                     # (no saturating clamp where that is exact; kernels.cast_with_operand).
+                    # Positional (compiled kernels take no keywords): keep_payload=True,
+                    # own_amax_scale=True.
                     functools.partial(compiled.cast_with_operand, x, q.scale, spec, None,
                                       True, True),
                     warmup=warmup, repeats=repeats)["median_s"],
@@ -142,13 +144,15 @@ def bench_input(
 
 
 def first_touch_cost(nbytes: int, warmup: int, repeats: int) -> dict[str, float]:
-    """Seconds to write ``nbytes`` into a fresh allocation against into a reused one."""
+    """Seconds to write ``nbytes`` into a new allocation against into a reused one (a new
+    allocation is fresh pages with the default allocator, reused heap with freed memory
+    kept)."""
     reused = torch.empty(nbytes, dtype=torch.uint8)
     reused.fill_(1)
-    fresh = time_median(lambda: torch.empty(nbytes, dtype=torch.uint8).fill_(1),
-                        warmup=warmup, repeats=repeats)["median_s"]
+    new = time_median(lambda: torch.empty(nbytes, dtype=torch.uint8).fill_(1),
+                      warmup=warmup, repeats=repeats)["median_s"]
     again = time_median(lambda: reused.fill_(1), warmup=warmup, repeats=repeats)["median_s"]
-    return {"bytes": nbytes, "fresh_s": fresh, "reused_s": again}
+    return {"bytes": nbytes, "new_allocation_s": new, "reused_s": again}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,8 +234,8 @@ def report(phase: dict[str, Any]) -> None:
         [[r["input"], r["granularity"], r["median_s"] * 1e3, r["parts"]["amax_pass_s"] * 1e3,
           r["parts"]["cast_pass_given_scale_s"] * 1e3] for r in rows if r["parts"]]))
     for label, t in phase["first_touch"].items():
-        print(f"writing {label} into fresh memory: {t['fresh_s'] * 1e3:.1f} ms, into memory "
-              f"already touched: {t['reused_s'] * 1e3:.1f} ms")
+        print(f"writing {label} into a new allocation: {t['new_allocation_s'] * 1e3:.1f} ms, "
+              f"into memory already touched: {t['reused_s'] * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ OWN_AMAX_SPECS = {
     "e5m2-tensor-pow2": ScaleSpec(fmt="e5m2", power_of_two=True),
     "e4m3-row": ScaleSpec(granularity=G.ROW),
     "e5m2-row": ScaleSpec(fmt="e5m2", granularity=G.ROW),
+    "e4m3-col": ScaleSpec(granularity=G.ROW, axis=0),
     "e4m3-col-pow2": ScaleSpec(granularity=G.ROW, axis=0, power_of_two=True),
     "e4m3-block1x128": ScaleSpec(granularity=G.BLOCK, block=(1, 128)),
     "e5m2-block128-pow2": ScaleSpec(fmt="e5m2", granularity=G.BLOCK, block=(128, 128),
@@ -71,18 +72,21 @@ OWN_AMAX_SPECS = {
 @pytest.mark.parametrize("name", list(OWN_AMAX_SPECS))
 def test_current_scaling_without_clamp_matches_reference(name: str, dtype: torch.dtype) -> None:
     """quantize_current skips the saturating clamp where the scale comes from the tensor's
-    own amax (not MX): every |x * scale| then stays within a few fp32 ulps of max, which
-    rounds to max by itself. Rows scaled by 3000 random factors give 3000 amaxes per
-    tensor for row and block scales; the tensorwise amax is set to 1.2109375 * 2**5, for
-    which fp32's max / amax rounds up. So products land just above max before rounding
-    (asserted where the scale is not rounded down); payload and operand must equal the
-    reference pipeline's (fp8train.quantize, which clamps), eager and compiled."""
+    own amax (not MX): every |x * scale| then stays within an fp32 ulp or two of max,
+    which rounds to max by itself. Rows and columns scaled by random factors give
+    hundreds to thousands of amaxes per tensor for row, column and block scales (200
+    columns: partial 1x128, 128x128 and 1x32 tiles); the tensorwise amax is set to
+    1.2109375 * 2**5, for which fp32's max / amax rounds up. So products land just above
+    max before rounding (asserted where the scale is not rounded down); payload and
+    operand must equal the reference pipeline's (fp8train.quantize, which clamps), eager
+    and compiled."""
     spec = OWN_AMAX_SPECS[name]
     gen = torch.Generator().manual_seed(7)
     rows = torch.exp2(torch.rand(3000, 1, generator=gen) * 40 - 20)  # 2^-20 .. 2^20
-    x = (torch.randn(3000, 256, generator=gen) * rows).to(dtype)
+    cols = torch.exp2(torch.rand(1, 200, generator=gen) * 8 - 4)
+    x = (torch.randn(3000, 200, generator=gen) * rows * cols).to(dtype)
     if spec.granularity is G.TENSOR:
-        x = torch.randn(3000, 256, generator=gen).clamp(-1, 1).to(dtype) * (1.2109375 * 32)
+        x = torch.randn(3000, 200, generator=gen).clamp(-1, 1).to(dtype) * (1.2109375 * 32)
     reference = fp8train.quantize(x, spec)
     if spec.granularity is not G.MX and spec.margin == 0 and not spec.power_of_two:
         products = x.float() * expand_scale(reference.scale, tuple(x.shape), spec)
@@ -96,6 +100,20 @@ def test_current_scaling_without_clamp_matches_reference(name: str, dtype: torch
         assert_bitwise_equal(operand, reference.dequantize(work), f"{kernels.mode} {name} operand")
         _, _, codes_only, _ = kernels.quantize_current(x, spec, None)
         assert_bitwise_equal(codes_only, reference.data, f"{kernels.mode} {name} codes")
+
+
+@pytest.mark.parametrize("name", ["e4m3-tensor", "e4m3-row", "e4m3-block1x128"])
+def test_given_scale_saturates(name: str) -> None:
+    """A given (delayed) scale is not the tensor's own: products far past max must still
+    saturate, so quantize_given keeps the clamp (eager and compiled)."""
+    spec = OWN_AMAX_SPECS[name]
+    x = torch.randn(64, 256) * torch.logspace(-2, 2, 256)
+    scale = scale_from_amax(compute_amax(x, spec), spec) * 8  # as if amax were 8x smaller
+    reference = apply_scale_and_cast(x, scale, spec)
+    assert bool((reference.float().abs() == spec.fmt.max).any()), "nothing saturated"
+    for kernels in (Kernels("eager"), COMPILED):
+        _, _, payload, _ = kernels.quantize_many((x,), (spec,), (None,), (scale,))[0]
+        assert_bitwise_equal(payload, reference, f"{kernels.mode} {name} given scale")
 
 
 def test_operand_is_optional() -> None:
