@@ -136,16 +136,7 @@ def time_median(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 7) 
     Returns ``{"median_s", "min_s", "times_s"}``. ``fn`` runs synchronously (CPU); a
     GPU benchmark must synchronise inside ``fn``.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"median_s": statistics.median(times), "min_s": min(times), "times_s": times}
+    return time_interleaved([fn], warmup=warmup, repeats=repeats)[0]
 
 
 def time_interleaved(fns: Sequence[Callable[[], object]], *, warmup: int = 2,

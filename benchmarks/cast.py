@@ -15,8 +15,9 @@ alternately with it (its GB/s is in the row), so that both see the same machine 
 Where the time goes (compiled kernels, recorded per row under ``parts``): the amax pass
 alone, the cast pass alone with the scale given (current scaling's cast pass, without
 the clamp a delayed scale would need), and, once per phase, the price of writing a
-payload-sized buffer into a new allocation against rewriting memory already touched (a compiled kernel allocates its outputs on every
-call; on this VM the first touch of fresh pages is a large part of the cast).
+payload-sized buffer into a new allocation against rewriting memory already touched (a
+compiled kernel allocates its outputs on every call; on this VM the first touch of
+fresh pages is a large part of the cast).
 
 Allocator: everything is timed twice, first with the default allocator, then (compiled
 kernels only) with glibc's malloc keeping freed memory (``_common.keep_freed_memory``).

@@ -30,11 +30,10 @@ gets a sibling for a row count outside them). The graph is traced by ``make_fx``
 compiled by inductor's ``standalone_compile``; the layer then calls inductor's code
 directly, without ``torch.compile``'s frame evaluation and guards (about 45 us a call,
 two calls per layer step: 2-9 ms off a lab GPT d128 step, tensorwise 1.27x -> 1.23x
-and rowwise 1.42x -> 1.35x of bf16 in an interleaved A/B, 2026-11-29).
-A static last dimension matters: with it symbolic,
-inductor's CPU code for 1x128, 128x128 and MX tiles ran 40-70 ms on a 2048x512 tensor
-(index arithmetic per element, no vectorisation), against about 1 ms with it static
-(benchmarks/cast.py, 2026-11-28).
+and rowwise 1.42x -> 1.35x of bf16 in an interleaved A/B, 2026-11-29). A static last
+dimension matters: with it symbolic, inductor's CPU code for 1x128, 128x128 and MX
+tiles ran 40-70 ms on a 2048x512 tensor (index arithmetic per element, no
+vectorisation), against about 1 ms with it static (benchmarks/cast.py, 2026-11-28).
 """
 
 from __future__ import annotations
@@ -419,11 +418,11 @@ class _StandaloneCompiled:
         tensors: list[torch.Tensor] = []
         key: list[Any] = []
         template = _flatten(args, tensors, key)
-        candidates = self.graphs.setdefault(tuple(key), [])
+        candidates = self.graphs.get(tuple(key), ())
         graph = next((g for g in candidates if g.holds is None or g.holds(tensors)), None)
         if graph is None:
             graph = self.compile_graph(template, tensors)
-            candidates.append(graph)
+            self.graphs.setdefault(tuple(key), []).append(graph)
         outs = graph.run(*tensors)
         if graph.e5m2:
             outs = [o.view(torch.float8_e5m2) if i in graph.e5m2 else o

@@ -7,6 +7,7 @@ pytest, so benchmarks and notebooks can use them too.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -16,6 +17,7 @@ from fp8train.formats import Format, by_name
 __all__ = [
     "all_codes",
     "assert_bitwise_equal",
+    "assert_nested_bitwise_equal",
     "grid_probes",
     "random_over_binades",
     "sqnr",
@@ -93,6 +95,24 @@ def assert_bitwise_equal(a: torch.Tensor, b: torch.Tensor, what: str = "") -> No
         f"{label}{n_bad} of {a.numel()} elements differ (shape {tuple(a.shape)}, "
         f"dtype {a.dtype}); first {len(lines)}:\n" + "\n".join(lines)
     )
+
+
+def assert_nested_bitwise_equal(got: Any, expected: Any, what: str = "") -> None:
+    """:func:`assert_bitwise_equal` through nested dicts (same keys), tuples and lists
+    (same lengths); any other leaf must compare equal with ``==``."""
+    if isinstance(expected, dict):
+        assert isinstance(got, dict) and set(got) == set(expected), what
+        for key in expected:
+            assert_nested_bitwise_equal(got[key], expected[key], f"{what}.{key}")
+    elif isinstance(expected, (tuple, list)):
+        assert isinstance(got, type(expected)) and len(got) == len(expected), what
+        for i, (g, e) in enumerate(zip(got, expected)):
+            assert_nested_bitwise_equal(g, e, f"{what}[{i}]")
+    elif isinstance(expected, torch.Tensor):
+        assert isinstance(got, torch.Tensor), what
+        assert_bitwise_equal(got, expected, what)
+    else:
+        assert got == expected, f"{what}: {got!r} != {expected!r}"
 
 
 def all_codes(fmt: Format | str) -> torch.Tensor:

@@ -34,7 +34,7 @@ from torch import nn
 import fp8train
 from fp8train import RECIPE_NAMES, Fp8Linear, Granularity, Recipe, ScaledTensor, quantize
 from fp8train.autograd import NonFiniteWarning
-from fp8train.testing import assert_bitwise_equal, sqnr
+from fp8train.testing import assert_bitwise_equal, assert_nested_bitwise_equal, sqnr
 
 BATCH, SEQ, K, N = 4, 37, 256, 384
 M = BATCH * SEQ  # 148 tokens
@@ -655,17 +655,6 @@ def _history_snapshot(model: nn.Module) -> dict[str, Any]:
     return layers
 
 
-def _assert_same_state(a: Any, b: Any, what: str) -> None:
-    if isinstance(a, dict):
-        assert set(a) == set(b), what
-        for key in a:
-            _assert_same_state(a[key], b[key], f"{what}.{key}")
-    elif isinstance(a, torch.Tensor):
-        assert_bitwise_equal(a, b, what)
-    else:
-        assert a == b, f"{what}: {a!r} != {b!r}"
-
-
 def _nan_step(data: Data) -> tuple[nn.Module, dict[str, Any], torch.Tensor, Any]:
     """A delayed 3-layer model after one clean step, then one step with a NaN input."""
     model = fp8train.convert(ThreeLayer(), "delayed")
@@ -698,7 +687,7 @@ def test_nan_input_leaves_input_and_grad_histories_and_scales_unchanged(data: Da
     after = _history_snapshot(model)
     for name in LAYER_NAMES:
         for role in ("input", "grad_output"):
-            _assert_same_state(after[name]["histories"][role], before[name]["histories"][role],
+            assert_nested_bitwise_equal(after[name]["histories"][role], before[name]["histories"][role],
                                f"{name}.{role}")
         # Every scale the next step would use is unchanged (the weight's included).
         layer = model.get_submodule(name)
@@ -715,7 +704,7 @@ def test_nan_input_leaves_every_history_bitwise_unchanged(data: Data) -> None:
     # counters move, by exactly the events the warnings reported.
     after = _history_snapshot(model)
     for name in LAYER_NAMES:
-        _assert_same_state(after[name]["histories"], before[name]["histories"],
+        assert_nested_bitwise_equal(after[name]["histories"], before[name]["histories"],
                            f"{name} histories")
         assert after[name]["nonfinite"]["input"] == before[name]["nonfinite"]["input"] + 1
 
@@ -739,7 +728,7 @@ def test_inf_in_dy_gives_non_finite_grads_and_skips_the_history(name: str, data:
     after = layer.fp8_state.state_dict()
     assert after["nonfinite"]["grad_output"] == 1
     if "grad_output" in before["histories"]:
-        _assert_same_state(after["histories"]["grad_output"], before["histories"]["grad_output"],
+        assert_nested_bitwise_equal(after["histories"]["grad_output"], before["histories"]["grad_output"],
                            "grad_output history")
 
 
