@@ -14,7 +14,10 @@ alternately with it (its GB/s is in the row), so that both see the same machine 
 
 Where the time goes (compiled kernels, recorded per row under ``parts``): the amax pass
 alone, the cast pass alone with the scale given (current scaling's cast pass, without
-the clamp a delayed scale would need), and, once per phase, the price of writing a
+the clamp a delayed scale would need), a streaming read of the input (eager
+``x.max()``, what one pass over it costs at the machine's read bandwidth), for rowwise
+the same kernel with amax and cast in one loop per row (``rowwise_in_one_loop``: does
+the second read cost what it seems to?), and, once per phase, the price of writing a
 payload-sized buffer into a new allocation against rewriting memory already touched (a
 compiled kernel allocates its outputs on every call; on this VM the first touch of
 fresh pages is a large part of the cast).
@@ -55,7 +58,9 @@ from _common import (
 )
 
 from fp8train import E4M3, Granularity, ScaleSpec, quantize
+from fp8train.cast import fp8_codes
 from fp8train.kernels import Kernels
+from fp8train.scaling import compute_amax, multiply_by_scale, scale_from_amax
 
 MIB = 2**20
 NBYTES = 64 * MIB
@@ -72,6 +77,19 @@ SPECS = {
     "block 128x128": ScaleSpec(fmt=E4M3, granularity=G.BLOCK, block=(128, 128)),
     "mx 1x32": ScaleSpec(fmt=E4M3, granularity=G.MX, block=(1, 32)),
 }
+
+
+def rowwise_in_one_loop(x: torch.Tensor, spec: ScaleSpec) -> tuple[torch.Tensor, ...]:
+    """Row-wise current scaling as ``Kernels.quantize_current`` computes it (the same
+    bits), written so that inductor puts each row's amax and cast in one loop: the cast
+    computes the scale inline from the amax, and the scale output is a 16-wide buffer
+    whose loop is not vectorised across rows (a loop over rows in steps of 16, as inductor
+    makes for a plain (M, 1) scale, stops it fusing the amax and cast loops; torch 2.13)."""
+    amax = compute_amax(x, spec)
+    scaled = multiply_by_scale(x, scale_from_amax(amax, spec), spec)
+    payload = fp8_codes(scaled, spec.fmt, clamp=False).view(torch.float8_e4m3fn)
+    scale = scale_from_amax(amax, spec).expand(-1, 16).contiguous()[:, :1]
+    return amax, scale, payload
 
 
 def bench_input(
@@ -119,7 +137,17 @@ def bench_input(
                     functools.partial(compiled.cast_with_operand, x, q.scale, spec, None,
                                       True, True),
                     warmup=warmup, repeats=repeats)["median_s"],
+                "streaming_read_s": time_median(x.max, warmup=warmup,
+                                                repeats=repeats)["median_s"],
             }
+            if spec.granularity is G.ROW:
+                one_loop = torch.compile(rowwise_in_one_loop, dynamic=False)
+                _, scale, payload = one_loop(x, spec)
+                assert torch.equal(payload.view(torch.uint8), q.data.view(torch.uint8))
+                assert torch.equal(scale, q.scale)
+                parts["rowwise_in_one_loop_s"] = time_median(
+                    functools.partial(one_loop, x, spec), warmup=warmup,
+                    repeats=repeats)["median_s"]
         gbs = gb_per_s(in_bytes + out_bytes, timing["median_s"])
         rows.append(
             {
@@ -229,11 +257,14 @@ def report(phase: dict[str, Any]) -> None:
             ],
         )
     )
-    print("\nwhere the compiled time goes (ms): amax pass alone, cast pass alone (scale given)")
+    print("\nwhere the compiled time goes (ms): amax pass alone, cast pass alone (scale "
+          "given), one streaming read (x.max()), rowwise with amax and cast in one loop")
     print(format_table(
-        ["input", "granularity", "total", "amax pass", "cast pass"],
+        ["input", "granularity", "total", "amax pass", "cast pass", "read", "one loop"],
         [[r["input"], r["granularity"], r["median_s"] * 1e3, r["parts"]["amax_pass_s"] * 1e3,
-          r["parts"]["cast_pass_given_scale_s"] * 1e3] for r in rows if r["parts"]]))
+          r["parts"]["cast_pass_given_scale_s"] * 1e3, r["parts"]["streaming_read_s"] * 1e3,
+          r["parts"].get("rowwise_in_one_loop_s", float("nan")) * 1e3]
+         for r in rows if r["parts"]]))
     for label, t in phase["first_touch"].items():
         print(f"writing {label} into a new allocation: {t['new_allocation_s'] * 1e3:.1f} ms, "
               f"into memory already touched: {t['reused_s'] * 1e3:.1f} ms")

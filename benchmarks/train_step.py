@@ -15,7 +15,12 @@ kernels, compiled-call dispatch (dynamo's guards and wrappers; near zero since t
 kernels are called without torch.compile, their remaining wrappers count as the FP8
 autograd function's Python), the FP8 autograd function's Python, and everything else,
 so the gap to bf16 has a measured cause.
-Results: benchmarks/results/train_step-<date>.json.
+``--compile-model`` wraps every precision's model, bf16's too, in ``torch.compile``
+(each FP8 layer stays a graph break: see fp8train/autograd.py), to show what compiling
+the rest of the model (LayerNorm, attention, GELU) does to the ratio; a
+``bf16-uncompiled`` row is added to compare with the plain run.
+Results: benchmarks/results/train_step-<date>.json (``-d<width>`` for another d_model,
+``-compile-model`` with that flag).
 """
 
 from __future__ import annotations
@@ -78,9 +83,13 @@ def main() -> None:
         ["bf16", "fp32", *fp8train.RECIPE_NAMES,
          *(r + "+fp8act" for r in ("tensorwise", "rowwise", "blockwise", "mxfp8"))]))
     parser.add_argument("--d-model", type=int, default=SHAPE["d_model"])
+    parser.add_argument("--compile-model", action="store_true",
+                        help="run every model (bf16 too) under torch.compile")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     precisions = args.precisions.split(",")
+    if args.compile_model and "bf16-uncompiled" not in precisions:
+        precisions.append("bf16-uncompiled")
     shape = {**SHAPE, "d_model": args.d_model}
 
     torch.manual_seed(0)
@@ -91,14 +100,16 @@ def main() -> None:
     for p in precisions:
         model = copy.deepcopy(base)
         recipe = p.removesuffix("+fp8act")
-        if recipe not in ("bf16", "fp32"):
+        if recipe not in ("bf16", "fp32", "bf16-uncompiled"):
             fp8train.convert(model, recipe, kernels=args.kernels)
         if p.endswith("+fp8act"):
             storage[p] = fp8train.Fp8SavedActivations(recipe, kernels=args.kernels)
-        runs[p] = (model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        compiled = args.compile_model and p != "bf16-uncompiled"
+        runs[p] = (torch.compile(model) if compiled else model, opt, model)
 
     def step(p: str, counter: SavedTensorBytes | None = None) -> float:
-        model, opt = runs[p]
+        model, opt, _ = runs[p]
         store = storage.get(p)
         if store is not None:
             store.observer = counter.pack if counter is not None else None
@@ -116,7 +127,7 @@ def main() -> None:
 
     saved = {}
     for p in precisions:
-        counter = SavedTensorBytes(runs[p][0].parameters())
+        counter = SavedTensorBytes(runs[p][2].parameters())
         step(p, counter)  # also the first warm-up step (compiles the kernels)
         saved[p] = counter.total
     times: dict[str, list[float]] = {p: [] for p in precisions}
@@ -157,9 +168,11 @@ def main() -> None:
     if not args.no_write:
         # The default preset keeps the plain name; other widths get their own file.
         name = "train_step" if shape == SHAPE else f"train_step-d{shape['d_model']}"
+        name += "-compile-model" if args.compile_model else ""
         path = _common.write_results(name, {
             "config": {"model": shape, "batch": BATCH, "steps": args.steps,
                        "warmup": args.warmup, "kernels": args.kernels,
+                       "compile_model": args.compile_model,
                        "threads": torch.get_num_threads()},
             "targets": targets, "verdict": verdict, "results": results})
         print(f"wrote {path}")

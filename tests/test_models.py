@@ -4,6 +4,7 @@ Face Llama built from a small config (no download), eager and under torch.compil
 from __future__ import annotations
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -114,3 +115,28 @@ def test_gpt_trains_compiled() -> None:
     eager = _train_steps(eager_model, 3)
     assert all(torch.isfinite(torch.tensor(compiled)))
     assert compiled == pytest.approx(eager, rel=2e-2)
+
+
+def test_compiled_model_breaks_only_at_fp8_layers_and_compiles_their_kernels(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torch.compile(model) every graph break is the FP8 layer's own boundary (not
+    its host-side finite check inside the autograd function), and the layers quantise
+    with the compiled kernels although convert() left them eager."""
+    autograd_module = importlib.import_module("fp8train.autograd")
+    torch.manual_seed(0)
+    model = fp8train.convert(_gpt(), "rowwise")
+    layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    assert all(m.fp8_state.kernels.mode == "eager" for m in layers)
+    idx = torch.randint(0, 256, (2, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explanation = torch._dynamo.explain(model)(idx)
+    reasons = [str(b.reason) for b in explanation.break_reasons]
+    assert reasons and all("_fp8_linear_with_compiled_kernels" in r for r in reasons), reasons
+
+    calls = []
+    real = autograd_module._compiled_kernels
+    monkeypatch.setattr(autograd_module, "_compiled_kernels",
+                        lambda: calls.append(1) or real())
+    torch._dynamo.reset()
+    _train_steps(model, 1, compiled=True)
+    assert len(calls) == len(layers), "one forward per FP8 layer, each with compiled kernels"
