@@ -158,8 +158,8 @@ def _dequantised(src: torch.Tensor | Saved, kernels: Kernels) -> torch.Tensor:
 
 
 def _quantize_gemm_operands(
-    state: LayerState, kernels: Kernels, operands: list[Operand], restore: tuple[Saved, ...] = (),
-    stored: tuple[str, ...] = (),
+    state: LayerState, kernels: Kernels, operands: list[Operand],
+    restore: tuple[Saved, ...] = (), stored: tuple[str, ...] = (),
 ) -> tuple[list[ScaledTensor] | None, list[torch.Tensor]]:
     """Quantise the operands of one layer step: amax -> scale -> cast; None (reported)
     if any operand holds NaN/inf. Also returns the GEMM operands of the saved payloads
@@ -296,7 +296,8 @@ class _Fp8Linear(torch.autograd.Function):
             keep_w = _reusable_transposed(recipe.weight) and recipe.fp8_dgrad
             stored = (("input",) if keep_x else ()) + (("weight",) if keep_w else ())
             quantized, _ = _quantize_gemm_operands(
-                state, kernels, [(x2d, recipe.input, "input", work), (weight, recipe.weight, "weight", work)],
+                state, kernels,
+                [(x2d, recipe.input, "input", work), (weight, recipe.weight, "weight", work)],
                 stored=stored)
             qx, qw = quantized if quantized is not None else (None, None)
             if qx is not None and qw is not None:
