@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import itertools
 
 import pytest
 import torch
@@ -117,26 +118,47 @@ def test_gpt_trains_compiled() -> None:
     assert compiled == pytest.approx(eager, rel=2e-2)
 
 
+class _Stack(nn.Module):
+    """Linear + GELU layers of the given widths."""
+
+    def __init__(self, widths: list[int]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(widths))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = nn.functional.gelu(layer(x))
+        return x
+
+
 def test_compiled_model_breaks_only_at_fp8_layers_and_compiles_their_kernels(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Under torch.compile(model) every graph break is the FP8 layer's own boundary (not
-    its host-side finite check inside the autograd function), and the layers quantise
-    with the compiled kernels although convert() left them eager."""
-    autograd_module = importlib.import_module("fp8train.autograd")
+    """Under torch.compile(model) every graph break is an FP8 layer's own boundary (not
+    its host-side finite check inside the autograd function), and every layer quantises
+    with the compiled kernels although convert() left them eager -- also past dynamo's
+    recompile limit of 8 frames, with more layer widths than that."""
+    nn_module = importlib.import_module("fp8train.nn")
     torch.manual_seed(0)
-    model = fp8train.convert(_gpt(), "rowwise")
-    layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
-    assert all(m.fp8_state.kernels.mode == "eager" for m in layers)
-    idx = torch.randint(0, 256, (2, 32))
+    gpt = fp8train.convert(_gpt(), "rowwise")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        explanation = torch._dynamo.explain(model)(idx)
+        explanation = torch._dynamo.explain(gpt)(torch.randint(0, 256, (2, 32)))
     reasons = [str(b.reason) for b in explanation.break_reasons]
-    assert reasons and all("_fp8_linear_with_compiled_kernels" in r for r in reasons), reasons
+    assert reasons and all("_forward_with_compiled_kernels" in r for r in reasons), reasons
 
-    calls = []
-    real = autograd_module._compiled_kernels
-    monkeypatch.setattr(autograd_module, "_compiled_kernels",
-                        lambda: calls.append(1) or real())
+    model = fp8train.convert(_Stack([32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 32]),
+                             "rowwise")
+    layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    assert len(layers) == 10 and all(m.fp8_state.kernels.mode == "eager" for m in layers)
+    modes: list[str] = []
+    real = nn_module.shared_kernels
+    monkeypatch.setattr(nn_module, "shared_kernels",
+                        lambda mode: modes.append(mode) or real(mode))
     torch._dynamo.reset()
-    _train_steps(model, 1, compiled=True)
-    assert len(calls) == len(layers), "one forward per FP8 layer, each with compiled kernels"
+    run = torch.compile(model)
+    x = torch.randn(4, 8, 32)
+    for _ in range(2):
+        modes.clear()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = run(x)
+        y.float().square().mean().backward()
+        assert modes == ["compiled"] * len(layers), modes

@@ -26,7 +26,6 @@ the layer reports it by name.
 
 from __future__ import annotations
 
-import functools
 import logging
 import warnings
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from typing import Any
 import torch
 
 from fp8train.history import AmaxHistory
-from fp8train.kernels import Kernels, Saved
+from fp8train.kernels import Kernels, Saved, shared_kernels
 from fp8train.matmul import autocast_off, scaled_mm
 from fp8train.recipes import Recipe
 from fp8train.scaling import (
@@ -410,12 +409,14 @@ class _Fp8Linear(torch.autograd.Function):
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               state: LayerState) -> torch.Tensor:
+               state: LayerState, kernels: Kernels | None = None) -> torch.Tensor:
     """``x @ weight.T + bias`` with the three GEMMs of ``state.recipe``.
 
     Output dtype: the autocast dtype when autocast is on for ``x``'s device, else
     ``x.dtype``; the bias is added in that dtype. Gradients: ``dx`` in ``x.dtype``,
     ``dW`` and ``db`` in the parameters' dtypes (fp32 master weights get fp32 grads).
+    ``kernels``: the kernel set of this call (default ``state.kernels``; the compiled
+    one under ``torch.compile``, see below).
     """
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(
@@ -427,29 +428,23 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         out: torch.Tensor = _fp8_linear_in_compiled_model(x, weight, bias, state)
         return out
     y: torch.Tensor = _Fp8Linear.apply(  # type: ignore[no-untyped-call]
-        x, weight, bias, state, state.kernels)
+        x, weight, bias, state, kernels or state.kernels)
     return y
 
 
-# Under torch.compile(model) each FP8 layer is a graph break placed here, and its
-# quantisation runs through the compiled kernels whatever the layer's own setting (the
-# same bits). dynamo cannot trace the layer whole: it decides on the host whether every
-# amax is finite before a scale or an amax history is used. Traced as far as that check,
-# with the eager kernels, the lab GPT d128 step ran 1.88x bf16's (tensorwise) against
-# 1.21-1.26x uncompiled, and the break in the middle of the autograd function made dynamo
-# recompile it per layer shape and dtype up to its recompile limit.
+# Under torch.compile each FP8 layer is a graph break of its own: dynamo cannot trace
+# the layer whole, as it decides on the host whether every amax is finite before a scale
+# or an amax history is used. The layer then runs outside the graph with the compiled
+# kernels whatever its own setting (the same bits). Left to dynamo, with the eager
+# kernels, the break fell at that check inside the autograd function, which dynamo
+# recompiled per layer shape and dtype, and the lab GPT d128 tensorwise step ran at
+# 1.88x bf16's (against 1.21-1.26x uncompiled). Fp8Linear crosses the break as a module
+# (fp8train/nn.py), so that the frame dynamo compiles around it guards no weight shape.
 def _fp8_linear_with_compiled_kernels(x: torch.Tensor, weight: torch.Tensor,
                                       bias: torch.Tensor | None, state: LayerState
                                       ) -> torch.Tensor:
-    y: torch.Tensor = _Fp8Linear.apply(  # type: ignore[no-untyped-call]
-        x, weight, bias, state, _compiled_kernels())
-    return y
+    return fp8_linear(x, weight, bias, state, shared_kernels("compiled"))
 
 
 _fp8_linear_in_compiled_model: Callable[..., torch.Tensor] = torch.compiler.disable(  # type: ignore[no-untyped-call]
     _fp8_linear_with_compiled_kernels)
-
-
-@functools.cache
-def _compiled_kernels() -> Kernels:
-    return Kernels("compiled")

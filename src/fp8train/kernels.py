@@ -67,6 +67,7 @@ __all__ = [
     "quantize_given",
     "quantize_many",
     "restore_many",
+    "shared_kernels",
 ]
 
 KernelMode = Literal["eager", "compiled"]
@@ -234,6 +235,12 @@ class Kernels:
 
     def __reduce__(self) -> tuple[Any, ...]:  # deepcopy/pickle rebuild instead of copying
         return (Kernels, (self.mode,))
+
+
+@functools.cache
+def shared_kernels(mode: KernelMode) -> Kernels:
+    """One :class:`Kernels` per mode, for callers that choose the set per call."""
+    return Kernels(mode)
 
 
 # How a compiled kernel's FP8 output is stored decides how inductor vectorises the
