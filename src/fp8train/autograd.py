@@ -416,7 +416,9 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     ``x.dtype``; the bias is added in that dtype. Gradients: ``dx`` in ``x.dtype``,
     ``dW`` and ``db`` in the parameters' dtypes (fp32 master weights get fp32 grads).
     ``kernels``: the kernel set of this call (default ``state.kernels``; the compiled
-    one under ``torch.compile``, see below).
+    one under ``torch.compile``, see below). Called directly in compiled code, this
+    function is a graph break whose frame dynamo recompiles per weight shape, as for any
+    function taking the weight; :class:`fp8train.Fp8Linear` passes the module instead.
     """
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(
