@@ -207,9 +207,8 @@ def _cast_native(x: torch.Tensor, fmt: Format, saturate: bool) -> torch.Tensor:
 # tensor's own amax as max / amax (optionally divided by 2**margin or rounded down to a
 # power of two) leaves every |x * scale| at most max * (1 + 2**-24)**2 after the two fp32
 # roundings: one or two fp32 ulps above max (one, over 2M random amaxes), far inside half
-# an FP8 step. MX's shared
-# exponent does not: its floor rule maps amax into [2**emax, 2**(emax + 1)), past
-# E4M3's 448, and relies on saturation.
+# an FP8 step. MX's shared exponent does not: its floor rule maps amax into
+# [2**emax, 2**(emax + 1)), past E4M3's 448, and relies on saturation.
 
 
 def fp8_grid_values(y: torch.Tensor, fmt: Format, *, clamp: bool = True) -> torch.Tensor:
@@ -305,8 +304,8 @@ def fp8_codes(y: torch.Tensor, fmt: Format, *, clamp: bool = True) -> torch.Tens
     * the sign is fp32's bit 31 moved to bit 7 (``-0`` and tiny negatives give ``-0``).
 
     ``clamp=False``: as in :func:`fp8_grid_values`. NaN inputs (and inf ones without
-    the clamp) give meaningless codes (callers check amaxes first). The integer constants are plain Python
-    arithmetic so that ``torch.compile`` traces them too.
+    the clamp) give meaningless codes (callers check amaxes first). The integer
+    constants are plain Python arithmetic so that ``torch.compile`` traces them too.
     """
     if fmt not in (E4M3, E5M2):
         raise ValueError(f"fp8_codes supports e4m3 and e5m2, got {fmt.name}")

@@ -687,8 +687,8 @@ def test_nan_input_leaves_input_and_grad_histories_and_scales_unchanged(data: Da
     after = _history_snapshot(model)
     for name in LAYER_NAMES:
         for role in ("input", "grad_output"):
-            assert_nested_bitwise_equal(after[name]["histories"][role], before[name]["histories"][role],
-                               f"{name}.{role}")
+            assert_nested_bitwise_equal(after[name]["histories"][role],
+                                        before[name]["histories"][role], f"{name}.{role}")
         # Every scale the next step would use is unchanged (the weight's included).
         layer = model.get_submodule(name)
         assert isinstance(layer, Fp8Linear)
@@ -705,7 +705,7 @@ def test_nan_input_leaves_every_history_bitwise_unchanged(data: Data) -> None:
     after = _history_snapshot(model)
     for name in LAYER_NAMES:
         assert_nested_bitwise_equal(after[name]["histories"], before[name]["histories"],
-                           f"{name} histories")
+                                    f"{name} histories")
         assert after[name]["nonfinite"]["input"] == before[name]["nonfinite"]["input"] + 1
 
 
@@ -728,8 +728,8 @@ def test_inf_in_dy_gives_non_finite_grads_and_skips_the_history(name: str, data:
     after = layer.fp8_state.state_dict()
     assert after["nonfinite"]["grad_output"] == 1
     if "grad_output" in before["histories"]:
-        assert_nested_bitwise_equal(after["histories"]["grad_output"], before["histories"]["grad_output"],
-                           "grad_output history")
+        assert_nested_bitwise_equal(after["histories"]["grad_output"],
+                                    before["histories"]["grad_output"], "grad_output history")
 
 
 def test_shape_mismatch_names_layer_and_both_shapes(data: Data) -> None:
