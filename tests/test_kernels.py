@@ -198,6 +198,16 @@ def test_layer_with_compiled_kernels_is_bitwise_equal_to_eager(recipe: str) -> N
             layer.fp8_state.observer = (
                 lambda st, role, t, q, mode=mode: seen[mode].append(
                     (st.name, role, q.data, q.scale)) if q is not None else None)
+    # Each layer's dy, summed in absolute value per column over both steps: what bounds
+    # the bias gradient's summation error (fp32 sums added in another order, bias_grad).
+    abs_dy: dict[str, dict[str, torch.Tensor]] = {m: {} for m in models}
+    for mode, model in models.items():
+        for name, layer in fp8_layers(model):
+            def record(_m: nn.Module, _gi: object, go: tuple[torch.Tensor, ...],
+                       name: str = name, mode: str = mode) -> None:
+                col = go[0].reshape(-1, go[0].shape[-1]).double().abs().sum(0)
+                abs_dy[mode][name] = abs_dy[mode].get(name, 0) + col
+            layer.register_full_backward_hook(record)
     x = torch.randn(3, 50, 128)
     results = {}
     for mode, model in models.items():
@@ -206,12 +216,23 @@ def test_layer_with_compiled_kernels_is_bitwise_equal_to_eager(recipe: str) -> N
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 y = model(xi)
             y.float().square().mean().backward()
-        results[mode] = [y, xi.grad] + [p.grad for p in model.parameters()]
+        results[mode] = [y, xi.grad] + [layer.weight.grad for _, layer in fp8_layers(model)]
     for (name, role, d_e, s_e), (_, _, d_c, s_c) in zip(seen["eager"], seen["compiled"], strict=True):
         assert_bitwise_equal(s_c, s_e, f"{recipe} {name} {role} scale")
         assert_bitwise_equal(d_c, d_e, f"{recipe} {name} {role} payload")
     for e, c in zip(results["eager"], results["compiled"], strict=True):
         assert_bitwise_equal(c, e, f"{recipe} output/grad")
+    # Bias gradients: any two fp32 summation orders of M terms differ by at most
+    # 2 (M - 1) u sum|dy| (u = 2**-24), per step; the two steps' sums are then added,
+    # one more rounding each (u |db|).
+    rows = x.shape[0] * x.shape[1]
+    layers = dict(fp8_layers(models["eager"]))
+    for name, layer in fp8_layers(models["compiled"]):
+        db_c, db_e = layer.bias.grad.double(), layers[name].bias.grad.double()
+        assert torch.equal(abs_dy["eager"][name], abs_dy["compiled"][name])  # same dy
+        bound = 2 * (rows - 1) * 2**-24 * abs_dy["eager"][name] + 2 * 2**-24 * db_e.abs()
+        excess = ((db_c - db_e).abs() - bound).max().item()
+        assert excess <= 0, f"{recipe} {name} bias grad: differs beyond fp32 summation by {excess}"
 
 
 @pytest.mark.parametrize("recipe", ["blockwise", "mxfp8"])
@@ -256,6 +277,23 @@ def test_lab_gpt_compiled_kernels_match_eager_over_steps(recipe: str) -> None:
     assert len(seen["eager"]) == len(seen["compiled"])
     for i, (e, c) in enumerate(zip(seen["eager"], seen["compiled"])):
         assert_bitwise_equal(c, e, f"{recipe} operand #{i}")
+
+
+@pytest.mark.parametrize("rows", [0, 1, 7, 300])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bias_grad_is_an_fp32_column_sum(dtype: torch.dtype, rows: int) -> None:
+    """Eager and compiled, the bias gradient is the column sum of dy accumulated in fp32:
+    within fp32 summation's error bound of the float64 sum, (M - 1) u sum|dy| (any order;
+    u = 2**-24), plus half an ulp for the final rounding to fp32."""
+    dy = (torch.randn(rows, 96) * torch.logspace(-3, 3, 96)).to(dtype)
+    exact = dy.double().sum(0)
+    bound = max(rows - 1, 0) * 2**-24 * dy.double().abs().sum(0) + 2**-24 * exact.abs()
+    for kernels in (Kernels("eager"), COMPILED):
+        db = kernels.bias_grad(dy, torch.float32)
+        assert db.dtype == torch.float32 and db.shape == (96,)
+        excess = ((db.double() - exact).abs() - bound).max().item()
+        assert excess <= 0, (
+            f"{kernels}: {rows}x96 {dtype} column sum off by {excess} beyond the bound")
 
 
 def test_one_call_for_many_operands_matches_one_call_each() -> None:

@@ -404,7 +404,7 @@ class _Fp8Linear(torch.autograd.Function):
 
             db = None
             if ctx.has_bias and ctx.needs_input_grad[2]:
-                db = dy2d.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+                db = ctx.kernels.bias_grad(dy2d, ctx.bias_dtype)
         return dx, dw, db, None, None
 
 

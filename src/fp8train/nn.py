@@ -108,7 +108,8 @@ def convert(
     ``kernels``: ``"eager"`` runs the quantisation with plain PyTorch ops; ``"compiled"``
     runs the same functions through ``torch.compile`` (fused into one pass per operand,
     several times faster on the CPU, a few seconds of compilation on first use). Both
-    give bitwise-identical results.
+    give bitwise-identical results, except the bias gradient: an fp32 column sum, added
+    in another order (:func:`fp8train.kernels.bias_grad`).
     """
     Kernels(kernels)  # validate before touching the model
     recipe = Recipe.from_name(recipe)
