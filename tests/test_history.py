@@ -93,6 +93,41 @@ def test_per_element_amax(shape: tuple[int, ...]) -> None:
         assert torch.equal(hrec.reduced(), a)
 
 
+@pytest.mark.parametrize("algo", ["max", "most_recent"])
+@pytest.mark.parametrize("shape", [(), (4, 1)], ids=str)
+def test_to_reduce_has_a_fixed_shape_and_reduces_to_reduced(algo: Algo,
+                                                           shape: tuple[int, ...]) -> None:
+    """What a kernel reduces in place of reduced(): the same values after every record
+    (the ring filling up and wrapping), in one shape throughout, so a compiled kernel
+    taking it compiles once. The values are negative (no real amax is): a window whose
+    unrecorded slots held zeros would then reduce to 0 before the ring is full."""
+    gen = torch.Generator().manual_seed(0)
+    seq = [torch.full(shape, -50.0)] + [-torch.rand(shape, generator=gen) * n
+                                        for n in range(1, 8)]
+    h = AmaxHistory(length=4, algo=algo)
+    shapes = set()
+    for n, a in enumerate(seq, start=1):
+        h.record(a)
+        window = h.to_reduce()
+        shapes.add(tuple(window.shape))
+        assert torch.equal(window.amax(dim=0), h.reduced()), f"after {n} records"
+    assert len(shapes) == 1
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_old_checkpoint_with_zeros_in_unrecorded_slots_reduces_the_same(count: int) -> None:
+    """Checkpoints saved before to_reduce kept zeros in the slots not yet recorded; once
+    loaded, the whole window's max is again the recorded amaxes' max. (The recorded
+    values are negative so that a zero left in place would win.)"""
+    h = AmaxHistory(length=4)
+    window = torch.zeros(4, 2)
+    window[:count] = -torch.arange(1.0, 2 * count + 1).reshape(count, 2)
+    h.load_state_dict({"version": 1, "length": 4, "algo": "max", "count": count,
+                       "window": window})
+    assert torch.equal(h.to_reduce().amax(dim=0), h.reduced())
+    assert torch.equal(h.reduced(), window[:count].amax(dim=0))
+
+
 def test_amax_is_stored_as_detached_fp32() -> None:
     h = AmaxHistory(length=2)
     a = torch.tensor(3.0, dtype=torch.bfloat16, requires_grad=True)

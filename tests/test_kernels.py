@@ -161,7 +161,7 @@ def test_layer_skipping_payloads_matches_keeping_them(recipe: str) -> None:
         prepare = state.kernels.prepare_gemm_operands
 
         def spy(sources, specs, *rest, prepare=prepare):  # type: ignore[no-untyped-def]
-            calls.append((tuple(s.fmt.name for s in specs), rest[-1]))
+            calls.append((tuple(s.fmt.name for s in specs), rest[3]))  # keep_payloads
             return prepare(sources, specs, *rest)
 
         state.kernels.prepare_gemm_operands = spy
@@ -366,6 +366,33 @@ def test_gemm_step_in_one_call_matches_the_separate_kernels() -> None:
             (bad, saved_x), (SPECS["e5m2-tensor"], col), (torch.bfloat16, torch.bfloat16),
             (None, None), ())
         assert bool(finite) is False, kernels.mode
+
+
+@pytest.mark.parametrize("algo", ["max", "most_recent"])
+def test_delayed_scale_from_the_window_in_the_kernel_call(algo: str) -> None:
+    """A delayed-scaling window handed to prepare_gemm_operands gives the bits of the
+    scale computed beforehand from history.reduced() and passed in, eager and compiled,
+    with the ring part full and wrapped alike."""
+    from fp8train import AmaxHistory
+    from fp8train.kernels import quantize_given
+
+    spec = SPECS["e5m2-tensor"]
+    dy = torch.randn(70, 96).bfloat16()
+    history = AmaxHistory(length=4, algo=algo)  # type: ignore[arg-type]
+    for n, amax in enumerate([3.0, 40.0, 0.5, 7.0, 2.0, 0.25], start=1):
+        history.record(torch.tensor(amax))
+        expected = quantize_given(dy, scale_from_amax(history.reduced(), spec), spec,
+                                  torch.bfloat16, False)
+        for kernels in (Kernels("eager"), COMPILED):
+            _, got, finite, _ = kernels.prepare_gemm_operands(
+                (dy,), (spec,), (torch.bfloat16,), (None,), (), (False,),
+                (history.to_reduce(),))
+            assert bool(finite)
+            for part, a, b in zip(("amax", "scale", "payload", "operand"), got[0], expected):
+                if b is None:
+                    assert a is None
+                else:
+                    assert_bitwise_equal(a, b, f"{kernels.mode} {algo} record {n} {part}")
 
 
 def _prepare_args(spec_names: tuple[str, str], rows: tuple[int, int]) -> tuple[object, ...]:

@@ -181,8 +181,9 @@ def _quantize_gemm_operands(
     gathered = [_gathered(t) if role == "weight" else None  # type: ignore[arg-type]
                 for t, _, role, _ in operands]
     # Fused: current scaling, and delayed scaling once its history holds an amax (the
-    # scale is known before the cast, so amax and cast share one pass over the tensor).
-    given: dict[int, torch.Tensor] = {}
+    # scale is known before the cast, so amax and cast share one pass over the tensor;
+    # the kernel call also reduces the history's window to that scale).
+    windows: dict[int, torch.Tensor] = {}
     fused_idx = []
     for i, (_, spec, role, _) in enumerate(operands):
         if gathered[i] is not None or spec.rounding != "nearest":
@@ -191,7 +192,7 @@ def _quantize_gemm_operands(
         if history is None:
             fused_idx.append(i)
         elif not history.empty:
-            given[i] = scale_from_amax(history.reduced(), spec)
+            windows[i] = history.to_reduce()
             fused_idx.append(i)
     sources = [t for t, _, _, _ in operands]
     fused: dict[int, tuple[Any, ...]] = {}
@@ -203,8 +204,8 @@ def _quantize_gemm_operands(
         keeps = tuple(keep_all or operands[i][2] in stored for i in fused_idx)
         dequantised, outs, finite, restored_t = kernels.prepare_gemm_operands(
             tuple(sources[i] for i in fused_idx), tuple(operands[i][1] for i in fused_idx),
-            tuple(operands[i][3] for i in fused_idx), tuple(given.get(i) for i in fused_idx),
-            restore, keeps)
+            tuple(operands[i][3] for i in fused_idx), (None,) * len(fused_idx),
+            restore, keeps, tuple(windows.get(i) for i in fused_idx))
         restored = list(restored_t)
         fused = dict(zip(fused_idx, outs))
         it = iter(dequantised)
@@ -253,7 +254,7 @@ def _quantize_gemm_operands(
 
     results = []
     for i, (t, spec, role, work, amax, q) in enumerate(pending):
-        if i in given:
+        if i in windows:
             state.histories[role].record(amax)  # its scale came from the history
         if q is None:
             scale = operand_scale(amax, spec, role, state)  # records delayed history

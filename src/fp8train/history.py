@@ -52,14 +52,32 @@ class AmaxHistory:
             return self.window[(self.count - 1) % self.length].clone()
         return self.window[: len(self)].amax(dim=0)
 
+    def to_reduce(self) -> torch.Tensor:
+        """A ``(n, *amax_shape)`` tensor whose max over dim 0 is :meth:`reduced`, with
+        ``n`` fixed for this history, so that a compiled kernel can take the reduction
+        into its own call and compile once: the whole window for ``"max"`` (slots not
+        yet recorded hold copies of the first amax, see :meth:`record`), the newest row
+        for ``"most_recent"`` (a view: read it before the next ``record``). Raises if
+        nothing was recorded yet."""
+        if self.window is None or self.count == 0:
+            raise RuntimeError("amax history is empty; record an amax first")
+        if self.algo == "most_recent":
+            newest = (self.count - 1) % self.length
+            return self.window[newest:newest + 1]
+        return self.window
+
     def record(self, amax: torch.Tensor) -> bool:
         """Append ``amax`` if every entry is finite; return whether it was recorded."""
         amax = amax.detach().float()
         if not bool(torch.isfinite(amax).all()):
             return False
         if self.window is None:
-            self.window = torch.zeros((self.length, *amax.shape), device=amax.device)
-        elif self.window.shape[1:] != amax.shape:
+            # Every slot starts as this first amax, so the max over the whole window is
+            # the max over the recorded amaxes from the first record on (to_reduce).
+            self.window = amax.expand(self.length, *amax.shape).clone()
+            self.count = 1
+            return True
+        if self.window.shape[1:] != amax.shape:
             raise ValueError(
                 f"amax shape changed from {tuple(self.window.shape[1:])} to {tuple(amax.shape)}"
             )
@@ -90,6 +108,10 @@ class AmaxHistory:
         self.count = int(state["count"])
         window = state["window"]
         self.window = None if window is None else window.clone().float()
+        if self.window is not None and 0 < self.count < self.length:
+            # Checkpoints of earlier versions kept zeros in the slots not yet recorded;
+            # the window's max must be the recorded amaxes' max (to_reduce).
+            self.window[self.count:] = self.window[0]
 
     def __repr__(self) -> str:
         return f"AmaxHistory(length={self.length}, algo={self.algo!r}, recorded={self.count})"
