@@ -166,8 +166,8 @@ def _quantize_gemm_operands(
 
     Every amax is checked before any history records or any result is kept, so a bad
     input leaves no half-updated state behind. One fused kernel call runs amax, scale and
-    cast of every current-scaling operand, amax and cast of every delayed one whose
-    history gives its scale, and the restores, and reports whether every amax is finite
+    cast of every current-scaling operand, amax, scale (from its history's window) and
+    cast of every delayed one, and the restores, and reports whether every amax is finite
     (on NaN/inf its output is discarded unseen). Delayed scaling's first step (the scale
     is the amax itself), stochastic rounding and FSDP2-gathered weights take their own
     path. Each result also carries its GEMM operand in the operand's dtype.
