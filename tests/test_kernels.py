@@ -385,8 +385,7 @@ def test_delayed_scale_from_the_window_in_the_kernel_call(algo: str) -> None:
                                   torch.bfloat16, False)
         for kernels in (Kernels("eager"), COMPILED):
             _, got, finite, _ = kernels.prepare_gemm_operands(
-                (dy,), (spec,), (torch.bfloat16,), (None,), (), (False,),
-                (history.to_reduce(),))
+                (dy,), (spec,), (torch.bfloat16,), (history.to_reduce(),), (), (False,))
             assert bool(finite)
             for part, a, b in zip(("amax", "scale", "payload", "operand"), got[0], expected):
                 if b is None:

@@ -204,8 +204,8 @@ def _quantize_gemm_operands(
         keeps = tuple(keep_all or operands[i][2] in stored for i in fused_idx)
         dequantised, outs, finite, restored_t = kernels.prepare_gemm_operands(
             tuple(sources[i] for i in fused_idx), tuple(operands[i][1] for i in fused_idx),
-            tuple(operands[i][3] for i in fused_idx), (None,) * len(fused_idx),
-            restore, keeps, tuple(windows.get(i) for i in fused_idx))
+            tuple(operands[i][3] for i in fused_idx), tuple(windows.get(i) for i in fused_idx),
+            restore, keeps)
         restored = list(restored_t)
         fused = dict(zip(fused_idx, outs))
         it = iter(dequantised)

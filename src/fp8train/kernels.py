@@ -195,31 +195,29 @@ Saved = tuple[torch.Tensor, torch.Tensor, ScaleSpec, torch.dtype]
 
 def prepare_gemm_operands(
     sources: tuple[torch.Tensor | Saved, ...], specs: tuple[ScaleSpec, ...],
-    works: tuple[torch.dtype | None, ...], scales: tuple[torch.Tensor | None, ...],
+    works: tuple[torch.dtype | None, ...], amax_windows: tuple[torch.Tensor | None, ...],
     saved: tuple[Saved, ...], keep_payloads: tuple[bool, ...] = (),
-    amax_windows: tuple[torch.Tensor | None, ...] = (),
 ) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...], torch.Tensor | None,
            tuple[torch.Tensor, ...]]:
     """Everything one GEMM step needs from the kernels, in one call:
     ``(dequantised, quantized, all_finite, restored)``.
 
-    * ``sources``: the tensors to quantise (:func:`quantize_many` with ``specs``,
-      ``works`` and ``scales``: None for current scaling, else the delayed scale). A
-      :data:`Saved` payload is dequantised first (its high-precision values come back
-      in ``dequantised``, in order), so re-quantising a saved activation along another
-      axis is one call, not two. ``keep_payloads``: as in :func:`quantize_many`.
-      ``amax_windows``: per source, None or a delayed-scaling window
-      (:meth:`fp8train.AmaxHistory.to_reduce`): the scale is then ``scale_from_amax`` of
-      its max over dim 0, computed in this call (eager, that scale from a window was
-      about 50 us of small ops per operand, three per layer step).
+    * ``sources``: the tensors to quantise (:func:`quantize_many` with ``specs`` and
+      ``works``). A :data:`Saved` payload is dequantised first (its high-precision
+      values come back in ``dequantised``, in order), so re-quantising a saved
+      activation along another axis is one call, not two. ``keep_payloads``: as in
+      :func:`quantize_many`.
+    * ``amax_windows``: per source, None for current scaling, or a delayed-scaling
+      window (:meth:`fp8train.AmaxHistory.to_reduce`): the scale is then
+      ``scale_from_amax`` of its max over dim 0, computed in this call (eager, that
+      scale was about 50 us of small ops per operand, three per layer step).
     * ``all_finite``: one bool tensor, whether every amax is finite (None without
       sources); the caller checks it once instead of once per operand.
     * ``restored``: :func:`payload_to_operand` of each ``saved`` payload.
     """
     hps = tuple(s if isinstance(s, torch.Tensor) else payload_to_operand(*s) for s in sources)
-    windows = amax_windows or (None,) * len(sources)
-    scales = tuple(g if w is None else scale_from_amax(w.amax(dim=0), spec)
-                   for g, w, spec in zip(scales, windows, specs))
+    scales = tuple(None if w is None else scale_from_amax(w.amax(dim=0), spec)
+                   for w, spec in zip(amax_windows, specs))
     quantized = quantize_many(hps, specs, works, scales, keep_payloads)
     finite = (torch.stack([torch.isfinite(q[0]).all() for q in quantized]).all()
               if quantized else None)
