@@ -35,7 +35,7 @@ import torch
 
 from fp8train.history import AmaxHistory
 from fp8train.kernels import Kernels, Saved, shared_kernels
-from fp8train.matmul import autocast_off, scaled_mm
+from fp8train.matmul import autocast_off, gemm_dtype, scaled_mm
 from fp8train.recipes import Recipe
 from fp8train.scaling import (
     Granularity,
@@ -138,12 +138,10 @@ def _operand_amax(t: torch.Tensor, spec: ScaleSpec, kernels: Kernels) -> torch.T
 # --- end hook ----------------------------------------------------------------------------
 
 
-def _work_dtype(out_dtype: torch.dtype, *specs: ScaleSpec) -> torch.dtype:
-    """The dtype the emulated GEMM runs in (see fp8train.matmul): bf16 when the output is
-    bf16 and every scale is a power of two (dequantised values are exact in bf16)."""
-    if out_dtype == torch.bfloat16 and all(s.scales_are_power_of_two for s in specs):
-        return torch.bfloat16
-    return torch.float32
+def _work_dtype(out_dtype: torch.dtype, device: torch.device, *specs: ScaleSpec) -> torch.dtype:
+    """The dtype the emulated GEMM runs in (fp8train.matmul.gemm_dtype): bf16 when the
+    output is bf16, every scale a power of two and bf16 GEMMs native on ``device``."""
+    return gemm_dtype(out_dtype, all(s.scales_are_power_of_two for s in specs), device.type)
 
 
 # One GEMM operand to quantise: (tensor, spec, role, dtype of its GEMM operand or None).
@@ -289,7 +287,7 @@ class _Fp8Linear(torch.autograd.Function):
         in_shape = x.shape
         with autocast_off(x.device.type):
             x2d = x.reshape(-1, in_shape[-1])  # (M, K)
-            work = _work_dtype(out_dtype, recipe.input, recipe.weight)
+            work = _work_dtype(out_dtype, x.device, recipe.input, recipe.weight)
             # What backward keeps in FP8 (so only these payloads are made): x, if the
             # recipe saves activations in FP8; W, if the grad_input GEMM reuses it as is.
             keep_x = recipe.save_fp8_activations and recipe.fp8_wgrad
@@ -343,8 +341,8 @@ class _Fp8Linear(torch.autograd.Function):
         x_src: torch.Tensor | Saved = ((x_saved, x_scale, recipe.input, gdtype)
                                        if ctx.fp8_saved else x_saved.to(gdtype))
 
-        work_d = _work_dtype(gdtype, recipe.grad_output, recipe.weight)
-        work_w = _work_dtype(gdtype, recipe.grad_output, recipe.input)
+        work_d = _work_dtype(gdtype, dy.device, recipe.grad_output, recipe.weight)
+        work_w = _work_dtype(gdtype, dy.device, recipe.grad_output, recipe.input)
         fp8_dgrad = ctx.needs_input_grad[0] and recipe.fp8_dgrad
         fp8_wgrad = ctx.needs_input_grad[1] and recipe.fp8_wgrad
         with autocast_off(dy.device.type):

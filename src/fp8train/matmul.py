@@ -13,6 +13,15 @@ Two backends compute the same arithmetic:
   fp32 reciprocal of the scale) and multiplied in fp32 -- what ``torch._scaled_mm`` does
   on CPU, bit for bit.
 
+  The bf16 GEMM is only the faster route where bf16 GEMMs have hardware behind them
+  (:func:`bf16_gemm_is_native`). On a CPU without it (AVX2 only, as a 2-core AMD EPYC
+  Zen 3 here, 2026-12-01) PyTorch multiplies bf16 matrices in a generic fallback at
+  1-3 GFLOP/s against about 170 for fp32 (2048x512 @ 512x512: 821 ms against 6.2 ms),
+  so there the emulation multiplies the same exact operands in fp32 (:func:`gemm_dtype`):
+  the products are exact either way and both accumulate in fp32, so only the summation
+  order can differ, and on such a CPU it is what ``torch._scaled_mm`` computes, bit
+  for bit.
+
 ``"auto"`` takes ``torch._scaled_mm`` on CUDA where the layout allows, and the emulation
 on CPU, where it measured faster (benchmarks/linear.py).
 """
@@ -20,6 +29,7 @@ on CPU, where it measured faster (benchmarks/linear.py).
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Literal
 
 import torch
@@ -28,12 +38,33 @@ from fp8train.formats import E2M1, E4M3, E5M2, INT8
 from fp8train.scaling import Granularity, ScaleSpec
 from fp8train.tensor import ScaledTensor
 
-__all__ = ["Backend", "check_pair", "scaled_mm"]
+__all__ = ["Backend", "bf16_gemm_is_native", "check_pair", "gemm_dtype", "scaled_mm"]
 
 Backend = Literal["auto", "scaled_mm", "emulate"]
 
 _FP8 = (E4M3, E5M2)
 _OUT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
+
+
+@functools.cache
+def bf16_gemm_is_native(device_type: str) -> bool:
+    """Whether bf16 GEMMs on ``device_type`` run on hardware support rather than a slow
+    generic loop: PyTorch's own test (oneDNN takes bf16 GEMMs on CPUs with AVX-512, AVX2
+    VNNI-2, AMX or Arm BF16; elsewhere ATen falls back to scalar code). Always true off
+    the CPU, where the emulation only runs the layouts ``torch._scaled_mm`` lacks."""
+    if device_type != "cpu":
+        return True
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+def gemm_dtype(out_dtype: torch.dtype, power_of_two: bool, device_type: str) -> torch.dtype:
+    """The dtype the emulated GEMM multiplies its dequantised operands in: bf16 when the
+    output is bf16, every scale a power of two (so each operand is exact in bf16) and
+    bf16 GEMMs are native here; fp32 otherwise (exact operands too, fp32 accumulation)."""
+    if out_dtype == torch.bfloat16 and power_of_two and bf16_gemm_is_native(device_type):
+        return torch.bfloat16
+    return torch.float32
 
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager[object]:
@@ -156,10 +187,11 @@ def _torch_scaled_mm(a: ScaledTensor, b: ScaledTensor, bias: torch.Tensor | None
 
 def _emulated_mm(a: ScaledTensor, b: ScaledTensor, bias: torch.Tensor | None,
                  out_dtype: torch.dtype) -> torch.Tensor:
-    exact_in_bf16 = a.spec.scales_are_power_of_two and b.spec.scales_are_power_of_two
-    # Every dequantised operand value is exact in bf16 (see module docstring).
-    work = torch.bfloat16 if out_dtype == torch.bfloat16 and exact_in_bf16 else torch.float32
+    power_of_two = a.spec.scales_are_power_of_two and b.spec.scales_are_power_of_two
+    work = gemm_dtype(out_dtype, power_of_two, a.device.type)
     a_w, b_w = a.dequantize(work), b.dequantize(work)
     if bias is None:
         return torch.mm(a_w, b_w).to(out_dtype)
-    return torch.addmm(bias.to(work), a_w, b_w).to(out_dtype)
+    # The bias in out_dtype, as torch._scaled_mm and autocast's linear take it, whatever
+    # dtype the GEMM runs in; added before the single output rounding.
+    return torch.addmm(bias.to(out_dtype).to(work), a_w, b_w).to(out_dtype)

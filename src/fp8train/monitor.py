@@ -69,8 +69,8 @@ A warning on an off-interval step makes the next step observed, so the records s
 the layers right after the event.
 
 Optional BF16 shadow check (``shadow_every=N``): on steps divisible by ``N`` a forward
-hook recomputes each layer's output with ``F.linear`` in bf16 from the same input and
-weight, and records ``bf16_rel_err = ||y_fp8 - y_bf16|| / ||y_bf16||`` (float64) as a
+hook recomputes each layer's output as a bf16 layer would (``F.linear`` of the bf16-
+rounded input, weight and bias, fp32 accumulation, one bf16 rounding) and records ``bf16_rel_err = ||y_fp8 - y_bf16|| / ||y_bf16||`` (float64) as a
 layer record with role ``"output"``.
 
 Sinks: JSONL (``jsonl=path``; one JSON object per line, ``{"step", "kind": "layer" |
@@ -104,6 +104,7 @@ from torch import nn
 
 from fp8train.autograd import LayerState
 from fp8train.cast import overflow_threshold
+from fp8train.matmul import gemm_dtype
 from fp8train.nn import Fp8Linear, fp8_layers
 from fp8train.scaling import AMAX_FLOOR, ScaleSpec, expand_scale, scale_from_amax
 from fp8train.tensor import ScaledTensor
@@ -662,11 +663,15 @@ class Monitor:
             x = args[0]
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                 w, b = module.weight, module.bias
+                # The bf16 layer: operands rounded to bf16, fp32 accumulation, one bf16
+                # rounding; in fp32 where bf16 GEMMs are not native (20-100x faster
+                # there, the same arithmetic up to summation order).
+                work = gemm_dtype(torch.bfloat16, True, x.device.type)
                 ref = F.linear(
-                    x.detach().to(torch.bfloat16),
-                    w.detach().to(torch.bfloat16),
-                    None if b is None else b.detach().to(torch.bfloat16),
-                )
+                    x.detach().to(torch.bfloat16).to(work),
+                    w.detach().to(torch.bfloat16).to(work),
+                    None if b is None else b.detach().to(torch.bfloat16).to(work),
+                ).to(torch.bfloat16)
                 ref64 = ref.reshape(-1).double()
                 err = output.detach().reshape(-1).double() - ref64
                 acc = self._shadow.setdefault(name, [0.0, 0.0])

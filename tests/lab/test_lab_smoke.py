@@ -8,6 +8,8 @@ from typing import Any
 
 from lab_helpers import FP8_PRECISIONS, read_results
 
+import fp8train.matmul
+
 RUN_KEYS = {
     "final_val_loss",
     "val_loss_gap_vs_bf16_pct",
@@ -56,6 +58,10 @@ def check_outputs(out: Path, precisions: list[str], steps: int) -> dict[str, Any
     assert results["runs"]["bf16"]["step_time_vs_bf16"] == 1.0
     report = (out / "report.md").read_text()
     assert "![loss curves](loss_curves.png)" in report
+    # The report says when bf16 GEMMs had no hardware (the ratio to bf16 then misleads).
+    native = results["versions"]["bf16_gemm_native"]
+    assert native == fp8train.matmul.bf16_gemm_is_native("cpu")
+    assert ("no hardware for bf16 GEMMs" in report) is (not native)
     for precision in precisions:
         assert f"| **{precision}** |" in report
         assert f"- **{precision}**: " in report

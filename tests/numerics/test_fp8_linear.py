@@ -239,9 +239,10 @@ def _default_run(name: str, mode: str) -> Run:
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", RECIPE_NAMES)
 def test_matches_float64_product_of_the_same_quantised_operands(name: str, mode: str,
-                                                                data: Data) -> None:
+                                                                data: Data,
+                                                                gemm_route: str) -> None:
     recipe = Recipe.from_name(name)
-    run = _default_run(name, mode)
+    run = _run(_layer(name, data), data, mode)
     out_dtype = torch.float32 if mode == "fp32" else torch.bfloat16
     assert run.y.dtype == out_dtype and run.y.shape == (BATCH, SEQ, N)
     ref = _reference(recipe, data, run.dy, out_dtype)
@@ -387,7 +388,8 @@ def _compare_backends(a: ScaledTensor, b: ScaledTensor, bias: torch.Tensor | Non
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", ["tensorwise", "rowwise"])
-def test_emulation_matches_torch_scaled_mm(name: str, mode: str, data: Data) -> None:
+def test_emulation_matches_torch_scaled_mm(name: str, mode: str, data: Data,
+                                           gemm_route: str) -> None:
     layer = _layer(name, data)
     seen = _capture(layer)
     run = _run(layer, data, mode)
@@ -404,6 +406,25 @@ def test_emulation_matches_torch_scaled_mm(name: str, mode: str, data: Data) -> 
         assert_bitwise_equal(results[gemm], emu.to(results[gemm].dtype), f"{name} {gemm} layer")
     if mode == "bf16_autocast":
         _compare_backends(*pairs["output"], data.b, out_dtype, f"{name} output + bias")
+
+
+@pytest.mark.parametrize("name", ["tensorwise", "delayed", "rowwise", "blockwise", "mxfp8"])
+def test_layer_gemm_operands_are_in_the_routes_dtype(name: str, data: Data,
+                                                      gemm_route: str) -> None:
+    # Under bf16 autocast with power-of-two scales every operand is exact in bf16; the
+    # GEMM takes bf16 operands where bf16 GEMMs are native and fp32 ones where they are
+    # not (fp8train.matmul.gemm_dtype), and the layer's kernels make them in that dtype.
+    layer = _layer(name, data)
+    seen = _capture(layer)
+    _run(layer, data, "bf16_autocast")
+    want = torch.bfloat16 if gemm_route == "bf16" else torch.float32
+    assert set(seen) >= set(ROLES)
+    for role, qs in seen.items():
+        for q in qs:
+            assert q is not None and q.operand is not None, f"{name} {role}: no GEMM operand"
+            assert q.operand.dtype == want, (
+                f"{name} {role}: GEMM operand {q.operand.dtype}, expected {want} on the "
+                f"{gemm_route} route (shape {tuple(q.shape)})")
 
 
 def _no_pow2(recipe: Recipe) -> Recipe:

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+import fp8train.matmul
 from fp8train import (
     E4M3,
     E5M2,
@@ -27,6 +28,7 @@ from fp8train import (
     quantize,
     scaled_mm,
 )
+from fp8train.matmul import gemm_dtype
 from fp8train.testing import assert_bitwise_equal
 
 G = Granularity
@@ -105,7 +107,8 @@ def _assert_within_accumulation_bound(
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("name, sa, sb", PAIRS, ids=[p[0] for p in PAIRS])
 def test_emulated_against_float64_reference(
-    name: str, sa: ScaleSpec, sb: ScaleSpec, shape: tuple[int, int, int], power_of_two: bool
+    name: str, sa: ScaleSpec, sb: ScaleSpec, shape: tuple[int, int, int], power_of_two: bool,
+    gemm_route: str,
 ) -> None:
     sa, sb = replace(sa, power_of_two=power_of_two), replace(sb, power_of_two=power_of_two)
     qa, qb = _operands(*shape, sa, sb)
@@ -154,13 +157,14 @@ def test_emulated_bitwise_equals_torch_scaled_mm(
     fb: Format,
     power_of_two: bool,
     out_dtype: torch.dtype,
+    gemm_route: str,
 ) -> None:
     sa = replace(sa, fmt=fa, power_of_two=power_of_two)
     sb = replace(sb, fmt=fb, power_of_two=power_of_two)
     qa, qb = _operands(*shape, sa, sb, seed=1)
     hw = scaled_mm(qa, qb, out_dtype=out_dtype, backend="scaled_mm")
     emu = scaled_mm(qa, qb, out_dtype=out_dtype, backend="emulate")
-    what = f"{name} {fa.name}x{fb.name} pow2={power_of_two} {shape}"
+    what = f"{name} {fa.name}x{fb.name} pow2={power_of_two} {shape} {gemm_route} route"
     if power_of_two or not fa is fb is E4M3:
         assert_bitwise_equal(emu, hw, what)
         return
@@ -168,6 +172,17 @@ def test_emulated_bitwise_equals_torch_scaled_mm(
     _assert_within_accumulation_bound(emu, ref, abs_prod, shape[1], f"emulated {what}")
     # The native kernel may scale after the GEMM: 2 more fp32 roundings per product.
     _assert_within_accumulation_bound(hw, ref, abs_prod, shape[1] + 2, f"_scaled_mm {what}")
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["bf16-native", "bf16-fallback"])
+def test_gemm_dtype_is_bf16_only_where_exact_and_native(native: bool,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fp8train.matmul, "bf16_gemm_is_native", lambda device_type: native)
+    assert gemm_dtype(torch.bfloat16, True, "cpu") == (torch.bfloat16 if native else torch.float32)
+    # Not exact in bf16 (non-power-of-two scales), or not a bf16 output: fp32 either way.
+    assert gemm_dtype(torch.bfloat16, False, "cpu") == torch.float32
+    assert gemm_dtype(torch.float32, True, "cpu") == torch.float32
+    assert gemm_dtype(torch.float16, True, "cpu") == torch.float32
 
 
 @pytest.mark.parametrize("name, sa, sb", PAIRS[2:], ids=[p[0] for p in PAIRS[2:]])

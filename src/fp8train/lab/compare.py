@@ -31,6 +31,7 @@ from fp8train import distributed as fd
 from fp8train.lab import train as lab_train
 from fp8train.lab.config import LabConfig, LabError
 from fp8train.lab.data import load_corpus, load_digits
+from fp8train.matmul import bf16_gemm_is_native
 
 __all__ = ["CLAIM_SE", "SCHEMA_VERSION", "run_all", "summarize", "verdict", "versions"]
 
@@ -49,6 +50,9 @@ def versions() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # Whether bf16 GEMMs have hardware here: without it bf16 steps are slow and the
+        # FP8 emulation multiplies in fp32 (fp8train.matmul.gemm_dtype).
+        "bf16_gemm_native": bf16_gemm_is_native("cpu"),
     }
 
 

@@ -244,7 +244,13 @@ def markdown(results: dict[str, Any]) -> str:
         ),
         (
             "Step times are CPU wall times with FP8 arithmetic emulated, not a forecast of "
-            "GPU speed. Saved for backward: bytes of the tensors autograd keeps for one step, "
+            "GPU speed."
+            + ("" if ver.get("bf16_gemm_native", True) else (
+                " This CPU has no hardware for bf16 GEMMs (PyTorch runs them in a generic "
+                "fallback, tens of times slower than fp32), so bf16 steps are slow here and "
+                "the FP8 emulation multiplies its exact operands in fp32: the ratio to bf16 "
+                "says nothing about FP8; the ratio to fp32 is the one to read."))
+            + " Saved for backward: bytes of the tensors autograd keeps for one step, "
             "each storage once, parameters excluded. The curves validate on "
             f"{cfg['eval_windows']} fixed windows; final val loss on {cfg['final_eval_windows']}. "
             "FP8 linears: layers converted / all "
