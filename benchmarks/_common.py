@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from fp8train.matmul import bf16_gemm_is_native
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # How bandwidth is counted; stored in every result file that reports GB/s.
@@ -98,6 +100,11 @@ def machine() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "usable_cpus": usable,
         "torch_num_threads": torch.get_num_threads(),
+        # The vector ISA ATen dispatches to (AVX2, AVX512, ...), and whether bf16 GEMMs
+        # have hardware here: without it they run tens of times slower than fp32, and
+        # fp8train's emulation multiplies in fp32 (fp8train.matmul.gemm_dtype).
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_gemm_native": bf16_gemm_is_native("cpu"),
         # Other jobs on a shared machine inflate times; the load says how busy it was.
         "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }

@@ -3,10 +3,14 @@
     python benchmarks/linear.py [--tokens 2048] [--repeats 5]
 
 Shapes: square 1024, 2048, 4096 and a 4x MLP (d -> 4d). For each: bf16 autocast
-``nn.Linear``; the FP8 linear (tensorwise recipe) with eager and compiled kernels; and
-the bare forward GEMM on the same quantised operands: bf16 ``torch.mm`` and fp8train's
-emulation; and ``torch._scaled_mm`` on CPU timed once on a few rows against the
-emulation on the same rows (it can be orders of magnitude slower, see below).
+``nn.Linear`` and fp32 ``nn.Linear``; the FP8 linear (tensorwise recipe) with eager and
+compiled kernels; and the bare forward GEMM on the same quantised operands: bf16 and
+fp32 ``torch.mm`` and fp8train's emulation (which multiplies in bf16 where bf16 GEMMs
+have hardware and in fp32 where they do not, fp8train.matmul.gemm_dtype); and
+``torch._scaled_mm`` on CPU timed once on a few rows against the emulation on the same
+rows (it can be orders of magnitude slower, see below). Ratios are given to bf16 and
+to fp32: on a CPU without bf16 GEMM hardware a bf16 layer is tens of times slower than
+fp32, and fp32 is the baseline that means something there.
 Results: benchmarks/results/linear-<date>.json.
 """
 
@@ -23,15 +27,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _common
 
 import fp8train
+import fp8train.matmul
 
 SHAPES = {"1024": (1024, 1024), "2048": (2048, 2048), "4096": (4096, 4096),
           "mlp-1024x4": (1024, 4096)}
 
 
-def fwd_bwd(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def fwd_bwd(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, bf16: bool = True) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         y = layer(x)
-    y.backward(dy)
+    y.backward(dy.to(y.dtype))
 
 
 def main() -> None:
@@ -54,22 +59,27 @@ def main() -> None:
         base = nn.Linear(k, n)
         layers = {
             "bf16 nn.Linear": base,
+            "fp32 nn.Linear": base,
             "fp8 tensorwise eager": fp8train.convert(nn.Sequential(nn.Linear(k, n)), "tensorwise"),
             "fp8 tensorwise compiled": fp8train.convert(nn.Sequential(nn.Linear(k, n)),
                                                         "tensorwise", kernels="compiled"),
         }
         entry = {}
         for label, layer in layers.items():
-            t = _common.time_median(lambda layer=layer, x=x, dy=dy: fwd_bwd(layer, x, dy),
-                                    warmup=2, repeats=args.repeats)
+            bf16 = not label.startswith("fp32")
+            t = _common.time_median(
+                lambda layer=layer, x=x, dy=dy, bf16=bf16: fwd_bwd(layer, x, dy, bf16),
+                warmup=2, repeats=args.repeats)
             entry[label] = t["median_s"]
         # The bare forward GEMM on the same quantised operands.
         spec = fp8train.ScaleSpec(power_of_two=True)
         qx = fp8train.quantize(x.detach(), spec)
         qw = fp8train.quantize(base.weight.detach(), spec)
         a16, b16 = qx.dequantize(torch.bfloat16), qw.t().dequantize(torch.bfloat16)
+        a32, b32 = a16.float(), b16.float()
         gemms = {
             "gemm bf16 torch.mm": lambda a16=a16, b16=b16: torch.mm(a16, b16),
+            "gemm fp32 torch.mm": lambda a32=a32, b32=b32: torch.mm(a32, b32),
             "gemm fp8 emulated": lambda qx=qx, qw=qw: fp8train.scaled_mm(qx, qw.t(),
                                                                         backend="emulate"),
         }
@@ -91,9 +101,15 @@ def main() -> None:
             }.items()}
         results[name] = {"in_features": k, "out_features": n, "tokens": args.tokens,
                          "median_s": entry,
+                         "emulated_gemm_dtype": str(fp8train.matmul.gemm_dtype(
+                             torch.bfloat16, True, "cpu")),
                          "ratio_to_bf16": {lbl: v / entry["bf16 nn.Linear"]
                                            for lbl, v in entry.items() if not lbl.startswith("gemm")},
+                         "ratio_to_fp32": {lbl: v / entry["fp32 nn.Linear"]
+                                           for lbl, v in entry.items() if not lbl.startswith("gemm")},
                          "gemm_ratio_to_bf16_mm": {lbl: v / entry["gemm bf16 torch.mm"]
+                                                   for lbl, v in entry.items() if lbl.startswith("gemm")},
+                         "gemm_ratio_to_fp32_mm": {lbl: v / entry["gemm fp32 torch.mm"]
                                                    for lbl, v in entry.items() if lbl.startswith("gemm")},
                          "scaled_mm_on_few_tokens": {
                              "tokens": few, "seconds_once": few_times,
@@ -101,11 +117,13 @@ def main() -> None:
                              / few_times["emulated"]}}
         rows.append((name, f"gemm torch._scaled_mm ({few} tokens, once)",
                      f"{few_times['torch._scaled_mm'] * 1e3:.2f}",
-                     f"{few_times['torch._scaled_mm'] / few_times['emulated']:.0f}x emulated"))
+                     f"{few_times['torch._scaled_mm'] / few_times['emulated']:.1f}x emulated", ""))
         for label, v in entry.items():
-            base_v = entry["gemm bf16 torch.mm" if label.startswith("gemm") else "bf16 nn.Linear"]
-            rows.append((name, label, f"{v * 1e3:.2f}", f"{v / base_v:.2f}"))
-    print(_common.format_table(["shape", "what", "median ms", "vs bf16"], rows))
+            gemm = label.startswith("gemm")
+            to16 = entry["gemm bf16 torch.mm" if gemm else "bf16 nn.Linear"]
+            to32 = entry["gemm fp32 torch.mm" if gemm else "fp32 nn.Linear"]
+            rows.append((name, label, f"{v * 1e3:.2f}", f"{v / to16:.2f}", f"{v / to32:.2f}"))
+    print(_common.format_table(["shape", "what", "median ms", "vs bf16", "vs fp32"], rows))
     if not args.no_write:
         path = _common.write_results("linear", {"config": vars(args), "results": results})
         print(f"wrote {path}")

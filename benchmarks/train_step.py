@@ -42,6 +42,7 @@ import _common
 import fp8train
 from fp8train.lab.gpt import GPT
 from fp8train.lab.train import SavedTensorBytes
+from fp8train.matmul import bf16_gemm_is_native
 
 # The lab's default preset (fp8train.lab.config.LabConfig).
 SHAPE = {"vocab": 256, "seq": 128, "d_model": 128, "layers": 4, "heads": 4}
@@ -139,31 +140,37 @@ def main() -> None:
 
     profiles = {p: breakdown(lambda p=p: step(p)) for p in precisions}
     ref = "bf16" if "bf16" in precisions else precisions[0]
+    # The speed target's baseline: bf16, as issue 6 states it, where bf16 GEMMs have
+    # hardware. Where they do not (AVX2-only CPUs), a bf16 step is tens of times slower
+    # than fp32 and every FP8 ratio to it is met trivially, so the verdict reads the
+    # target against fp32, this CPU's fastest high-precision step; both ratios are kept.
+    speed_ref = ("fp32" if not bf16_gemm_is_native("cpu") and "fp32" in precisions else ref)
+    bases = [b for b in dict.fromkeys([ref, "fp32"]) if b in precisions]
     med = {p: statistics.median(t) for p, t in times.items()}
     results = {
         p: {
             "median_step_s": med[p],
-            "step_time_vs_bf16": med[p] / med[ref],
+            **{f"step_time_vs_{b}": med[p] / med[b] for b in bases},
             "saved_activation_bytes": saved[p],
             "saved_bytes_vs_bf16": saved[p] / saved[ref],
             "profiled_ms_per_step": profiles[p],
-            "extra_ms_vs_bf16_by_category": {
-                k: profiles[p][k] - profiles[ref][k] for k in profiles[p]},
+            **{f"extra_ms_vs_{b}_by_category": {
+                k: profiles[p][k] - profiles[b][k] for k in profiles[p]} for b in bases},
             "times_s": times[p],
         }
         for p in precisions
     }
     targets = {"step_time_vs_bf16_max": 1.15, "saved_bytes_vs_bf16_max": 0.6,
                "recipes_with_speed_target": ["tensorwise", "rowwise", "blockwise", "mxfp8"]}
-    rows = [(p, f"{med[p] * 1e3:.1f}", f"{med[p] / med[ref]:.2f}", saved[p],
+    rows = [(p, f"{med[p] * 1e3:.1f}", *(f"{med[p] / med[b]:.2f}" for b in bases), saved[p],
              f"{saved[p] / saved[ref]:.2f}") for p in precisions]
-    print(_common.format_table(["precision", "median step ms", "vs bf16", "saved bytes",
-                                "saved vs bf16"], rows))
+    print(_common.format_table(["precision", "median step ms", *(f"vs {b}" for b in bases),
+                                "saved bytes", "saved vs bf16"], rows))
     cats = list(profiles[ref])
     print("\nprofiled self CPU ms per step, by category")
     print(_common.format_table(["precision", *cats], [
         (p, *(f"{profiles[p][c]:.1f}" for c in cats)) for p in precisions]))
-    verdict = target_verdict(targets, results, ref)
+    verdict = target_verdict(targets, results, speed_ref, ref)
     print("\n" + "\n".join(verdict["lines"]))
     if not args.no_write:
         # The default preset keeps the plain name; other widths get their own file.
@@ -174,29 +181,36 @@ def main() -> None:
                        "warmup": args.warmup, "kernels": args.kernels,
                        "compile_model": args.compile_model,
                        "threads": torch.get_num_threads()},
-            "targets": targets, "verdict": verdict, "results": results})
+            "targets": targets, "speed_target_baseline": speed_ref, "verdict": verdict,
+            "results": results})
         print(f"wrote {path}")
 
 
-def target_verdict(targets: dict, results: dict, ref: str) -> dict:  # type: ignore[type-arg]
+def target_verdict(targets: dict, results: dict, speed_ref: str,  # type: ignore[type-arg]
+                   bytes_ref: str) -> dict:  # type: ignore[type-arg]
     """Each target met or missed, by how much, and the measured extra time per category
-    (the cause) for every recipe that misses the step-time target."""
+    (the cause) for every recipe that misses the step-time target. Step times are read
+    against ``speed_ref``, saved bytes against ``bytes_ref``."""
     limit = targets["step_time_vs_bf16_max"]
     speed = {}
     lines = []
+    if speed_ref != bytes_ref:
+        lines.append(f"bf16 GEMMs have no hardware on this CPU: the step-time target is read "
+                     f"against {speed_ref}, the fastest high-precision step here")
     for p in targets["recipes_with_speed_target"]:
         if p not in results:
             continue
         r = results[p]
-        ratio = r["step_time_vs_bf16"]
+        ratio = r[f"step_time_vs_{speed_ref}"]
         extra = {k: round(v, 1) for k, v in sorted(
-            r["extra_ms_vs_bf16_by_category"].items(), key=lambda kv: -kv[1])}
-        speed[p] = {"step_time_vs_bf16": ratio, "met": ratio <= limit,
+            r[f"extra_ms_vs_{speed_ref}_by_category"].items(), key=lambda kv: -kv[1])}
+        speed[p] = {"baseline": speed_ref, "step_time_vs_baseline": ratio, "met": ratio <= limit,
                     "over_target_by": max(0.0, ratio - limit),
-                    "extra_ms_vs_bf16_by_category": extra}
+                    "extra_ms_vs_baseline_by_category": extra}
         cause = ", ".join(f"{k} {v:+.1f} ms" for k, v in extra.items() if abs(v) >= 1)
-        lines.append(f"{p}: step {ratio:.2f}x {ref} (target <= {limit}): "
+        lines.append(f"{p}: step {ratio:.2f}x {speed_ref} (target <= {limit}): "
                      + ("met" if ratio <= limit else f"missed by {ratio - limit:.2f}; {cause}"))
+    ref = bytes_ref
     bytes_limit = targets["saved_bytes_vs_bf16_max"]
     saved = {p: r["saved_bytes_vs_bf16"] for p, r in results.items() if p not in (ref, "fp32")}
     meeting = sorted(p for p, v in saved.items() if v <= bytes_limit)
