@@ -51,6 +51,13 @@ def sqnr(ref: torch.Tensor, x: torch.Tensor) -> float:
     return 10.0 * math.log10(signal / noise)
 
 
+def fp32_sum_gamma(n: int) -> float:
+    """Higham's gamma_n = n u / (1 - n u) for fp32 (u = 2**-24): an fp32 sum of n + 1
+    terms, added in any order, is within gamma_n * sum|terms| of the exact sum."""
+    u = 2.0**-24
+    return n * u / (1 - n * u)
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """The bit patterns of ``t`` as an integer tensor of the same width."""
     if t.dtype.is_floating_point:

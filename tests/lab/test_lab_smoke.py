@@ -144,6 +144,23 @@ def test_train_one_precision(run_cli, text_dir: Path, tmp_path: Path) -> None:
     assert results["command"] == "train"
 
 
+def test_lab_layers_default_to_the_compiled_kernels() -> None:
+    # The lab's default kernels are the compiled ones, and they reach every FP8 layer; the
+    # CLI runs in these tests take eager kernels, which compile nothing, since compiled ==
+    # eager is what tests/test_kernels*.py hold (the lab's own training step included).
+    from fp8train.lab.config import resolve
+    from fp8train.lab.gpt import GPT
+    from fp8train.lab.train import apply_precision
+    from fp8train.nn import fp8_layers
+
+    config = resolve("gpt", "default", {})
+    assert config.kernels == "compiled"
+    model = apply_precision(GPT(vocab=256, seq=16, d_model=32, layers=1, heads=2),
+                            "tensorwise", config.kernels)
+    layers = [layer for _, layer in fp8_layers(model)]
+    assert layers and all(layer.fp8_state.kernels.mode == "compiled" for layer in layers)
+
+
 def test_default_out_dir_is_timestamped(run_cli, text_dir: Path, tmp_path: Path) -> None:
     assert run_cli("train", "--preset", "tiny", "--data", str(text_dir), "--steps", "2") == 0
     (out,) = (tmp_path / "runs").iterdir()
@@ -164,6 +181,11 @@ def test_compare_tiny_fp8_recipes(run_cli, text_dir: Path, tmp_path: Path) -> No
             ",".join(precisions),
             "--out",
             str(out),
+            # Eager kernels: compiling every recipe's kernels afresh took 765 s of a cold
+            # CI run here; the lab on compiled kernels is test_fp8_activation_storage_variant,
+            # and compiled == eager is tests/test_kernels.py's (the lab GPT over steps too).
+            "--kernels",
+            "eager",
         )
         == 0
     )
@@ -177,7 +199,8 @@ def test_fp8_activation_storage_variant(run_cli, text_dir: Path, tmp_path: Path)
     # fewer saved bytes, and (backward sees rounded activations) a different trajectory.
     out = tmp_path / "out"
     precisions = ["bf16", "rowwise", "rowwise+fp8act"]
-    args = ["compare", "--preset", "tiny", "--data", str(text_dir), "--out", str(out)]
+    args = ["compare", "--preset", "tiny", "--data", str(text_dir), "--out", str(out),
+            "--kernels", "eager"]  # compiled == eager: tests/test_activations.py
     assert run_cli(*args, "--precisions", ",".join(precisions)) == 0
     runs = check_outputs(out, precisions, steps=6)["runs"]
     plain, stored = runs["rowwise"], runs["rowwise+fp8act"]
