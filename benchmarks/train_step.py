@@ -50,6 +50,7 @@ import fp8train
 from fp8train.lab.gpt import GPT
 from fp8train.lab.train import SavedTensorBytes
 from fp8train.matmul import bf16_gemm_is_native
+from fp8train.nn import _set_submodule
 
 # The lab's default preset (fp8train.lab.config.LabConfig).
 SHAPE = {"vocab": 256, "seq": 128, "d_model": 128, "layers": 4, "heads": 4}
@@ -89,11 +90,9 @@ class Bf16LinearFp32Gemm(nn.Module):
 
 def with_fp32_gemms(model: nn.Module) -> nn.Module:
     """``model`` with every ``nn.Linear`` swapped for :class:`Bf16LinearFp32Gemm`."""
-    for name, child in model.named_children():
-        if isinstance(child, nn.Linear):
-            setattr(model, name, Bf16LinearFp32Gemm(child))
-        else:
-            with_fp32_gemms(child)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear):
+            _set_submodule(model, name, Bf16LinearFp32Gemm(module))
     return model
 
 

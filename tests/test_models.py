@@ -136,7 +136,7 @@ def test_compiled_model_breaks_only_at_fp8_layers_and_compiles_their_kernels(
     """Under torch.compile(model) every graph break is an FP8 layer's own boundary (not
     its host-side finite check inside the autograd function), and every layer quantises
     with the compiled kernels although convert() left them eager -- also past dynamo's
-    recompile limit of 8 frames, with more layer widths than that."""
+    recompile limit (lowered to 2 here), with more layer widths than that."""
     nn_module = importlib.import_module("fp8train.nn")
     torch.manual_seed(0)
     gpt = fp8train.convert(_gpt(), "rowwise")

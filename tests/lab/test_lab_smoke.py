@@ -182,8 +182,7 @@ def test_compare_tiny_fp8_recipes(run_cli, text_dir: Path, tmp_path: Path) -> No
             "--out",
             str(out),
             # Eager kernels: compiling every recipe's kernels afresh took 765 s of a cold
-            # CI run here; the lab on compiled kernels is test_fp8_activation_storage_variant,
-            # and compiled == eager is tests/test_kernels.py's (the lab GPT over steps too).
+            # CI run here (see test_lab_layers_default_to_the_compiled_kernels).
             "--kernels",
             "eager",
         )
