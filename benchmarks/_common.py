@@ -44,16 +44,22 @@ BANDWIDTH_CONVENTION = (
 
 
 # ---------------------------------------------------------------- environment
-def _cpu_model() -> str:
-    """The CPU model name (platform.processor() is often empty or just 'x86_64' on Linux)."""
+def _cpuinfo_field(name: str) -> str | None:
+    """The first ``name`` field of /proc/cpuinfo (None where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def _cpu_model() -> str:
+    """The CPU model name (platform.processor() is often empty or just 'x86_64' on Linux)."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def _version(dist: str) -> str | None:
@@ -97,6 +103,10 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": platform.processor() or None,
         "cpu_model": _cpu_model(),
+        # A VM may name its CPU only "AMD EPYC"; family and model tell the generation
+        # apart (AMD: family 23 model 1 is Zen 1, 25/1 Zen 3, 25/17 Zen 4).
+        "cpu_family": _cpuinfo_field("cpu family"),
+        "cpu_model_number": _cpuinfo_field("model"),
         "cpu_count": os.cpu_count(),
         "usable_cpus": usable,
         "torch_num_threads": torch.get_num_threads(),
