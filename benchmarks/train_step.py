@@ -26,6 +26,8 @@ step-time verdict reads there. It is a benchmark baseline only (not a lab precis
 (each FP8 layer stays a graph break: see fp8train/autograd.py), to show what compiling
 the rest of the model (LayerNorm, attention, GELU) does to the ratio; a
 ``bf16-uncompiled`` row is added to compare with the plain run.
+``--untimed bf16`` counts bf16's saved bytes (one step) without timing its steps: at
+d512 on a CPU without bf16 GEMMs a bf16 step takes over a minute.
 Results: benchmarks/results/train_step-<date>.json (``-d<width>`` for another d_model,
 ``-compile-model`` with that flag).
 """
@@ -123,9 +125,16 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=SHAPE["d_model"])
     parser.add_argument("--compile-model", action="store_true",
                         help="run every model (bf16 too) under torch.compile")
+    parser.add_argument("--untimed", default="",
+                        help="precisions (comma-separated, among --precisions) whose saved "
+                             "bytes are counted (one step) but whose step is not timed: bf16 "
+                             "at d512 on a CPU without bf16 GEMMs, where a step takes minutes")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     precisions = args.precisions.split(",")
+    untimed = [p for p in args.untimed.split(",") if p]
+    if unknown := [p for p in untimed if p not in precisions]:
+        parser.error(f"--untimed {','.join(unknown)}: not among --precisions")
     if args.compile_model and "bf16-uncompiled" not in precisions:
         precisions.append("bf16-uncompiled")
     shape = {**SHAPE, "d_model": args.d_model}
@@ -170,48 +179,51 @@ def main() -> None:
         counter = SavedTensorBytes(runs[p][2].parameters())
         step(p, counter)  # also the first warm-up step (compiles the kernels)
         saved[p] = counter.total
+    timed = [p for p in precisions if p not in untimed]
     times: dict[str, list[float]] = {p: [] for p in precisions}
     for i in range(args.warmup + args.steps):
-        for p in precisions:
+        for p in timed:
             dt = step(p)
             if i >= args.warmup:
                 times[p].append(dt)
 
-    profiles = {p: breakdown(lambda p=p: step(p)) for p in precisions}
-    ref = "bf16" if "bf16" in precisions else precisions[0]
+    profiles = {p: breakdown(lambda p=p: step(p)) for p in timed}
+    ref = "bf16" if "bf16" in precisions else precisions[0]  # saved bytes' reference
     # The speed target's baseline: bf16, as issue 6 states it, where bf16 GEMMs have
     # hardware. Where they do not (AVX2-only CPUs), a bf16 step is tens of times slower
     # than fp32 and every FP8 ratio to it is met trivially, so the verdict reads the
     # target against bf16 on fp32 GEMMs (bf16-fp32gemm, the module docstring), else
     # fp32; every ratio is kept.
-    speed_ref = ref
+    speed_ref = ref if ref in timed else timed[0]
     if not bf16_gemm_is_native("cpu"):
-        speed_ref = next((b for b in ("bf16-fp32gemm", "fp32") if b in precisions), ref)
-    bases = [b for b in dict.fromkeys([ref, "fp32", speed_ref]) if b in precisions]
-    med = {p: statistics.median(t) for p, t in times.items()}
+        speed_ref = next((b for b in ("bf16-fp32gemm", "fp32") if b in timed), speed_ref)
+    bases = [b for b in dict.fromkeys([ref, "fp32", speed_ref]) if b in timed]
+    med = {p: statistics.median(times[p]) for p in timed}
     results = {
         p: {
-            "median_step_s": med[p],
-            **{f"step_time_vs_{b}": med[p] / med[b] for b in bases},
+            "median_step_s": med.get(p),
+            **({f"step_time_vs_{b}": med[p] / med[b] for b in bases} if p in med else {}),
             "saved_activation_bytes": saved[p],
             "saved_bytes_vs_bf16": saved[p] / saved[ref],
-            "profiled_ms_per_step": profiles[p],
-            **{f"extra_ms_vs_{b}_by_category": {
-                k: profiles[p][k] - profiles[b][k] for k in profiles[p]} for b in bases},
+            **({"profiled_ms_per_step": profiles[p],
+                **{f"extra_ms_vs_{b}_by_category": {
+                    k: profiles[p][k] - profiles[b][k] for k in profiles[p]} for b in bases}}
+               if p in med else {"timed": False}),
             "times_s": times[p],
         }
         for p in precisions
     }
     targets = {"step_time_vs_bf16_max": 1.15, "saved_bytes_vs_bf16_max": 0.6,
                "recipes_with_speed_target": ["tensorwise", "rowwise", "blockwise", "mxfp8"]}
-    rows = [(p, f"{med[p] * 1e3:.1f}", *(f"{med[p] / med[b]:.2f}" for b in bases), saved[p],
-             f"{saved[p] / saved[ref]:.2f}") for p in precisions]
+    rows = [(p, *((f"{med[p] * 1e3:.1f}", *(f"{med[p] / med[b]:.2f}" for b in bases))
+                  if p in med else ("untimed", *("-" for _ in bases))),
+             saved[p], f"{saved[p] / saved[ref]:.2f}") for p in precisions]
     print(_common.format_table(["precision", "median step ms", *(f"vs {b}" for b in bases),
                                 "saved bytes", "saved vs bf16"], rows))
-    cats = list(profiles[ref])
+    cats = list(profiles[speed_ref])
     print("\nprofiled self CPU ms per step, by category")
     print(_common.format_table(["precision", *cats], [
-        (p, *(f"{profiles[p][c]:.1f}" for c in cats)) for p in precisions]))
+        (p, *(f"{profiles[p][c]:.1f}" for c in cats)) for p in timed]))
     verdict = target_verdict(targets, results, speed_ref, ref)
     print("\n" + "\n".join(verdict["lines"]))
     if not args.no_write:
@@ -221,7 +233,7 @@ def main() -> None:
         path = _common.write_results(name, {
             "config": {"model": shape, "batch": BATCH, "steps": args.steps,
                        "warmup": args.warmup, "kernels": args.kernels,
-                       "compile_model": args.compile_model,
+                       "compile_model": args.compile_model, "untimed": untimed,
                        "threads": torch.get_num_threads()},
             "targets": targets, "speed_target_baseline": speed_ref, "verdict": verdict,
             "results": results})
@@ -240,7 +252,7 @@ def target_verdict(targets: dict, results: dict, speed_ref: str,  # type: ignore
         lines.append(f"bf16 GEMMs have no hardware on this CPU: the step-time target is read "
                      f"against {speed_ref}, whose GEMMs run in fp32 as the FP8 emulation's do")
     for p in targets["recipes_with_speed_target"]:
-        if p not in results:
+        if p not in results or results[p]["median_step_s"] is None:  # absent or untimed
             continue
         r = results[p]
         ratio = r[f"step_time_vs_{speed_ref}"]
