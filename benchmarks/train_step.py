@@ -199,25 +199,24 @@ def main() -> None:
         speed_ref = next((b for b in ("bf16-fp32gemm", "fp32") if b in timed), speed_ref)
     bases = [b for b in dict.fromkeys([ref, "fp32", speed_ref]) if b in timed]
     med = {p: statistics.median(times[p]) for p in timed}
-    results = {
-        p: {
-            "median_step_s": med.get(p),
-            **({f"step_time_vs_{b}": med[p] / med[b] for b in bases} if p in med else {}),
-            "saved_activation_bytes": saved[p],
-            "saved_bytes_vs_bf16": saved[p] / saved[ref],
-            **({"profiled_ms_per_step": profiles[p],
-                **{f"extra_ms_vs_{b}_by_category": {
-                    k: profiles[p][k] - profiles[b][k] for k in profiles[p]} for b in bases}}
-               if p in med else {"timed": False}),
-            "times_s": times[p],
-        }
-        for p in precisions
-    }
+    results = {}
+    rows = []
+    for p in precisions:
+        r: dict = {"median_step_s": med.get(p)}  # type: ignore[type-arg]  # None: untimed
+        if p in med:
+            r.update({f"step_time_vs_{b}": med[p] / med[b] for b in bases})
+        r.update(saved_activation_bytes=saved[p], saved_bytes_vs_bf16=saved[p] / saved[ref])
+        if p in med:
+            r["profiled_ms_per_step"] = profiles[p]
+            r.update({f"extra_ms_vs_{b}_by_category": {
+                k: profiles[p][k] - profiles[b][k] for k in profiles[p]} for b in bases})
+        r["times_s"] = times[p]
+        results[p] = r
+        steps = ((f"{med[p] * 1e3:.1f}", *(f"{med[p] / med[b]:.2f}" for b in bases))
+                 if p in med else ("untimed", *("-" for _ in bases)))
+        rows.append((p, *steps, saved[p], f"{saved[p] / saved[ref]:.2f}"))
     targets = {"step_time_vs_bf16_max": 1.15, "saved_bytes_vs_bf16_max": 0.6,
                "recipes_with_speed_target": ["tensorwise", "rowwise", "blockwise", "mxfp8"]}
-    rows = [(p, *((f"{med[p] * 1e3:.1f}", *(f"{med[p] / med[b]:.2f}" for b in bases))
-                  if p in med else ("untimed", *("-" for _ in bases))),
-             saved[p], f"{saved[p] / saved[ref]:.2f}") for p in precisions]
     print(_common.format_table(["precision", "median step ms", *(f"vs {b}" for b in bases),
                                 "saved bytes", "saved vs bf16"], rows))
     cats = list(profiles[speed_ref])
