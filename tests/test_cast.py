@@ -601,6 +601,33 @@ def test_fp8_codes_equal_the_cast_byte_for_byte(fmt: Format) -> None:
         assert_bitwise_equal(fn(y, fmt), expected, f"{name} {fmt.name} codes")
 
 
+@pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=lambda f: f.name)
+def test_fp8_word_values_decode_every_code_in_every_byte_of_a_word(fmt: Format) -> None:
+    """fp8_word_values (the payload's bytes read as int32 words) gives ml_dtypes' value of
+    every code -- zeros, subnormals, max, inf and NaN -- at each of the four byte
+    positions of a word, eager and compiled."""
+    from fp8train.cast import fp8_word_values
+
+    assert fmt.torch_dtype is not None
+    np_dtype = {E4M3: ml_dtypes.float8_e4m3fn, E5M2: ml_dtypes.float8_e5m2}[fmt]
+    codes = np.arange(256, dtype=np.uint8)
+    rows = np.stack([np.roll(codes, r) for r in range(4)])  # each code at offsets 0..3
+    expected = torch.from_numpy(rows.view(np_dtype).astype(np.float32))
+    payload = torch.from_numpy(rows.copy()).view(fmt.torch_dtype)
+    compiled = torch.compile(fp8_word_values, dynamic=False)
+    for name, fn in (("eager", fp8_word_values), ("compiled", compiled)):
+        assert_bitwise_equal(fn(payload), expected, f"{name} {fmt.name} decoded codes")
+
+
+def test_fp8_word_values_rejects_what_it_cannot_read_as_words() -> None:
+    from fp8train.cast import fp8_word_values
+
+    with pytest.raises(TypeError, match="E4M3/E5M2"):
+        fp8_word_values(torch.zeros(2, 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"divisible by 4, got shape \(2, 6\)"):
+        fp8_word_values(torch.zeros(2, 6).to(torch.float8_e4m3fn))
+
+
 def test_fp8_grid_values_rejects_other_formats() -> None:
     from fp8train.cast import fp8_codes, fp8_grid_bytes, fp8_grid_values
 

@@ -245,6 +245,34 @@ def test_one_call_for_many_operands_matches_one_call_each() -> None:
                                  f"{kernels.mode} restored {i}")
 
 
+@pytest.mark.parametrize("name", ["e4m3-tensor-pow2", "e5m2-tensor", "e4m3-row",
+                                  "e4m3-block1x128", "e4m3-mx"])
+def test_compiled_restore_reads_payload_words_with_the_eager_bits(name: str) -> None:
+    """Compiled, payload_to_operand reads an FP8 payload as int32 words
+    (fp8train.cast.fp8_word_values); it gives the eager restore's bits for every code
+    (NaN and inf included), for a last dimension that is no multiple of 4 (read byte by
+    byte), and for a payload starting at an odd byte of its storage (copied first)."""
+    from fp8train.kernels import payload_to_operand
+
+    spec = SPECS[name]
+    assert spec.fmt.torch_dtype is not None
+    codes = torch.randint(0, 256, (64, 260), dtype=torch.uint8)
+    codes[0, :256] = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    flat = torch.empty(64 * 260 + 1, dtype=torch.uint8)
+    flat[1:] = codes.flatten()
+    odd = flat[1:].view(64, 260)
+    assert odd.storage_offset() == 1
+    for payload, what in ((codes, "words"), (odd, "odd offset"),
+                          (codes[:, :130].contiguous(), "130 columns")):
+        p = payload.view(spec.fmt.torch_dtype)
+        x = torch.randn(payload.shape) * 50
+        scale = scale_from_amax(compute_amax(x, spec), spec)
+        for dtype in (torch.float32, torch.bfloat16):
+            assert_bitwise_equal(COMPILED.payload_to_operand(p, scale, spec, dtype),
+                                 payload_to_operand(p, scale, spec, dtype),
+                                 f"{name} {what} {dtype}")
+
+
 def test_gemm_step_in_one_call_matches_the_separate_kernels() -> None:
     """prepare_gemm_operands (a backward step in one compiled call) gives the bits of the
     separate kernels: a saved payload dequantised then re-quantised along the other axis,

@@ -38,7 +38,7 @@ from fp8train.formats import E4M3, E5M2, INT8, Format, by_name
 Rounding = Literal["nearest", "stochastic"]
 
 __all__ = ["cast", "cast_finite", "fp8_codes", "fp8_grid_bytes", "fp8_grid_values",
-           "overflow_threshold", "round_to_grid"]
+           "fp8_word_values", "overflow_threshold", "round_to_grid"]
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -344,3 +344,51 @@ def fp8_codes(y: torch.Tensor, fmt: Format, *, clamp: bool = True) -> torch.Tens
     code = torch.where(magnitude < min_normal_bits, subnormal, normal)
     sign = (bits >> 24) & 0x80  # arithmetic shift: bit 31 -> bit 7
     return _code_bytes(code | sign)
+
+
+def fp8_word_values(payload: torch.Tensor) -> torch.Tensor:
+    """``payload.float()`` for an E4M3/E5M2 payload whose last dimension is a multiple
+    of 4, decoded from its bytes read four at a time as int32 words (little-endian).
+
+    Why: inductor's AVX2 code loads a vector of FP8 (or uint8) elements through a
+    partial-load path and converts it with scalar code; on a 2-core AMD EPYC Zen 3
+    (torch 2.13, 2026-12-02, one thread) a 2048x512 E4M3 payload took 2.5 ms to turn
+    into fp32 that way, 13x a 4 MiB copy, and 1.1 ms from int32 words. Only for the
+    compiled kernels: eager, each of the ~30 integer operations is a pass of its own.
+
+    How (``mb`` mantissa bits, ``bias``): byte ``j`` of word ``i`` is element ``4i+j``.
+    A code with exponent field ``e`` and mantissa ``m`` is ``(2**mb + m) * 2**(e-bias-mb)``
+    when ``e > 0`` and ``m * 2**(1-bias-mb)`` when ``e == 0``: one formula,
+    ``(m + (e > 0) * 2**mb) * 2**max(e, 1) * 2**-(bias+mb)``, every factor and product
+    exact in fp32 (``2**max(e, 1)`` comes from an integer shift, not from ``exp2``, which
+    inductor does not compute exactly). The sign is bit 7 (``-0`` included); E4M3's
+    ``S.1111.111`` is NaN, E5M2's exponent field 31 is inf (``m == 0``) or NaN.
+    """
+    if payload.dtype not in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise TypeError(f"fp8_word_values needs an E4M3/E5M2 payload, got {payload.dtype}")
+    fmt = E4M3 if payload.dtype == torch.float8_e4m3fn else E5M2
+    if payload.shape[-1] % 4:
+        raise ValueError(f"fp8_word_values needs a last dimension divisible by 4, got "
+                         f"shape {tuple(payload.shape)}")
+    words = payload.view(torch.uint8).view(torch.int32)
+    mb, eb = fmt.mantissa_bits, fmt.exponent_bits
+    top = (1 << eb) - 1  # the all-ones exponent field
+    parts = []
+    for j in range(4):
+        code = (words >> (8 * j)) & 0xFF
+        e = (code >> mb) & top
+        m = code & ((1 << mb) - 1)
+        significand = (m + ((e > 0).to(torch.int32) << mb)).to(torch.float32)
+        # e clamped below 31 so that E5M2's specials do not shift into the sign bit
+        power = (1 << e.clamp(1, 30)).to(torch.float32)
+        magnitude = significand * power * 2.0 ** -(fmt.bias + mb)
+        value = torch.where((code & 0x80) != 0, -magnitude, magnitude)
+        if fmt is E4M3:
+            special = (code & 0x7F) == 0x7F
+            value = torch.where(special, torch.full_like(value, math.nan), value)
+        else:
+            special = torch.where(m == 0, torch.full_like(value, math.inf),
+                                  torch.full_like(value, math.nan))
+            value = torch.where(e == top, torch.copysign(special, value), value)
+        parts.append(value)
+    return torch.stack(parts, dim=-1).reshape(payload.shape)
