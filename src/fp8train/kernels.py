@@ -156,9 +156,10 @@ def payload_to_operand(payload: torch.Tensor, scale: torch.Tensor, spec: ScaleSp
                        dtype: torch.dtype) -> torch.Tensor:
     """``payload * (1 / scale)`` in ``dtype`` for a 2-D payload (ScaledTensor.dequantize).
 
-    Traced for inductor, an E4M3/E5M2 payload is decoded from int32 words
-    (:func:`fp8train.cast.fp8_word_values`, the same values): a saved activation's
-    restore in the lab GPT's backward, 2048x512, 2.5 -> 1.1 ms on AVX2."""
+    Traced for inductor by the standalone capture (the default), an E4M3/E5M2 payload is
+    decoded from int32 words (:func:`fp8train.cast.fp8_word_values`, the same values): a
+    saved activation's restore in the lab GPT's backward, 2048x512, 2.5 -> 1.1 ms on
+    AVX2. Eager and the dynamo capture convert with ``payload.float()``."""
     return multiply_by_scale(_payload_values(payload), scale.reciprocal(), spec).to(dtype)
 
 
