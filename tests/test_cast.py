@@ -565,11 +565,25 @@ def test_fp8_grid_values_equal_the_cast_bit_for_bit(fmt: Format) -> None:
         assert_bitwise_equal(fn(y, fmt), expected, f"{name} {fmt.name} grid values")
 
 
+@pytest.fixture(params=[True, False], ids=["int32-to-uint8", "through-fp32"])
+def code_bytes_conversion(request: pytest.FixtureRequest,
+                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both ways fp8train.cast._code_bytes turns int32 codes into bytes (the machine picks
+    one: AVX-512 or not), so either is checked wherever the tests run."""
+    import sys
+
+    monkeypatch.setattr(sys.modules["fp8train.cast"], "_DIRECT_CODE_BYTES_ON_CPU",
+                        request.param)
+    torch._dynamo.reset()  # compiled graphs of the other conversion must not be reused
+
+
+@pytest.mark.usefixtures("code_bytes_conversion")
 @pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=lambda f: f.name)
 def test_fp8_grid_bytes_are_the_codes(fmt: Format) -> None:
     """fp8_grid_bytes reads the code of an on-grid value off its fp32 bits: every finite
     code round-trips (both zeros, subnormals, max), and on the grid values of the inputs
-    above it gives torch's cast byte for byte, eager and compiled."""
+    above it gives torch's cast byte for byte, eager and compiled, with either
+    conversion of the codes to bytes."""
     from fp8train.cast import fp8_grid_bytes, fp8_grid_values
 
     assert fmt.torch_dtype is not None
@@ -585,6 +599,7 @@ def test_fp8_grid_bytes_are_the_codes(fmt: Format) -> None:
                              f"{name} {fmt.name} bytes of grid values")
 
 
+@pytest.mark.usefixtures("code_bytes_conversion")
 @pytest.mark.parametrize("fmt", [E4M3, E5M2], ids=lambda f: f.name)
 def test_fp8_codes_equal_the_cast_byte_for_byte(fmt: Format) -> None:
     """fp8_codes rounds on the input's bits (integer RNE for normals, the rounding
