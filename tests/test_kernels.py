@@ -245,14 +245,22 @@ def test_one_call_for_many_operands_matches_one_call_each() -> None:
                                  f"{kernels.mode} restored {i}")
 
 
+@pytest.mark.parametrize("words", [True, False], ids=["words", "inductor-conversion"])
 @pytest.mark.parametrize("name", ["e4m3-tensor-pow2", "e5m2-tensor", "e4m3-row",
                                   "e4m3-block1x128", "e4m3-mx"])
-def test_compiled_restore_reads_payload_words_with_the_eager_bits(name: str) -> None:
+def test_compiled_restore_reads_payload_words_with_the_eager_bits(
+        name: str, words: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """Compiled, payload_to_operand reads an FP8 payload as int32 words
-    (fp8train.cast.fp8_word_values); it gives the eager restore's bits for every code
-    (NaN and inf included), for a last dimension that is no multiple of 4 (read byte by
-    byte), and for a payload starting at an odd byte of its storage (copied first)."""
+    (fp8train.cast.fp8_word_values) where the CPU has no AVX-512, and converts it with
+    inductor's code where it has; both (forced here, whatever this CPU is) give the eager
+    restore's bits for every code (NaN and inf included), for a last dimension that is
+    no multiple of 4 (read byte by byte), and for a payload starting at an odd byte of
+    its storage (copied first)."""
+    from fp8train import kernels
     from fp8train.kernels import payload_to_operand
+
+    monkeypatch.setattr(kernels, "_WORD_RESTORES_ON_CPU", words)
+    compiled = kernels._StandaloneCompiled(payload_to_operand)  # graphs traced afresh
 
     spec = SPECS[name]
     assert spec.fmt.torch_dtype is not None
@@ -268,7 +276,7 @@ def test_compiled_restore_reads_payload_words_with_the_eager_bits(name: str) -> 
         x = torch.randn(payload.shape) * 50
         scale = scale_from_amax(compute_amax(x, spec), spec)
         for dtype in (torch.float32, torch.bfloat16):
-            assert_bitwise_equal(COMPILED.payload_to_operand(p, scale, spec, dtype),
+            assert_bitwise_equal(compiled(p, scale, spec, dtype),
                                  payload_to_operand(p, scale, spec, dtype),
                                  f"{name} {what} {dtype}")
 

@@ -156,22 +156,30 @@ def payload_to_operand(payload: torch.Tensor, scale: torch.Tensor, spec: ScaleSp
                        dtype: torch.dtype) -> torch.Tensor:
     """``payload * (1 / scale)`` in ``dtype`` for a 2-D payload (ScaledTensor.dequantize).
 
-    Traced for inductor by the standalone capture (the default), an E4M3/E5M2 payload is
-    decoded from int32 words (:func:`fp8train.cast.fp8_word_values`, the same values): a
-    saved activation's restore in the lab GPT's backward, 2048x512, 2.5 -> 1.1 ms on
-    AVX2. Eager and the dynamo capture convert with ``payload.float()``."""
+    Traced for inductor by the standalone capture (the default) on a CPU without
+    AVX-512, an E4M3/E5M2 payload is decoded from int32 words
+    (:func:`fp8train.cast.fp8_word_values`, the same values): a saved activation's
+    restore in the lab GPT's backward, 2048x512, 2.5 -> 1.1 ms on AVX2 (Zen 3, one
+    thread). With AVX-512 inductor's own conversion is the faster one (Zen 4, two
+    threads, to bf16: E4M3 2048x512 226-235 us against 322-423 us from words, 2048x128
+    69-70 against 106-133 us). Eager and the dynamo capture convert with
+    ``payload.float()``."""
     return multiply_by_scale(_payload_values(payload), scale.reciprocal(), spec).to(dtype)
 
 
 # True while _StandaloneCompiled traces a function for inductor (never in eager calls).
 _tracing_for_inductor = False
+# Whether traced CPU restores read payloads as int32 words (payload_to_operand): on CPUs
+# without AVX-512, where inductor converts FP8 bytes in scalar code. Read at tracing.
+_WORD_RESTORES_ON_CPU = not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
 def _payload_values(payload: torch.Tensor) -> torch.Tensor:
-    """``payload.float()``, from int32 words where that is exact and traced for inductor
-    (last dimension a multiple of 4; :func:`_flatten` hands compiled graphs byte tensors
+    """``payload.float()``, from int32 words where that is exact, faster (CPU without
+    AVX-512) and traced for inductor (last dimension a multiple of 4; :func:`_flatten` hands compiled graphs byte tensors
     contiguous at a 4-byte offset)."""
-    if (_tracing_for_inductor and sys.byteorder == "little"
+    if (_tracing_for_inductor and _WORD_RESTORES_ON_CPU and payload.device.type == "cpu"
+            and sys.byteorder == "little"
             and payload.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
             and payload.dim() >= 1 and payload.shape[-1] % 4 == 0):
         return fp8_word_values(payload)
