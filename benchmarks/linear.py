@@ -8,7 +8,10 @@ compiled kernels; and the bare forward GEMM on the same quantised operands: bf16
 fp32 ``torch.mm`` and fp8train's emulation (which multiplies in bf16 where bf16 GEMMs
 have hardware and in fp32 where they do not, fp8train.matmul.gemm_dtype); and
 ``torch._scaled_mm`` on CPU timed once on a few rows against the emulation on the same
-rows (it can be orders of magnitude slower, see below). Ratios are given to bf16 and
+rows (it can be orders of magnitude slower, see below). The four layers run interleaved
+(A B C D A B C D ...), and so do the three GEMMs, so that a change in machine load hits
+all of them alike (run one after another, the 1024 FP8 layer came out 1.7-1.9x bf16 in
+two runs on a 2-core Zen 4 whose interleaved profile gave 1.0x). Ratios are given to bf16 and
 to fp32: on a CPU without bf16 GEMM hardware a bf16 layer is tens of times slower than
 fp32, and fp32 is the baseline that means something there.
 Results: benchmarks/results/linear-<date>.json.
@@ -17,6 +20,7 @@ Results: benchmarks/results/linear-<date>.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -64,13 +68,10 @@ def main() -> None:
             "fp8 tensorwise compiled": fp8train.convert(nn.Sequential(nn.Linear(k, n)),
                                                         "tensorwise", kernels="compiled"),
         }
-        entry = {}
-        for label, layer in layers.items():
-            bf16 = not label.startswith("fp32")
-            t = _common.time_median(
-                lambda layer=layer, x=x, dy=dy, bf16=bf16: fwd_bwd(layer, x, dy, bf16),
-                warmup=2, repeats=args.repeats)
-            entry[label] = t["median_s"]
+        timings = _common.time_interleaved(
+            [functools.partial(fwd_bwd, layer, x, dy, not label.startswith("fp32"))
+             for label, layer in layers.items()], warmup=2, repeats=args.repeats)
+        entry = {label: t["median_s"] for label, t in zip(layers, timings)}
         # The bare forward GEMM on the same quantised operands.
         spec = fp8train.ScaleSpec(power_of_two=True)
         qx = fp8train.quantize(x.detach(), spec)
@@ -83,8 +84,8 @@ def main() -> None:
             "gemm fp8 emulated": lambda qx=qx, qw=qw: fp8train.scaled_mm(qx, qw.t(),
                                                                         backend="emulate"),
         }
-        for label, fn in gemms.items():
-            entry[label] = _common.time_median(fn, warmup=2, repeats=args.repeats)["median_s"]
+        timings = _common.time_interleaved(list(gemms.values()), warmup=2, repeats=args.repeats)
+        entry.update({label: t["median_s"] for label, t in zip(gemms, timings)})
         # CPU torch._scaled_mm can be three orders of magnitude slower than a bf16 GEMM
         # (oneDNN's FP8 path on a Sapphire Rapids CPU: 50 s for 2048x1024x1024), so it is
         # timed once, on the first --scaled-mm-tokens rows, against the emulation on the
