@@ -113,7 +113,8 @@ def machine() -> dict[str, Any]:
         "usable_cpus": usable,
         "torch_num_threads": torch.get_num_threads(),
         # The vector ISA ATen dispatches to (AVX2, AVX512, ...), and whether bf16 GEMMs
-        # have hardware here: without it they run tens of times slower than fp32, and
+        # have hardware here: without it they run 3x (AVX-512 without bf16 instructions)
+        # to tens of times (AVX2) slower than fp32, and
         # fp8train's emulation multiplies in fp32 (fp8train.matmul.gemm_dtype).
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "bf16_gemm_native": bf16_gemm_is_native("cpu"),

@@ -12,8 +12,9 @@ rows (it can be orders of magnitude slower, see below). The four layers run inte
 (A B C D A B C D ...), and so do the three GEMMs, so that a change in machine load hits
 all of them alike (run one after another, the 1024 FP8 layer came out 1.7-1.9x bf16 in
 two runs on a 2-core Zen 4 whose interleaved profile gave 1.0x). Ratios are given to bf16 and
-to fp32: on a CPU without bf16 GEMM hardware a bf16 layer is tens of times slower than
-fp32, and fp32 is the baseline that means something there.
+to fp32: on a CPU without bf16 GEMM hardware a bf16 layer is 3x (AVX-512 without bf16
+instructions) to tens of times (AVX2) slower than fp32, and fp32 is the baseline that
+means something there.
 Results: benchmarks/results/linear-<date>.json.
 """
 

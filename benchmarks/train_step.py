@@ -17,7 +17,8 @@ autograd function's Python), the FP8 autograd function's Python, and everything 
 so the gap to bf16 has a measured cause.
 ``bf16-fp32gemm``: bf16 autocast with every Linear's GEMMs multiplied in fp32 on the
 bf16-rounded operands (one bf16 rounding of the result: a bf16 GEMM's arithmetic up to
-summation order). Where bf16 GEMMs have no hardware (AVX2-only CPUs) this is the bf16
+summation order). Where bf16 GEMMs have no hardware (AVX2-only CPUs, and AVX-512 ones
+without bf16 instructions, fp8train.matmul.bf16_gemm_is_native) this is the bf16
 step as it would run if its GEMMs were as fast as the ones the FP8 emulation runs
 there (fp32), with everything else (attention, GELU, LayerNorm) in bf16 as in every
 FP8 run: the baseline that isolates FP8's own cost on such a CPU, and the one the
@@ -190,8 +191,9 @@ def main() -> None:
     profiles = {p: breakdown(lambda p=p: step(p)) for p in timed}
     ref = "bf16" if "bf16" in precisions else precisions[0]  # saved bytes' reference
     # The speed target's baseline: bf16, as issue 6 states it, where bf16 GEMMs have
-    # hardware. Where they do not (AVX2-only CPUs), a bf16 step is tens of times slower
-    # than fp32 and every FP8 ratio to it is met trivially, so the verdict reads the
+    # hardware. Where they do not, a bf16 step is 3x (AVX-512 without bf16 instructions)
+    # to tens of times (AVX2) slower than fp32 and every FP8 ratio to it is met
+    # trivially, so the verdict reads the
     # target against bf16 on fp32 GEMMs (bf16-fp32gemm, the module docstring), else
     # fp32; every ratio is kept.
     speed_ref = ref if ref in timed else timed[0]

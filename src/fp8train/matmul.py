@@ -14,10 +14,12 @@ Two backends compute the same arithmetic:
   on CPU, bit for bit.
 
   The bf16 GEMM is only the faster route where bf16 GEMMs have hardware behind them
-  (:func:`bf16_gemm_is_native`). On a CPU without it (AVX2 only, as a 2-core AMD EPYC
-  Zen 3 here, 2026-12-01) PyTorch multiplies bf16 matrices in a generic fallback at
-  1-3 GFLOP/s against about 170 for fp32 (2048x512 @ 512x512: 821 ms against 6.2 ms),
-  so there the emulation multiplies the same exact operands in fp32 (:func:`gemm_dtype`):
+  (:func:`bf16_gemm_is_native`). On a CPU without it PyTorch multiplies bf16 matrices
+  in a generic fallback (AVX2 only, as a 2-core AMD EPYC Zen 3 here, 2026-12-01: 1-3
+  GFLOP/s against about 170 for fp32; 2048x512 @ 512x512 took 821 ms against 6.2 ms) or,
+  with AVX-512 but no bf16 instructions (an Ice Lake Xeon, 2026-12-03), converts to fp32
+  inside oneDNN at a third of fp32's speed, so there the emulation multiplies the same
+  exact operands in fp32 (:func:`gemm_dtype`):
   the products are exact either way and both accumulate in fp32, so only the summation
   order can differ, and on such a CPU it is what ``torch._scaled_mm`` computes, bit
   for bit.
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import platform
 from typing import Literal
 
 import torch
@@ -48,12 +51,22 @@ _OUT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
 
 @functools.cache
 def bf16_gemm_is_native(device_type: str) -> bool:
-    """Whether bf16 GEMMs on ``device_type`` run on hardware support rather than a slow
-    generic loop: PyTorch's own test (oneDNN takes bf16 GEMMs on CPUs with AVX-512, AVX2
-    VNNI-2, AMX or Arm BF16; elsewhere ATen falls back to scalar code). Always true off
-    the CPU, where the emulation only runs the layouts ``torch._scaled_mm`` lacks."""
+    """Whether bf16 GEMMs on ``device_type`` run faster than fp32 ones: on x86 CPUs only
+    with bf16 dot-product instructions (AVX512_BF16, as Zen 4 and Cooper Lake have) or
+    AMX tiles (Sapphire Rapids and later). oneDNN also takes bf16 GEMMs on plain
+    AVX-512 (PyTorch's ``_is_mkldnn_bf16_supported()`` is True there) but converts to
+    fp32 and multiplies in fp32: on a 2-core Ice Lake Xeon here (2026-12-03) a 2048x128
+    @ 128x512 bf16 GEMM took 4.7 ms against 1.6 ms in fp32, 2.9-4.0x slower across the
+    lab's shapes. Off x86, PyTorch's oneDNN probe decides (on Arm it asks for the BF16
+    extension); AVX2-only CPUs fall back to scalar loops. Always true off the CPU, where
+    the emulation only runs the layouts ``torch._scaled_mm`` lacks."""
     if device_type != "cpu":
         return True
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86"):
+        isa = [getattr(torch.cpu, name, None)
+               for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        if all(probe is not None for probe in isa):
+            return any(bool(probe()) for probe in isa)  # type: ignore[misc]
     probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     return bool(probe()) if probe is not None else False
 

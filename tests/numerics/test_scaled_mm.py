@@ -185,6 +185,38 @@ def test_gemm_dtype_is_bf16_only_where_exact_and_native(native: bool,
     assert gemm_dtype(torch.float16, True, "cpu") == torch.float32
 
 
+# (machine, AVX512_BF16, AMX tiles, oneDNN's bf16 probe) -> bf16 GEMMs faster than fp32.
+CPUS = {
+    "zen4": ("x86_64", True, False, True, True),
+    "sapphire-rapids": ("x86_64", True, True, True, True),
+    # oneDNN takes bf16 on plain AVX-512 but converts to fp32: 3x slower here.
+    "ice-lake": ("x86_64", False, False, True, False),
+    "zen3-avx2": ("x86_64", False, False, False, False),
+    # Off x86 the oneDNN probe decides (it asks for Arm's BF16 extension).
+    "arm-bf16": ("aarch64", False, False, True, True),
+    "arm-no-bf16": ("aarch64", False, False, False, False),
+}
+
+
+@pytest.mark.parametrize("cpu", CPUS)
+def test_bf16_gemm_is_native_only_with_bf16_instructions(
+    cpu: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    machine, avx512_bf16, amx, onednn, expected = CPUS[cpu]
+    monkeypatch.setattr(fp8train.matmul.platform, "machine", lambda: machine)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16,
+                        raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn,
+                        raising=False)
+    fp8train.matmul.bf16_gemm_is_native.cache_clear()
+    try:
+        assert fp8train.matmul.bf16_gemm_is_native("cpu") is expected, cpu
+        assert fp8train.matmul.bf16_gemm_is_native("cuda") is True
+    finally:
+        fp8train.matmul.bf16_gemm_is_native.cache_clear()
+
+
 @pytest.mark.parametrize("name, sa, sb", PAIRS[2:], ids=[p[0] for p in PAIRS[2:]])
 def test_scaled_mm_backend_rejects_layouts_it_cannot_take(
     name: str, sa: ScaleSpec, sb: ScaleSpec
