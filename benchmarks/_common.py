@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from fp8train.kernels import bytes_from_bits_faster
 from fp8train.matmul import bf16_gemm_is_native
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -118,6 +119,8 @@ def machine() -> dict[str, Any]:
         # fp8train's emulation multiplies in fp32 (fp8train.matmul.gemm_dtype).
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "bf16_gemm_native": bf16_gemm_is_native("cpu"),
+        # How compiled kernels make FP8 bytes here, measured (fp8train.kernels).
+        "fp8_bytes_from_bits": bytes_from_bits_faster(),
         # Other jobs on a shared machine inflate times; the load says how busy it was.
         "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }

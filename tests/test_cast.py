@@ -644,8 +644,13 @@ def test_fp8_word_values_rejects_what_it_cannot_read_as_words() -> None:
 
 
 def test_fp8_grid_values_rejects_other_formats() -> None:
-    from fp8train.cast import fp8_codes, fp8_grid_bytes, fp8_grid_values
+    from fp8train.cast import fp8_codes, fp8_grid_bytes, fp8_grid_values, fp8_payload
 
+    for from_bits in (True, False):  # either route refuses alike
+        with pytest.raises(ValueError, match="e4m3 and e5m2"):
+            fp8_payload(torch.ones(3), by_name("int8"), from_bits=from_bits)
+        with pytest.raises(TypeError, match="float32"):
+            fp8_payload(torch.ones(3, dtype=torch.bfloat16), E4M3, from_bits=from_bits)
     with pytest.raises(ValueError, match="e4m3 and e5m2"):
         fp8_codes(torch.ones(3), by_name("int8"))
     with pytest.raises(TypeError, match="float32"):

@@ -124,6 +124,53 @@ def test_given_scale_saturates(name: str) -> None:
         assert_bitwise_equal(payload, reference, f"{kernels.mode} {name} given scale")
 
 
+@pytest.mark.parametrize("from_bits", [True, False], ids=["bit-fields", "conversion"])
+def test_compiled_payload_bytes_by_either_route_equal_the_reference(
+        from_bits: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled CPU kernels make FP8 bytes from fp32 bit fields or by torch's conversion,
+    whichever fp8train.kernels.bytes_from_bits_faster measured faster on this CPU. Both
+    (forced here, whatever this CPU is) give the reference pipeline's payload: alone and
+    beside an operand, without the clamp (own-amax scales) and with it (a scale 8x too
+    large, so products saturate); and the route forced is the one traced."""
+    import sys
+
+    from fp8train import kernels
+
+    cast_module = sys.modules["fp8train.cast"]
+    monkeypatch.setattr(kernels, "bytes_from_bits_faster", lambda: from_bits)
+    bit_field_calls = []
+    for fn_name in ("fp8_codes", "fp8_grid_bytes"):
+        real = getattr(cast_module, fn_name)
+
+        def spy(*args, real=real, **kwargs):  # type: ignore[no-untyped-def]
+            bit_field_calls.append(real.__name__)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(cast_module, fn_name, spy)
+    # graphs traced afresh for this route
+    current = kernels._StandaloneCompiled(kernels.quantize_current)
+    given = kernels._StandaloneCompiled(kernels.quantize_given)
+    gen = torch.Generator().manual_seed(3)
+    # Both formats and input dtypes; the granularities share this code (compiling more
+    # pairs cost about 18 s each on 2 cores).
+    for name, dtype in (("e4m3-tensor", torch.bfloat16), ("e5m2-row", torch.float32)):
+        spec = OWN_AMAX_SPECS[name]
+        x = (torch.randn(130, 256, generator=gen) * torch.logspace(-8, 3, 256)).to(dtype)
+        reference = fp8train.quantize(x, spec)
+        what = f"{'bit fields' if from_bits else 'conversion'} {name} {dtype}"
+        for work in (None, torch.float32):
+            _, _, payload, _ = current(x, spec, work, True)
+            assert_bitwise_equal(payload, reference.data, f"{what} payload, operand {work}")
+        big = reference.scale * 8
+        saturated = apply_scale_and_cast(x, big, spec)
+        assert bool((saturated.float().abs() == spec.fmt.max).any()), f"{what}: none saturated"
+        for work in (None, torch.float32):
+            _, _, payload, _ = given(x, big, spec, work, True)
+            assert_bitwise_equal(payload, saturated, f"{what} saturated, operand {work}")
+    assert bool(bit_field_calls) is from_bits, f"traced {bit_field_calls or 'no bit fields'}"
+    assert from_bits is False or set(bit_field_calls) == {"fp8_codes", "fp8_grid_bytes"}
+
+
 def test_operand_is_optional() -> None:
     x = torch.randn(8, 16)
     spec = ScaleSpec()

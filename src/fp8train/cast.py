@@ -38,7 +38,7 @@ from fp8train.formats import E4M3, E5M2, INT8, Format, by_name
 Rounding = Literal["nearest", "stochastic"]
 
 __all__ = ["cast", "cast_finite", "fp8_codes", "fp8_grid_bytes", "fp8_grid_values",
-           "fp8_word_values", "overflow_threshold", "round_to_grid"]
+           "fp8_payload", "fp8_word_values", "overflow_threshold", "round_to_grid"]
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -356,6 +356,35 @@ def fp8_codes(y: torch.Tensor, fmt: Format, *, clamp: bool = True) -> torch.Tens
     code = torch.where(magnitude < min_normal_bits, subnormal, normal)
     sign = (bits >> 24) & 0x80  # arithmetic shift: bit 31 -> bit 7
     return _code_bytes(code | sign)
+
+
+def fp8_payload(y: torch.Tensor, fmt: Format, *, clamp: bool = True, on_grid: bool = False,
+                from_bits: bool = False) -> torch.Tensor:
+    """``cast_finite(y, fmt)`` (saturating, nearest) for finite fp32 ``y`` and E4M3/E5M2,
+    in ``fmt.torch_dtype``: by torch's conversion, or with ``from_bits=True`` from
+    ``y``'s fp32 bit fields in integer arithmetic (:func:`fp8_grid_bytes` where ``y``
+    already lies on the grid, ``on_grid``, else :func:`fp8_codes`). The same bytes.
+
+    ``clamp=False``: ``|y|`` is known not to round past ``fmt.max`` (the bound in the
+    comment above :func:`fp8_grid_values`), and torch's conversion rounds it to max as
+    well: only magnitudes that round past max (:func:`overflow_threshold`) become NaN or
+    inf.
+
+    Which is faster depends on the CPU, not on the data: inductor writes no vector code
+    for a bit view (it stores the vector, moves each lane in scalar code and loads it
+    back), and what that round trip costs differs by CPU; fp8train.kernels measures it
+    once per process (``bytes_from_bits_faster``).
+    """
+    if from_bits:
+        codes = fp8_grid_bytes(y, fmt) if on_grid else fp8_codes(y, fmt, clamp=clamp)
+        assert fmt.torch_dtype is not None  # E4M3/E5M2, checked by either function
+        return codes.view(fmt.torch_dtype)
+    if fmt not in (E4M3, E5M2):
+        raise ValueError(f"fp8_payload supports e4m3 and e5m2, got {fmt.name}")
+    if y.dtype != torch.float32:  # as the bit-field route: rounded once, from fp32
+        raise TypeError(f"fp8_payload needs float32 input, got {y.dtype}")
+    assert fmt.torch_dtype is not None
+    return (y.clamp(-fmt.max, fmt.max) if clamp and not on_grid else y).to(fmt.torch_dtype)
 
 
 def fp8_word_values(payload: torch.Tensor) -> torch.Tensor:

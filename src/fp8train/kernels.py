@@ -15,11 +15,12 @@ bytes are only written where something keeps them (a payload saved for backward,
 observer, a GPU's ``torch._scaled_mm``): each fp32 <-> FP8 conversion costs 2-4x a
 multiply pass on the CPU, and the emulated GEMM needs only the operand. On the lab GPT
 (d128, 2026-11-29, interleaved A/B) this took 7-8 ms off a 138-141 ms row, block or MX
-step and about 1 ms off a tensorwise one. Where bytes are kept beside an operand they
-are read off the values' fp32 bit fields (:func:`fp8train.cast.fp8_grid_bytes`), not
-converted with torch's rounding cast (a 16.8 M-element fp32 cast pass: 7.3-8.2 ->
-4.5-5.5 ms); a payload alone is rounded on the input's bits
-(:func:`fp8train.cast.fp8_codes`, 4.5 -> 3.4 ms). With current scaling (the scale from
+step and about 1 ms off a tensorwise one. Where bytes are made, compiled CPU kernels
+take them from the values' fp32 bit fields (:func:`fp8train.cast.fp8_grid_bytes`; a
+payload alone from the input's bits, :func:`fp8train.cast.fp8_codes`) or by torch's
+conversion, whichever :func:`bytes_from_bits_faster` measured faster on this CPU (Zen 4:
+the bit fields, a 16.8 M-element fp32 cast pass 7.3-8.2 -> 4.5-5.5 ms; Ice Lake: the
+conversion, 3-4x faster than the bit fields); eager kernels convert. With current scaling (the scale from
 the tensor's own amax, not MX) no product can round past max, and the saturating clamp,
 a fifth of the kernel, is skipped (``own_amax_scale``; the same bits).
 
@@ -49,9 +50,8 @@ import torch
 
 from fp8train.cast import (
     cast_finite,
-    fp8_codes,
-    fp8_grid_bytes,
     fp8_grid_values,
+    fp8_payload,
     fp8_word_values,
 )
 from fp8train.formats import E4M3, E5M2
@@ -67,6 +67,7 @@ __all__ = [
     "KernelMode",
     "Kernels",
     "bias_grad",
+    "bytes_from_bits_faster",
     "cast_with_operand",
     "grid_arithmetic",
     "payload_to_operand",
@@ -108,14 +109,16 @@ def cast_with_operand(
     """
     scaled = multiply_by_scale(x2d, scale, spec)
     if grid_arithmetic(spec):
-        assert spec.fmt.torch_dtype is not None
         clamp = not (own_amax_scale and spec.granularity is not Granularity.MX)
-        if operand_dtype is None:  # the codes alone: rounded on the bits, no values
-            return fp8_codes(scaled, spec.fmt, clamp=clamp).view(spec.fmt.torch_dtype), None
+        # Bytes from bit fields only in CPU code traced for inductor, and only where
+        # that measured faster than the conversion (bytes_from_bits_faster).
+        from_bits = _tracing_for_inductor and _bytes_from_bits and scaled.is_cpu
+        if operand_dtype is None:  # the payload alone, rounded from the products
+            return fp8_payload(scaled, spec.fmt, clamp=clamp, from_bits=from_bits), None
         values = fp8_grid_values(scaled, spec.fmt, clamp=clamp)
         payload = None
-        if keep_payload:  # from the values made anyway: fewer operations than fp8_codes
-            payload = fp8_grid_bytes(values, spec.fmt).view(spec.fmt.torch_dtype)
+        if keep_payload:  # from the values made anyway: no rounding left to do
+            payload = fp8_payload(values, spec.fmt, on_grid=True, from_bits=from_bits)
         return payload, multiply_by_scale(values, scale.reciprocal(), spec).to(operand_dtype)
     payload = cast_finite(scaled, spec.fmt, saturate=spec.saturate)
     if operand_dtype is None:
@@ -169,6 +172,45 @@ def payload_to_operand(payload: torch.Tensor, scale: torch.Tensor, spec: ScaleSp
 
 # True while _StandaloneCompiled traces a function for inductor (never in eager calls).
 _tracing_for_inductor = False
+# Whether the graphs traced from here on make FP8 bytes from fp32 bit fields (else by
+# torch's conversion); set from bytes_from_bits_faster() before each tracing.
+_bytes_from_bits = False
+
+
+@functools.cache
+def bytes_from_bits_faster() -> bool:
+    """Whether inductor's CPU code on this machine makes FP8 payload bytes faster from
+    fp32 bit fields (:func:`fp8train.cast.fp8_codes`) than by torch's conversion:
+    measured once per process, on a 1024x1024 fp32 E4M3 cast, both compiled (a few
+    seconds, once; inductor caches the two graphs on disk). Both give the same bytes.
+
+    Why measured and not assumed: inductor has no vector code for a bit view; it stores
+    the vector, moves each lane in scalar code and loads it back, and what that costs
+    depends on the CPU. On a 2-core AMD EPYC Zen 4 (2026-11-29) the bit fields were
+    faster (a 16.8 M-element fp32 cast with its payload, 4.5-5.5 ms against 7.3-8.2 ms);
+    on a 2-core Intel Xeon Ice Lake (2026-12-03) the conversion was, by far (a 2048x512
+    bf16 payload alone 1.35 -> 0.41 ms, with its fp32 operand 2.2 -> 0.62 ms). A run
+    of timing noise can only pick the slower route, never other bits.
+    """
+    import time
+
+    x = torch.linspace(-600.0, 600.0, 1 << 20).reshape(1024, 1024)  # no RNG drawn
+    scale = torch.tensor(0.75)
+    routes = {
+        bits: torch.compile(functools.partial(_probe_cast, from_bits=bits), dynamic=False)
+        for bits in (True, False)
+    }
+    best = dict.fromkeys(routes, float("inf"))
+    for _ in range(7):  # alternating, best of 7: the least disturbed run of each
+        for bits, fn in routes.items():
+            t0 = time.perf_counter()
+            fn(x, scale)
+            best[bits] = min(best[bits], time.perf_counter() - t0)
+    return best[True] < best[False]
+
+
+def _probe_cast(x: torch.Tensor, scale: torch.Tensor, from_bits: bool) -> torch.Tensor:
+    return fp8_payload(x * scale, E4M3, clamp=True, from_bits=from_bits)
 # Whether traced CPU restores read payloads as int32 words (payload_to_operand): on CPUs
 # without AVX-512, where inductor converts FP8 bytes in scalar code. Read at tracing.
 _WORD_RESTORES_ON_CPU = not torch.backends.cpu.get_cpu_capability().startswith("AVX512")
@@ -459,7 +501,8 @@ class _StandaloneCompiled:
         # error before it reaches us.
         fake_log = logging.getLogger("torch._subclasses.fake_tensor")
         disabled, fake_log.disabled = fake_log.disabled, True
-        global _tracing_for_inductor
+        global _tracing_for_inductor, _bytes_from_bits
+        _bytes_from_bits = bytes_from_bits_faster()
         _tracing_for_inductor = True
         try:
             gm = make_fx(flat_fn, tracing_mode="fake")(*fakes)
