@@ -20,9 +20,10 @@ take them from the values' fp32 bit fields (:func:`fp8train.cast.fp8_grid_bytes`
 payload alone from the input's bits, :func:`fp8train.cast.fp8_codes`) or by torch's
 conversion, whichever :func:`bytes_from_bits_faster` measured faster on this CPU (Zen 4:
 the bit fields, a 16.8 M-element fp32 cast pass 7.3-8.2 -> 4.5-5.5 ms; Ice Lake: the
-conversion, 3-4x faster than the bit fields); eager kernels convert. With current scaling (the scale from
-the tensor's own amax, not MX) no product can round past max, and the saturating clamp,
-a fifth of the kernel, is skipped (``own_amax_scale``; the same bits).
+conversion, 3-4x faster than the bit fields); eager kernels convert. With current
+scaling (the scale from the tensor's own amax, not MX) no product can round past max,
+and the saturating clamp, a fifth of the kernel, is skipped (``own_amax_scale``; the
+same bits).
 
 ``Kernels("compiled")`` compiles lazily on first use, with the row count dynamic and
 the other dimensions static: each (spec, dtype, shape but rows) compiles once however
@@ -211,6 +212,8 @@ def bytes_from_bits_faster() -> bool:
 
 def _probe_cast(x: torch.Tensor, scale: torch.Tensor, from_bits: bool) -> torch.Tensor:
     return fp8_payload(x * scale, E4M3, clamp=True, from_bits=from_bits)
+
+
 # Whether traced CPU restores read payloads as int32 words (payload_to_operand): on CPUs
 # without AVX-512, where inductor converts FP8 bytes in scalar code. Read at tracing.
 _WORD_RESTORES_ON_CPU = not torch.backends.cpu.get_cpu_capability().startswith("AVX512")

@@ -246,9 +246,9 @@ def markdown(results: dict[str, Any]) -> str:
             "Step times are CPU wall times with FP8 arithmetic emulated, not a forecast of "
             "GPU speed."
             + ("" if ver.get("bf16_gemm_native", True) else (
-                " This CPU has no hardware for bf16 GEMMs (no bf16 instructions: PyTorch runs "
-                "them in a generic fallback, or converts to fp32 inside oneDNN, 3 to 100 "
-                "times slower than fp32), so bf16 steps are slow here and "
+                " This CPU has no hardware for bf16 GEMMs (no bf16 instructions: PyTorch "
+                "runs them in a generic fallback, or converts to fp32 inside oneDNN: 3 to "
+                "over 100 times slower than fp32), so bf16 steps are slow here and "
                 "the FP8 emulation multiplies its exact operands in fp32: the ratio to bf16 "
                 "says nothing about FP8; the ratio to fp32 is the one to read."))
             + " Saved for backward: bytes of the tensors autograd keeps for one step, "
