@@ -383,8 +383,10 @@ def fp8_payload(y: torch.Tensor, fmt: Format, *, clamp: bool = True, on_grid: bo
         raise ValueError(f"fp8_payload supports e4m3 and e5m2, got {fmt.name}")
     if y.dtype != torch.float32:  # as the bit-field route: rounded once, from fp32
         raise TypeError(f"fp8_payload needs float32 input, got {y.dtype}")
+    if clamp and not on_grid:
+        return _cast_native(y, fmt, saturate=True)
     assert fmt.torch_dtype is not None
-    return (y.clamp(-fmt.max, fmt.max) if clamp and not on_grid else y).to(fmt.torch_dtype)
+    return y.to(fmt.torch_dtype)
 
 
 def fp8_word_values(payload: torch.Tensor) -> torch.Tensor:

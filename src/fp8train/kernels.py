@@ -113,7 +113,7 @@ def cast_with_operand(
         clamp = not (own_amax_scale and spec.granularity is not Granularity.MX)
         # Bytes from bit fields only in CPU code traced for inductor, and only where
         # that measured faster than the conversion (bytes_from_bits_faster).
-        from_bits = _tracing_for_inductor and _bytes_from_bits and scaled.is_cpu
+        from_bits = _tracing_for_inductor and scaled.is_cpu and bytes_from_bits_faster()
         if operand_dtype is None:  # the payload alone, rounded from the products
             return fp8_payload(scaled, spec.fmt, clamp=clamp, from_bits=from_bits), None
         values = fp8_grid_values(scaled, spec.fmt, clamp=clamp)
@@ -173,11 +173,6 @@ def payload_to_operand(payload: torch.Tensor, scale: torch.Tensor, spec: ScaleSp
 
 # True while _StandaloneCompiled traces a function for inductor (never in eager calls).
 _tracing_for_inductor = False
-# Whether the graphs traced from here on make FP8 bytes from fp32 bit fields (else by
-# torch's conversion); set from bytes_from_bits_faster() before each tracing.
-_bytes_from_bits = False
-
-
 @functools.cache
 def bytes_from_bits_faster() -> bool:
     """Whether inductor's CPU code on this machine makes FP8 payload bytes faster from
@@ -504,8 +499,8 @@ class _StandaloneCompiled:
         # error before it reaches us.
         fake_log = logging.getLogger("torch._subclasses.fake_tensor")
         disabled, fake_log.disabled = fake_log.disabled, True
-        global _tracing_for_inductor, _bytes_from_bits
-        _bytes_from_bits = bytes_from_bits_faster()
+        bytes_from_bits_faster()  # measured before tracing: it compiles, tracing cannot
+        global _tracing_for_inductor
         _tracing_for_inductor = True
         try:
             gm = make_fx(flat_fn, tracing_mode="fake")(*fakes)
