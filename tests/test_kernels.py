@@ -4,6 +4,7 @@ compiled alike (bitwise: the arithmetic is the same op for op)."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,6 +123,62 @@ def test_given_scale_saturates(name: str) -> None:
     for kernels in (Kernels("eager"), COMPILED):
         _, _, payload, _ = kernels.quantize_many((x,), (spec,), (None,), (scale,))[0]
         assert_bitwise_equal(payload, reference, f"{kernels.mode} {name} given scale")
+
+
+def test_byte_route_probe_is_measured_once_per_machine(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bytes_from_bits_faster measures once and keeps the answer on disk for later
+    processes; another CPU, thread count or torch (the key), a corrupt memo or an
+    unwritable cache directory each mean measuring again, never a wrong or failed
+    answer."""
+    import json
+
+    from fp8train import kernels
+
+    probe = kernels.bytes_from_bits_faster.__wrapped__  # past the per-process cache
+    memo = tmp_path / "inductor" / "fp8train" / "memo.json"
+    monkeypatch.setattr(kernels, "_probe_memo_path", lambda: memo)
+    timings = {True: 1.0, False: 2.0}  # bit fields faster
+    measured = []
+
+    def fake_timing() -> dict[bool, float]:
+        measured.append(dict(timings))
+        return dict(timings)
+
+    monkeypatch.setattr(kernels, "_time_byte_routes", fake_timing)
+    assert probe() is True and len(measured) == 1
+    stored = json.loads(memo.read_text())
+    assert stored["bytes_from_bits"] is True and stored["key"] == kernels._probe_memo_key()
+
+    timings.update({True: 3.0})  # a new measurement would now say "conversion"
+    assert probe() is True and len(measured) == 1, "the memo was not read"
+
+    real_key = kernels._probe_memo_key()
+    monkeypatch.setattr(kernels, "_probe_memo_key", lambda: {**real_key, "threads": -1})
+    assert probe() is False and len(measured) == 2, "another machine's memo was used"
+    assert json.loads(memo.read_text())["key"]["threads"] == -1
+
+    memo.write_text("{not json")
+    assert probe() is False and len(measured) == 3
+    memo.write_text('["a list"]')
+    assert probe() is False and len(measured) == 4
+
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    monkeypatch.setattr(kernels, "_probe_memo_path", lambda: blocked / "memo.json")
+    assert probe() is False and len(measured) == 5
+
+
+def test_byte_route_memo_key_survives_json() -> None:
+    """The memo's key compares equal after a JSON round trip (else it never hits), and
+    names this CPU."""
+    import json
+
+    from fp8train.kernels import _probe_memo_key
+
+    key = _probe_memo_key()
+    assert json.loads(json.dumps(key)) == key
+    assert key["torch"] == torch.__version__ and key["threads"] == torch.get_num_threads()
 
 
 @pytest.mark.parametrize("from_bits", [True, False], ids=["bit-fields", "conversion"])

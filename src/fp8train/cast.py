@@ -373,7 +373,7 @@ def fp8_payload(y: torch.Tensor, fmt: Format, *, clamp: bool = True, on_grid: bo
     Which is faster depends on the CPU, not on the data: inductor writes no vector code
     for a bit view (it stores the vector, moves each lane in scalar code and loads it
     back), and what that round trip costs differs by CPU; fp8train.kernels measures it
-    once per process (``bytes_from_bits_faster``).
+    once per machine (``bytes_from_bits_faster``).
     """
     if from_bits:
         codes = fp8_grid_bytes(y, fmt) if on_grid else fp8_codes(y, fmt, clamp=clamp)
