@@ -7,8 +7,9 @@ Shapes: square 1024, 2048, 4096 and a 4x MLP (d -> 4d). For each: bf16 autocast
 compiled kernels; and the bare forward GEMM on the same quantised operands: bf16 and
 fp32 ``torch.mm`` and fp8train's emulation (which multiplies in bf16 where bf16 GEMMs
 have hardware and in fp32 where they do not, fp8train.matmul.gemm_dtype); and
-``torch._scaled_mm`` on CPU timed once on a few rows against the emulation on the same
-rows (it can be orders of magnitude slower, see below). The four layers run interleaved
+``torch._scaled_mm`` on CPU, tensorwise and rowwise (the scales it takes), timed once on
+a few rows against the emulation on the same rows (it can be orders of magnitude
+slower, see below). The four layers run interleaved
 (A B C D A B C D ...), and so do the three GEMMs, so that a change in machine load hits
 all of them alike (run one after another, the 1024 FP8 layer came out 1.7-1.9x bf16 in
 two runs on a 2-core Zen 4 whose interleaved profile gave 1.0x). Ratios are given to bf16 and
@@ -91,16 +92,19 @@ def main() -> None:
         # (oneDNN's FP8 path on a Sapphire Rapids CPU: 50 s for 2048x1024x1024), so it is
         # timed once, on the first --scaled-mm-tokens rows, against the emulation on the
         # same rows.
+        # Both granularities CPU torch._scaled_mm takes (block and MX scales it does not,
+        # so those recipes have only the emulation to run on).
         few = args.scaled_mm_tokens
-        qx_few = fp8train.ScaledTensor(qx.data[:few], qx.scale, qx.spec, qx.orig_dtype)
-        few_times = {
-            label: _common.time_median(fn, warmup=0, repeats=1)["median_s"]
-            for label, fn in {
-                "emulated": lambda qx_few=qx_few, qw=qw: fp8train.scaled_mm(
-                    qx_few, qw.t(), backend="emulate"),
-                "torch._scaled_mm": lambda qx_few=qx_few, qw=qw: fp8train.scaled_mm(
-                    qx_few, qw.t(), backend="scaled_mm"),
-            }.items()}
+        few_times = {}
+        for gran, gspec in (("tensorwise", spec), ("rowwise", fp8train.ScaleSpec(
+                granularity="row", power_of_two=True))):
+            qa = fp8train.quantize(x.detach()[:few], gspec)
+            qb = fp8train.quantize(base.weight.detach(), gspec).t()  # (K, N), a scale per column
+            for route, backend in (("emulated", "emulate"), ("torch._scaled_mm", "scaled_mm")):
+                label = route if gran == "tensorwise" else f"{route} {gran}"
+                few_times[label] = _common.time_median(
+                    functools.partial(fp8train.scaled_mm, qa, qb, backend=backend),
+                    warmup=0, repeats=1)["median_s"]
         results[name] = {"in_features": k, "out_features": n, "tokens": args.tokens,
                          "median_s": entry,
                          "emulated_gemm_dtype": str(fp8train.matmul.gemm_dtype(
@@ -116,10 +120,15 @@ def main() -> None:
                          "scaled_mm_on_few_tokens": {
                              "tokens": few, "seconds_once": few_times,
                              "scaled_mm_vs_emulated": few_times["torch._scaled_mm"]
-                             / few_times["emulated"]}}
-        rows.append((name, f"gemm torch._scaled_mm ({few} tokens, once)",
-                     f"{few_times['torch._scaled_mm'] * 1e3:.2f}",
-                     f"{few_times['torch._scaled_mm'] / few_times['emulated']:.1f}x emulated", ""))
+                             / few_times["emulated"],
+                             "scaled_mm_vs_emulated_rowwise":
+                             few_times["torch._scaled_mm rowwise"]
+                             / few_times["emulated rowwise"]}}
+        for suffix in ("", " rowwise"):
+            t_mm = few_times["torch._scaled_mm" + suffix]
+            rows.append((name, f"gemm torch._scaled_mm{suffix} ({few} tokens, once)",
+                         f"{t_mm * 1e3:.2f}",
+                         f"{t_mm / few_times['emulated' + suffix]:.1f}x emulated", ""))
         for label, v in entry.items():
             gemm = label.startswith("gemm")
             to16 = entry["gemm bf16 torch.mm" if gemm else "bf16 nn.Linear"]
