@@ -17,7 +17,10 @@ alone, the cast pass alone with the scale given (current scaling's cast pass, wi
 the clamp a delayed scale would need), a streaming read of the input (eager
 ``x.max()``, what one pass over it costs at the machine's read bandwidth), for rowwise
 the same kernel with amax and cast in one loop per row (``rowwise_in_one_loop``: does
-the second read cost what it seems to?), and, once per phase, the price of writing a
+the second read cost what it seems to?), delayed scaling's kernel (the scale given,
+the amax taken alongside the cast: one read of the input; not MX, whose scales are
+always the block's own; does one pass reach the target where two cannot?), and, once
+per phase, the price of writing a
 payload-sized buffer into a new allocation against rewriting memory already touched (a
 compiled kernel allocates its outputs on every call; on this VM the first touch of
 fresh pages is a large part of the cast).
@@ -140,7 +143,19 @@ def bench_input(
                     warmup=warmup, repeats=repeats)["median_s"],
                 "streaming_read_s": time_median(x.max, warmup=warmup,
                                                 repeats=repeats)["median_s"],
+                "delayed_one_pass_s": None,
             }
+            if spec.granularity is not G.MX:  # MX scales are always the block's own
+                # Delayed scaling's kernel: the scale given (here x's own, so the same
+                # bytes), the amax taken alongside the cast, one read of x; it clamps,
+                # as a scale from earlier steps may saturate.
+                delayed = functools.partial(compiled.quantize_many, (x,), (spec,), (None,),
+                                            (q.scale,))
+                _, _, payload, _ = delayed()[0]
+                assert torch.equal(payload.view(torch.uint8), q.data.view(torch.uint8)), label
+                parts["delayed_one_pass_s"] = time_interleaved(
+                    [delayed, functools.partial(dst.copy_, src)], warmup=warmup,
+                    repeats=repeats)[0]["median_s"]
             if spec.granularity is G.ROW:
                 one_loop = torch.compile(rowwise_in_one_loop, dynamic=False)
                 _, scale, payload = one_loop(x, spec)
@@ -255,15 +270,22 @@ def target_verdict(phases: list[dict[str, Any]]) -> dict[str, Any]:
                 "amax_pass_vs_streaming_read": parts["amax_pass_s"] / parts["streaming_read_s"],
                 "cast_pass_vs_memcpy_of_its_bytes":
                     parts["cast_pass_given_scale_s"] / memcpy_of_its_bytes,
+                # The same bytes moved in delayed scaling's single pass (amax + cast).
+                "delayed_one_pass_fraction_of_memcpy": None
+                if parts.get("delayed_one_pass_s") is None
+                else memcpy_of_its_bytes / parts["delayed_one_pass_s"],
             }
             rows.append(row)
+            delayed = row["delayed_one_pass_fraction_of_memcpy"]
             lines.append(
                 f"{r['input']} {r['granularity']} ({phase['allocator'].split(' (')[0]}): "
                 f"{fraction:.2f} of memcpy (target {TARGET}): "
                 + ("met" if row["met"] else f"short by {row['short_by']:.2f}")
                 + f"; amax pass {row['amax_pass_vs_streaming_read']:.1f}x one streaming "
                 f"read, cast pass {row['cast_pass_vs_memcpy_of_its_bytes']:.1f}x memcpy of "
-                "its bytes")
+                "its bytes"
+                + ("" if delayed is None else
+                   f"; delayed scaling's one pass {delayed:.2f} of memcpy"))
     return {"rows": rows, "lines": lines}
 
 
@@ -293,12 +315,15 @@ def report(phase: dict[str, Any]) -> None:
         )
     )
     print("\nwhere the compiled time goes (ms): amax pass alone, cast pass alone (scale "
-          "given), one streaming read (x.max()), rowwise with amax and cast in one loop")
+          "given), one streaming read (x.max()), rowwise with amax and cast in one loop, "
+          "delayed scaling's amax + cast in one pass")
     print(format_table(
-        ["input", "granularity", "total", "amax pass", "cast pass", "read", "one loop"],
+        ["input", "granularity", "total", "amax pass", "cast pass", "read", "one loop",
+         "delayed, one pass"],
         [[r["input"], r["granularity"], r["median_s"] * 1e3, r["parts"]["amax_pass_s"] * 1e3,
           r["parts"]["cast_pass_given_scale_s"] * 1e3, r["parts"]["streaming_read_s"] * 1e3,
-          r["parts"].get("rowwise_in_one_loop_s", float("nan")) * 1e3]
+          r["parts"].get("rowwise_in_one_loop_s", float("nan")) * 1e3,
+          (r["parts"]["delayed_one_pass_s"] or float("nan")) * 1e3]
          for r in rows if r["parts"]]))
     for label, t in phase["first_touch"].items():
         print(f"writing {label} into a new allocation: {t['new_allocation_s'] * 1e3:.1f} ms, "
