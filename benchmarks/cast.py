@@ -17,10 +17,10 @@ alone, the cast pass alone with the scale given (current scaling's cast pass, wi
 the clamp a delayed scale would need), a streaming read of the input (eager
 ``x.max()``, what one pass over it costs at the machine's read bandwidth), for rowwise
 the same kernel with amax and cast in one loop per row (``rowwise_in_one_loop``: does
-the second read cost what it seems to?), delayed scaling's kernel (the scale given,
-the amax taken alongside the cast: one read of the input; not MX, whose scales are
-always the block's own; does one pass reach the target where two cannot?), and, once
-per phase, the price of writing a
+the second read cost what it seems to?), delayed scaling's kernel (the scale given, so
+amax and cast need not wait for each other; inductor still writes them as two loops
+over the input; not MX, whose scales are always the block's own), and, once per phase,
+the price of writing a
 payload-sized buffer into a new allocation against rewriting memory already touched (a
 compiled kernel allocates its outputs on every call; on this VM the first touch of
 fresh pages is a large part of the cast).
@@ -143,17 +143,17 @@ def bench_input(
                     warmup=warmup, repeats=repeats)["median_s"],
                 "streaming_read_s": time_median(x.max, warmup=warmup,
                                                 repeats=repeats)["median_s"],
-                "delayed_one_pass_s": None,
+                "delayed_kernel_s": None,
             }
             if spec.granularity is not G.MX:  # MX scales are always the block's own
                 # Delayed scaling's kernel: the scale given (here x's own, so the same
-                # bytes), the amax taken alongside the cast, one read of x; it clamps,
-                # as a scale from earlier steps may saturate.
+                # bytes) and the amax taken in the same call; it clamps, as a scale from
+                # earlier steps may saturate.
                 delayed = functools.partial(compiled.quantize_many, (x,), (spec,), (None,),
                                             (q.scale,))
                 _, _, payload, _ = delayed()[0]
                 assert torch.equal(payload.view(torch.uint8), q.data.view(torch.uint8)), label
-                parts["delayed_one_pass_s"] = time_interleaved(
+                parts["delayed_kernel_s"] = time_interleaved(
                     [delayed, functools.partial(dst.copy_, src)], warmup=warmup,
                     repeats=repeats)[0]["median_s"]
             if spec.granularity is G.ROW:
@@ -270,13 +270,13 @@ def target_verdict(phases: list[dict[str, Any]]) -> dict[str, Any]:
                 "amax_pass_vs_streaming_read": parts["amax_pass_s"] / parts["streaming_read_s"],
                 "cast_pass_vs_memcpy_of_its_bytes":
                     parts["cast_pass_given_scale_s"] / memcpy_of_its_bytes,
-                # The same bytes moved in delayed scaling's single pass (amax + cast).
-                "delayed_one_pass_fraction_of_memcpy": None
-                if parts.get("delayed_one_pass_s") is None
-                else memcpy_of_its_bytes / parts["delayed_one_pass_s"],
+                # The same bytes moved by delayed scaling's kernel (amax + cast).
+                "delayed_kernel_fraction_of_memcpy": None
+                if parts.get("delayed_kernel_s") is None
+                else memcpy_of_its_bytes / parts["delayed_kernel_s"],
             }
             rows.append(row)
-            delayed = row["delayed_one_pass_fraction_of_memcpy"]
+            delayed = row["delayed_kernel_fraction_of_memcpy"]
             lines.append(
                 f"{r['input']} {r['granularity']} ({phase['allocator'].split(' (')[0]}): "
                 f"{fraction:.2f} of memcpy (target {TARGET}): "
@@ -285,7 +285,7 @@ def target_verdict(phases: list[dict[str, Any]]) -> dict[str, Any]:
                 f"read, cast pass {row['cast_pass_vs_memcpy_of_its_bytes']:.1f}x memcpy of "
                 "its bytes"
                 + ("" if delayed is None else
-                   f"; delayed scaling's one pass {delayed:.2f} of memcpy"))
+                   f"; delayed scaling's kernel {delayed:.2f} of memcpy"))
     return {"rows": rows, "lines": lines}
 
 
@@ -316,14 +316,14 @@ def report(phase: dict[str, Any]) -> None:
     )
     print("\nwhere the compiled time goes (ms): amax pass alone, cast pass alone (scale "
           "given), one streaming read (x.max()), rowwise with amax and cast in one loop, "
-          "delayed scaling's amax + cast in one pass")
+          "delayed scaling's amax + cast (scale given)")
     print(format_table(
         ["input", "granularity", "total", "amax pass", "cast pass", "read", "one loop",
-         "delayed, one pass"],
+         "delayed"],
         [[r["input"], r["granularity"], r["median_s"] * 1e3, r["parts"]["amax_pass_s"] * 1e3,
           r["parts"]["cast_pass_given_scale_s"] * 1e3, r["parts"]["streaming_read_s"] * 1e3,
           r["parts"].get("rowwise_in_one_loop_s", float("nan")) * 1e3,
-          (r["parts"]["delayed_one_pass_s"] or float("nan")) * 1e3]
+          (r["parts"]["delayed_kernel_s"] or float("nan")) * 1e3]
          for r in rows if r["parts"]]))
     for label, t in phase["first_touch"].items():
         print(f"writing {label} into a new allocation: {t['new_allocation_s'] * 1e3:.1f} ms, "
