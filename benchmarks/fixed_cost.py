@@ -19,17 +19,23 @@ all, and one compiled FP8 kernel call (the rowwise backward of the GPT's fc2 lay
 larger than in a tight loop for a reason that has nothing to do with FP8, and a step
 with more separate kernel calls pays it more often.
 
+Part 3, the pieces: at 8 tokens (batch 1, seq 8), where the fixed cost is most of an
+FP8 layer step, the step is timed with the FP8 autograd function's forward and backward,
+its ``scaled_mm`` calls and its compiled kernel calls each wrapped in a timer: the rest
+of forward + backward is the function's own Python and eager ops.
+
 Results: benchmarks/results/fixed_cost-<date>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +117,63 @@ def step_times(precisions: list[str], baseline: str, steps: int, warmup: int
     return out
 
 
+@contextlib.contextmanager
+def timing_pieces(acc: dict[str, float]) -> Iterator[None]:
+    """Wrap the FP8 layer's forward, backward, scaled_mm calls and compiled kernel calls
+    in timers adding to ``acc`` (seconds); restored on exit."""
+    from fp8train import autograd, kernels
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                acc[name] = acc.get(name, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    fn_cls = autograd._Fp8Linear
+    saved = (autograd.scaled_mm, fn_cls.__dict__["forward"], fn_cls.__dict__["backward"],
+             kernels._StandaloneCompiled.__call__)
+    autograd.scaled_mm = timed("scaled_mm", autograd.scaled_mm)
+    fn_cls.forward = staticmethod(timed("forward", saved[1].__func__))
+    fn_cls.backward = staticmethod(timed("backward", saved[2].__func__))
+    kernels._StandaloneCompiled.__call__ = timed("kernel calls", saved[3])
+    try:
+        yield
+    finally:
+        autograd.scaled_mm = saved[0]
+        fn_cls.forward, fn_cls.backward = saved[1], saved[2]
+        kernels._StandaloneCompiled.__call__ = saved[3]
+
+
+def pieces(steps: int, warmup: int) -> dict[str, Any]:
+    """Per FP8 layer step at 8 tokens, microseconds: forward + backward, its kernel calls,
+    its scaled_mm calls and the rest (the autograd function's own Python and eager ops)."""
+    out = {}
+    shape = {**SHAPE, "seq": 8}
+    for recipe in RECIPES:
+        torch.manual_seed(0)
+        model = fp8train.convert(GPT(**shape), recipe, kernels="compiled")
+        layers = sum(isinstance(m, fp8train.Fp8Linear) for m in model.modules())
+        step = make_step(model, torch.randint(0, shape["vocab"], (1, shape["seq"] + 1)), True)
+        for _ in range(warmup):
+            step()
+        acc: dict[str, float] = {}
+        with timing_pieces(acc):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            total = time.perf_counter() - t0
+        per = {k: v / steps / layers * 1e6 for k, v in acc.items()}
+        layer = per["forward"] + per["backward"]
+        out[recipe] = {"step_ms": total / steps * 1e3, "fp8_layers": layers,
+                       "fp8_layer_step_us": layer, "kernel_calls_us": per["kernel calls"],
+                       "scaled_mm_us": per["scaled_mm"],
+                       "rest_us": layer - per["kernel calls"] - per["scaled_mm"]}
+    return out
+
+
 def busy_wait(seconds: float) -> Callable[[], None]:
     def wait() -> None:
         t0 = time.perf_counter()
@@ -169,6 +232,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=200, help="part 2's timings per op")
+    parser.add_argument("--pieces-steps", type=int, default=100, help="part 3's timed steps")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     baseline = "bf16" if bf16_gemm_is_native("cpu") else "bf16-fp32gemm"
@@ -194,12 +258,20 @@ def main() -> None:
     print("\nmedian us of one op, back to back and after Python ran")
     print(_common.format_table(["op", "back to back", "after 0.5 ms", "after 2 ms"], [
         (op, *(f"{v:.0f}" for v in t.values())) for op, t in gaps.items()]))
+    parts = pieces(args.pieces_steps, args.warmup)
+    print("\nat 8 tokens, per FP8 layer step (us): the pieces of forward + backward")
+    print(_common.format_table(
+        ["recipe", "step ms", "layer step", "kernel calls", "scaled_mm", "rest"],
+        [(p, f"{v['step_ms']:.1f}", f"{v['fp8_layer_step_us']:.0f}",
+          f"{v['kernel_calls_us']:.0f}", f"{v['scaled_mm_us']:.0f}", f"{v['rest_us']:.0f}")
+         for p, v in parts.items()]))
     if not args.no_write:
         path = _common.write_results("fixed_cost", {
             "config": {"model": SHAPE, "batches": list(BATCHES), "steps": args.steps,
                        "warmup": args.warmup, "repeats": args.repeats,
+                       "pieces_steps": args.pieces_steps,
                        "threads": torch.get_num_threads()},
-            "steps": steps, "op_after_python_us": gaps})
+            "steps": steps, "op_after_python_us": gaps, "pieces_at_8_tokens": parts})
         print(f"wrote {path}")
 
 
