@@ -178,6 +178,8 @@ def payload_to_operand(payload: torch.Tensor, scale: torch.Tensor, spec: ScaleSp
 
 # True while _StandaloneCompiled traces a function for inductor (never in eager calls).
 _tracing_for_inductor = False
+
+
 @functools.cache
 def bytes_from_bits_faster() -> bool:
     """Whether inductor's CPU code on this machine makes FP8 payload bytes faster from
@@ -207,16 +209,17 @@ def bytes_from_bits_faster() -> bool:
         pass  # absent, unreadable or not ours: measure
     best = _time_byte_routes()
     faster = best[True] < best[False]
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:  # written whole, then renamed: a reader never sees half a file
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps({"key": key, "bytes_from_bits": faster,
                                    "best_s": {"bit_fields": best[True],
                                               "conversion": best[False]}}),
                        encoding="utf-8")
         os.replace(tmp, path)
-    except OSError:
-        pass  # a read-only cache: measure again next time
+    except OSError:  # a read-only cache: measure again next time
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return faster
 
 
@@ -239,7 +242,7 @@ def _probe_memo_key() -> dict[str, Any]:
             name = name.strip()
             if name in ("model name", "flags", "cpu family", "model") and name not in cpu:
                 cpu[name] = value.strip()
-    return {"cpu": cpu, "machine": platform.machine(), "processor": platform.processor(),
+    return {"cpu": cpu, "machine": platform.machine(),
             "capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "torch": torch.__version__}
 
