@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import importlib
 import itertools
+from types import ModuleType
 
 import pytest
 import torch
@@ -147,7 +148,13 @@ def test_compiled_model_breaks_only_at_fp8_layers_and_compiles_their_kernels(
 
     # Past the recompile limit with fewer layer widths than dynamo's default of 8 allows:
     # every width compiles its own kernels, which cost most of this test on a cold cache.
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    # config.patch, not monkeypatch: pytest >= 9.2 restores attributes missing from an
+    # object's __dict__ by deleting them, which hides a dynamo config entry for good.
+    with torch._dynamo.config.patch(recompile_limit=2):
+        _run_past_the_recompile_limit(monkeypatch, nn_module)
+
+
+def _run_past_the_recompile_limit(monkeypatch: pytest.MonkeyPatch, nn_module: ModuleType) -> None:
     model = fp8train.convert(_Stack([32, 48, 64, 80, 32]), "rowwise")
     layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
     assert len(layers) == 4 and all(m.fp8_state.kernels.mode == "eager" for m in layers)
