@@ -1,21 +1,26 @@
-"""What the output head's gradient loses in each recipe's grad_output cast.
+"""What the output head's gradient loses in each recipe's grad_output casts.
 
     python docs/head_gradient.py RUN_DIR [--tokens 2048]
 
 RUN_DIR is a finished ``fp8train compare`` run (its ``checkpoints/`` hold the trained
 models). For every FP8 precision in it, the head's gradient of the cross-entropy loss,
-``dlogits = softmax(logits) - onehot(target)`` (tokens x vocab, the loss's mean and loss
-scale left out: scales are relative to the amax, so they change no fraction below), is
-taken on validation windows and quantised with each recipe's ``grad_output`` spec, and
-the error is measured against fp32:
+``dy = softmax(logits) - onehot(target)`` (tokens x vocab), is taken on validation
+windows and quantised as the FP8 backward does: with the recipe's ``grad_output`` spec for
+``grad_input = dy . W`` and with its transpose (scales along the tokens; the same cast for
+tensorwise) for ``grad_weight = dy^T . h``. The loss's mean (1/tokens) and the loss scale
+are left out; both are powers of two here, and every recipe's scales are powers of two,
+so they shift the scaled values by whole binades and change no count below.
 
-- underflow: nonzero values flushed to zero (as the lab's health monitor counts them), and
-  the share of those that belong to bytes absent from the training corpus;
-- dW error: ``|(q - dlogits)^T h| / |dlogits^T h|`` with ``h`` the head's input, the
-  relative error of the head's weight gradient; "from flushed" counts only the flushed
-  values' part of it;
-- target clipped: tokens whose target-class entry ``p - 1`` saturates (its scaled value
-  lies beyond the format's max, 448 for E4M3, and is cut to it).
+Per cast, against fp32:
+- underflow: nonzero values flushed to zero, as the lab's health monitor counts them; for
+  the row cast also the share of those on bytes absent from the training corpus and the
+  largest flushed magnitude;
+- clipped: values whose scaled magnitude is beyond ``overflow_threshold`` (464 for E4M3),
+  cut to the format's max, as the monitor counts them; for the row cast also the tokens
+  whose target-class entry ``p - 1`` is clipped;
+- error: of the GEMM the cast feeds, ``|(q - dy) . W| / |dy . W|`` (grad_input, ``W`` the
+  head's fp32 weight) and ``|(q - dy)^T . h| / |dy^T . h|`` (grad_weight, ``h`` the head's
+  input); "from flushed" counts only the flushed values' part.
 
 Written to explain the lab's health maps (the README's lab section quotes a run).
 """
@@ -26,10 +31,12 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from fp8train.cast import overflow_threshold
 from fp8train.lab.config import LabConfig
 from fp8train.lab.data import eval_windows, load_corpus
 from fp8train.lab.gpt import GPT
@@ -53,28 +60,49 @@ def head_gradient(model: GPT, x: torch.Tensor, y: torch.Tensor
     return dlogits, seen["h"].float().flatten(0, 1)
 
 
-def cast_losses(dy: torch.Tensor, h: torch.Tensor, target: torch.Tensor,
+class Cast(NamedTuple):
+    q: torch.Tensor  # the dequantised cast of dy, fp32
+    flushed: torch.Tensor  # bool: nonzero in dy, zero in q
+    clipped: torch.Tensor  # bool: scaled beyond overflow_threshold, cut to the max
+
+
+def cast(dy: torch.Tensor, spec: ScaleSpec) -> Cast:
+    """``dy`` (tokens, vocab) quantised with ``spec`` and back, and where it lost values."""
+    quantised = quantize(dy, spec)
+    q = quantised.dequantize(torch.float32)
+    payload = quantised.data.float()
+    # payload = dy * scale, rounded; the scale an element saw is payload / q (exact:
+    # power-of-two scales), so its scaled magnitude before rounding is |dy| * scale.
+    scaled = torch.where(q != 0, dy.abs() * (payload / q).abs(), torch.zeros_like(dy))
+    return Cast(q, (dy != 0) & (q == 0), scaled > overflow_threshold(spec.fmt))
+
+
+def error(delta: torch.Tensor, exact: torch.Tensor) -> float:
+    return float(delta.norm() / exact.norm())
+
+
+def head_report(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                 absent: torch.Tensor, spec: ScaleSpec) -> dict[str, float]:
-    qt = quantize(dy, spec)
-    q = qt.dequantize(torch.float32)
-    nonzero = dy != 0
-    flushed = nonzero & (q == 0)
-    lost = torch.where(flushed, dy, torch.zeros_like(dy))
-    dw = (dy.t() @ h).norm()
-    # Saturated: the payload is the format's max and the value lost more than rounding
-    # (half an ulp, 2^-(mantissa bits + 1) of it) would take: it lay beyond the max.
-    on_target = dy.gather(1, target[:, None])
-    at_max = qt.data.float().abs().gather(1, target[:, None]) == spec.fmt.max
-    rel = (q.gather(1, target[:, None]) - on_target).abs() / on_target.abs()
-    clipped = at_max & (rel > 2.0 ** -(spec.fmt.mantissa_bits + 1))
+    """What the two casts of ``dy`` (tokens, vocab) under ``spec`` lose: percentages of
+    ``dy``'s nonzero values (or of tokens), magnitudes in ``dy``'s units, errors relative
+    to the fp32 GEMM (``h``: the head's input, tokens x d; ``weight``: vocab x d;
+    ``target``: the class index per token; ``absent``: bool per class)."""
+    nonzero = float((dy != 0).sum())
+    row, col = cast(dy, spec), cast(dy, spec.transposed())
+    lost = torch.where(row.flushed, dy, torch.zeros_like(dy))
+    target_clipped = row.clipped.gather(1, target[:, None])
     return {
-        "underflow %": 100 * float(flushed.sum() / nonzero.sum()),
+        "dx cast underflow %": 100 * float(row.flushed.sum()) / nonzero,
         "of which absent bytes %":
-            100 * float((flushed & absent).sum() / flushed.sum().clamp(min=1)),
+            100 * float((row.flushed & absent).sum() / row.flushed.sum().clamp(min=1)),
         "largest flushed": float(lost.abs().max()),
-        "dW error": float(((q - dy).t() @ h).norm() / dw),
-        "dW error from flushed": float((lost.t() @ h).norm() / dw),
-        "target clipped %": 100 * float(clipped.float().mean()),
+        "dx cast clipped %": 100 * float(row.clipped.sum()) / nonzero,
+        "tokens with target clipped %": 100 * float(target_clipped.float().mean()),
+        "dx error": error((row.q - dy) @ weight, dy @ weight),
+        "dx error from flushed": error(lost @ weight, dy @ weight),
+        "dW cast underflow %": 100 * float(col.flushed.sum()) / nonzero,
+        "dW cast clipped %": 100 * float(col.clipped.sum()) / nonzero,
+        "dW error": error((col.q - dy).t() @ h, dy.t() @ h),
     }
 
 
@@ -107,7 +135,8 @@ def main() -> None:
         dy, h = head_gradient(model, x, y)
         own = [precision] + (["mxfp8 rceil"] if precision == "mxfp8" else [])
         for name in own:
-            row = cast_losses(dy, h, y.flatten(), absent, specs[name])
+            row = head_report(dy, h, model.head.weight.detach().float(), y.flatten(), absent,
+                              specs[name])
             if header is None:
                 header = ["model (step)", "grad_output cast", *row]
                 print("| " + " | ".join(header) + " |")

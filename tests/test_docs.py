@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 from types import ModuleType
 
@@ -51,8 +52,8 @@ def test_numerics_doc_lists_every_recipe_gemm() -> None:
 
 
 def test_head_gradient_counts_flushes_and_saturation_as_derived_by_hand() -> None:
-    """docs/head_gradient.py (quoted in the README's lab section) on one 32-class row whose
-    numbers follow from the formats' limits alone."""
+    """docs/head_gradient.py (quoted in the README's lab section) on 32 equal tokens of a
+    32-class gradient whose numbers follow from the formats' limits alone."""
     import dataclasses
 
     import torch
@@ -60,32 +61,44 @@ def test_head_gradient_counts_flushes_and_saturation_as_derived_by_hand() -> Non
     from fp8train.recipes import Recipe
 
     hg = _load_script("head_gradient")
-    dy = torch.zeros(1, 32)
-    dy[0, 0] = -0.95  # the target: p - 1
-    dy[0, 1] = 0.5
-    dy[0, 2:6] = 1e-7  # four classes the model pushed down (marked absent)
+    row = torch.zeros(32)
+    row[0] = -0.92  # the target: p - 1
+    row[1] = 0.5
+    row[2:6] = 1e-7  # four classes the model pushed down (marked absent)
+    dy = row.expand(32, 32).clone()  # (tokens, vocab)
     absent = torch.zeros(32, dtype=torch.bool)
     absent[2:6] = True
-    target = torch.tensor([0])
-    h = torch.ones(1, 4)
+    target = torch.zeros(32, dtype=torch.long)
+    weight, h = torch.eye(32), torch.ones(32, 4)
+    norm = math.hypot(0.92, 0.5)  # |dy . W| / sqrt(32) and |dy^T . h| / sqrt(128) alike
     specs = {r: Recipe.from_name(r).grad_output for r in ("tensorwise", "rowwise", "mxfp8")}
     specs["rceil"] = dataclasses.replace(specs["mxfp8"], mx_rounding="rceil")
-    got = {r: hg.cast_losses(dy, h, target, absent, s) for r, s in specs.items()}
+    got = {r: hg.head_report(dy, h, weight, target, absent, s) for r, s in specs.items()}
 
-    # Rowwise E4M3, power-of-two scale 2^floor(log2(448 / 0.95)) = 256: 1e-7 * 256 is
-    # below half E4M3's smallest subnormal (2^-10), so the four tail values flush (4 of 6
-    # nonzero), all absent bytes; 0.95 * 256 = 243.2 fits.
-    assert got["rowwise"]["underflow %"] == pytest.approx(100 * 4 / 6)
-    assert got["rowwise"]["of which absent bytes %"] == 100
-    assert got["rowwise"]["largest flushed"] == pytest.approx(1e-7)
-    assert got["rowwise"]["target clipped %"] == 0
-    # E5M2, scale 2^floor(log2(57344 / 0.95)) = 2^15: 1e-7 * 2^15 = 3.3e-3 is above 2^-17.
-    assert got["tensorwise"]["underflow %"] == 0
-    assert got["tensorwise"]["dW error from flushed"] == 0
-    # MX floor rule: E = floor(log2 0.95) - 8 = -9, so 0.95 scales to 486.4 > 448 and is
-    # cut to 448 (-7.9% on the target, beyond E4M3's half ulp of 2^-4). RCEIL:
-    # E = ceil(log2(0.95 / 448)) = -8, so 0.95 scales to 243.2 and only rounds.
-    assert got["mxfp8"]["target clipped %"] == 100
-    assert got["rceil"]["target clipped %"] == 0
-    # The one clipped value dominates the weight-gradient error: |448/512 - 0.95| / |dy|.
-    assert got["mxfp8"]["dW error"] > (0.95 - 448 / 512) / float(dy.norm()) * 0.99
+    # Rowwise E4M3, power-of-two scale 2^floor(log2(448 / 0.92)) = 256 per token: 1e-7 *
+    # 256 is below half E4M3's smallest subnormal (2^-10), so the four tail values flush
+    # (4 of 6 nonzero), all absent bytes; 0.92 * 256 = 235.52 rounds to 240 (0.0175 off).
+    rw = got["rowwise"]
+    assert rw["dx cast underflow %"] == pytest.approx(100 * 4 / 6)
+    assert rw["of which absent bytes %"] == 100
+    assert rw["largest flushed"] == pytest.approx(1e-7)
+    assert rw["dx cast clipped %"] == 0 and rw["tokens with target clipped %"] == 0
+    assert rw["dx error"] == pytest.approx(math.hypot(0.0175, 2e-7) / norm, rel=1e-6)
+    assert rw["dx error from flushed"] == pytest.approx(2e-7 / norm, rel=1e-6)
+    # Its grad_weight cast scales each class over the tokens: the tails keep their own.
+    assert rw["dW cast underflow %"] == 0
+    # E5M2, scale 2^floor(log2(57344 / 0.92)) = 2^15: 1e-7 * 2^15 = 3.3e-3 is above 2^-17.
+    assert got["tensorwise"]["dx cast underflow %"] == 0
+    assert got["tensorwise"]["dx error from flushed"] == 0
+    # MX floor rule: E = floor(log2 0.92) - 8 = -9, so 0.92 scales to 471.04, beyond 464
+    # (23 above 448, more than the half step of 16 that rounding allows), and is cut to
+    # 448 (0.875, 0.045 off), in both casts (the grad_weight cast's 32-token blocks hold
+    # 0.92 alone). RCEIL: E = ceil(log2(0.92 / 448)) = -8, 235.52, no clip.
+    mx = got["mxfp8"]
+    assert mx["tokens with target clipped %"] == 100
+    assert mx["dx cast clipped %"] == pytest.approx(100 / 6)
+    assert mx["dW cast clipped %"] == pytest.approx(100 / 6)
+    assert mx["dx error"] == pytest.approx(0.045 / norm, rel=1e-6)
+    assert mx["dW error"] == pytest.approx(0.045 / norm, rel=1e-6)
+    assert got["rceil"]["tokens with target clipped %"] == 0
+    assert got["rceil"]["dx cast clipped %"] == got["rceil"]["dW cast clipped %"] == 0
