@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 
 from fp8train.cast import overflow_threshold
-from fp8train.lab.config import LabConfig
+from fp8train.lab.config import from_dict
 from fp8train.lab.data import eval_windows, load_corpus
 from fp8train.lab.gpt import GPT
 from fp8train.recipes import Recipe
-from fp8train.scaling import ScaleSpec
+from fp8train.scaling import ScaleSpec, expand_scale
 from fp8train.tensor import quantize
 
 RECIPES = ("tensorwise", "delayed", "rowwise", "blockwise", "mxfp8")
@@ -70,10 +70,8 @@ def cast(dy: torch.Tensor, spec: ScaleSpec) -> Cast:
     """``dy`` (tokens, vocab) quantised with ``spec`` and back, and where it lost values."""
     quantised = quantize(dy, spec)
     q = quantised.dequantize(torch.float32)
-    payload = quantised.data.float()
-    # payload = dy * scale, rounded; the scale an element saw is payload / q (exact:
-    # power-of-two scales), so its scaled magnitude before rounding is |dy| * scale.
-    scaled = torch.where(q != 0, dy.abs() * (payload / q).abs(), torch.zeros_like(dy))
+    # The magnitudes the cast rounds, counted as the health monitor counts them.
+    scaled = (dy * expand_scale(quantised.scale, (dy.shape[0], dy.shape[1]), spec)).abs()
     return Cast(q, (dy != 0) & (q == 0), scaled > overflow_threshold(spec.fmt))
 
 
@@ -111,9 +109,7 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--tokens", type=int, default=2048, help="validation tokens to use")
     args = parser.parse_args()
-    saved = json.loads((args.run_dir / "config.json").read_text())["config"]
-    fields = {f.name for f in dataclasses.fields(LabConfig)}
-    config = LabConfig(**{k: v for k, v in saved.items() if k in fields})
+    config = from_dict(json.loads((args.run_dir / "config.json").read_text())["config"])
     corpus = load_corpus(config.data, corpus_mb=config.corpus_mb,
                          val_fraction=config.val_fraction, seq=config.seq)
     absent = torch.bincount(corpus.train.long().flatten(), minlength=256) == 0  # (vocab,)
@@ -122,7 +118,7 @@ def main() -> None:
     # The MX spec's other rule, to tell its clipping from its block size.
     specs["mxfp8 rceil"] = dataclasses.replace(specs["mxfp8"], mx_rounding="rceil")
     print(f"{int(absent.sum())} of 256 bytes never occur in the training corpus; "
-          f"{x.numel()} validation tokens")
+          f"{x.numel()} validation tokens\n")
     header = None
     for path in sorted((args.run_dir / "checkpoints").glob("*-seed0.pt")):
         precision = path.name.removesuffix("-seed0.pt")
