@@ -94,8 +94,9 @@ def _git_commit() -> str | None:
     head = _git("rev-parse", "HEAD")
     if not head:
         return None
-    changed = _git("status", "--porcelain", "--untracked-files=no", "--",
-                   ":/src", ":/benchmarks/*.py")
+    changed = _git(
+        "status", "--porcelain", "--untracked-files=no", "--", ":/src", ":/benchmarks/*.py"
+    )
     return head + ("+uncommitted" if changed else "")
 
 
@@ -162,8 +163,9 @@ def time_median(fn: Callable[[], object], *, warmup: int = 2, repeats: int = 7) 
     return time_interleaved([fn], warmup=warmup, repeats=repeats)[0]
 
 
-def time_interleaved(fns: Sequence[Callable[[], object]], *, warmup: int = 2,
-                     repeats: int = 7) -> list[dict[str, Any]]:
+def time_interleaved(
+    fns: Sequence[Callable[[], object]], *, warmup: int = 2, repeats: int = 7
+) -> list[dict[str, Any]]:
     """:func:`time_median` of each of ``fns``, their runs alternating (A B A B ...), so
     that a change in machine load hits all of them alike."""
     if repeats < 1:
@@ -173,12 +175,11 @@ def time_interleaved(fns: Sequence[Callable[[], object]], *, warmup: int = 2,
             fn()
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, ts in zip(fns, times):
+        for fn, ts in zip(fns, times, strict=False):
             t0 = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - t0)
-    return [{"median_s": statistics.median(ts), "min_s": min(ts), "times_s": ts}
-            for ts in times]
+    return [{"median_s": statistics.median(ts), "min_s": min(ts), "times_s": ts} for ts in times]
 
 
 def gb_per_s(nbytes: int, seconds: float) -> float:
@@ -223,8 +224,7 @@ def keep_freed_memory() -> bool:
     if name is None or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL(name)
-    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(
-        libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 # ---------------------------------------------------------------- output
@@ -247,7 +247,8 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 
     def line(values: Sequence[str], numeric: Sequence[bool]) -> str:
         return "  ".join(
-            v.rjust(w) if n else v.ljust(w) for v, w, n in zip(values, widths, numeric)
+            v.rjust(w) if n else v.ljust(w)
+            for v, w, n in zip(values, widths, numeric, strict=False)
         )
 
     numeric = [isinstance(c, (int, float)) for c in rows[0]] if rows else [False] * len(headers)

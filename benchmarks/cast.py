@@ -125,45 +125,50 @@ def bench_input(
             assert torch.equal(scale, q.scale), label
         # The cast and memcpy alternate (A B A B ...): the machine's load drifts over a
         # run, and each row's fraction compares the two under the same load.
-        timing, copy = time_interleaved([fn, functools.partial(dst.copy_, src)],
-                                        warmup=warmup, repeats=repeats)
+        timing, copy = time_interleaved(
+            [fn, functools.partial(dst.copy_, src)], warmup=warmup, repeats=repeats
+        )
         memcpy_gbs = gb_per_s(2 * NBYTES, copy["median_s"])
         parts = None
         if kernels == "compiled":
             parts = {
-                "amax_pass_s": time_median(functools.partial(compiled.amax, x, spec),
-                                           warmup=warmup, repeats=repeats)["median_s"],
+                "amax_pass_s": time_median(
+                    functools.partial(compiled.amax, x, spec), warmup=warmup, repeats=repeats
+                )["median_s"],
                 "cast_pass_given_scale_s": time_median(
                     # The scale is x's own (as quantize_current's), so the same arithmetic
                     # (no saturating clamp where that is exact; kernels.cast_with_operand).
                     # Positional (compiled kernels take no keywords): keep_payload=True,
                     # own_amax_scale=True.
-                    functools.partial(compiled.cast_with_operand, x, q.scale, spec, None,
-                                      True, True),
-                    warmup=warmup, repeats=repeats)["median_s"],
-                "streaming_read_s": time_median(x.max, warmup=warmup,
-                                                repeats=repeats)["median_s"],
+                    functools.partial(
+                        compiled.cast_with_operand, x, q.scale, spec, None, True, True
+                    ),
+                    warmup=warmup,
+                    repeats=repeats,
+                )["median_s"],
+                "streaming_read_s": time_median(x.max, warmup=warmup, repeats=repeats)["median_s"],
                 "delayed_kernel_s": None,
             }
             if spec.granularity is not G.MX:  # MX scales are always the block's own
                 # Delayed scaling's kernel: the scale given (here x's own, so the same
                 # bytes) and the amax taken in the same call; it clamps, as a scale from
                 # earlier steps may saturate.
-                delayed = functools.partial(compiled.quantize_many, (x,), (spec,), (None,),
-                                            (q.scale,))
+                delayed = functools.partial(
+                    compiled.quantize_many, (x,), (spec,), (None,), (q.scale,)
+                )
                 _, _, payload, _ = delayed()[0]
                 assert torch.equal(payload.view(torch.uint8), q.data.view(torch.uint8)), label
                 parts["delayed_kernel_s"] = time_interleaved(
-                    [delayed, functools.partial(dst.copy_, src)], warmup=warmup,
-                    repeats=repeats)[0]["median_s"]
+                    [delayed, functools.partial(dst.copy_, src)], warmup=warmup, repeats=repeats
+                )[0]["median_s"]
             if spec.granularity is G.ROW:
                 one_loop = torch.compile(rowwise_in_one_loop, dynamic=False)
                 _, scale, payload = one_loop(x, spec)
                 assert torch.equal(payload.view(torch.uint8), q.data.view(torch.uint8))
                 assert torch.equal(scale, q.scale)
                 parts["rowwise_in_one_loop_s"] = time_median(
-                    functools.partial(one_loop, x, spec), warmup=warmup,
-                    repeats=repeats)["median_s"]
+                    functools.partial(one_loop, x, spec), warmup=warmup, repeats=repeats
+                )["median_s"]
         gbs = gb_per_s(in_bytes + out_bytes, timing["median_s"])
         rows.append(
             {
@@ -194,8 +199,9 @@ def first_touch_cost(nbytes: int, warmup: int, repeats: int) -> dict[str, float]
     kept)."""
     reused = torch.empty(nbytes, dtype=torch.uint8)
     reused.fill_(1)
-    new = time_median(lambda: torch.empty(nbytes, dtype=torch.uint8).fill_(1),
-                      warmup=warmup, repeats=repeats)["median_s"]
+    new = time_median(
+        lambda: torch.empty(nbytes, dtype=torch.uint8).fill_(1), warmup=warmup, repeats=repeats
+    )["median_s"]
     again = time_median(lambda: reused.fill_(1), warmup=warmup, repeats=repeats)["median_s"]
     return {"bytes": nbytes, "new_allocation_s": new, "reused_s": again}
 
@@ -218,16 +224,27 @@ def main(argv: list[str] | None = None) -> int:
         # The eager reference is timed once, with the default allocator.
         kernel_sets = ("eager", "compiled") if allocator == "default" else ("compiled",)
         for name, (shape, dtype) in INPUTS.items():
-            rows += bench_input(name, shape, dtype, args.warmup, args.repeats, kernel_sets,
-                                allocator)
+            rows += bench_input(
+                name, shape, dtype, args.warmup, args.repeats, kernel_sets, allocator
+            )
         # The payload of a 4096 x 4096 (fp32 input) or 4096 x 8192 (bf16) E4M3 cast.
-        touch = {f"{n >> 20} MiB": first_touch_cost(n, args.warmup, args.repeats)
-                 for n in (16 * MIB, 32 * MIB)}
+        touch = {
+            f"{n >> 20} MiB": first_touch_cost(n, args.warmup, args.repeats)
+            for n in (16 * MIB, 32 * MIB)
+        }
         # memcpy again at the end: if the machine got busier meanwhile, the two differ.
         memcpy_after = memcpy_bandwidth(NBYTES, warmup=1, repeats=args.repeats)
-        phases.append({"allocator": allocator if allocator == "default" else
-                       f"{allocator} ({KEEP_FREED_MEMORY})", "memcpy": memcpy,
-                       "memcpy_at_end": memcpy_after, "first_touch": touch, "results": rows})
+        phases.append(
+            {
+                "allocator": allocator
+                if allocator == "default"
+                else f"{allocator} ({KEEP_FREED_MEMORY})",
+                "memcpy": memcpy,
+                "memcpy_at_end": memcpy_after,
+                "first_touch": touch,
+                "results": rows,
+            }
+        )
         report(phases[-1])
     print("\n" + "\n".join(target_verdict(phases)["lines"]))
     if not args.no_write:
@@ -262,14 +279,18 @@ def target_verdict(phases: list[dict[str, Any]]) -> dict[str, Any]:
                 continue
             parts, fraction = r["parts"], r["fraction_of_memcpy"]
             memcpy_of_its_bytes = (r["bytes_read"] + r["bytes_written"]) / (
-                r["memcpy_gb_per_s"] * 1e9)
+                r["memcpy_gb_per_s"] * 1e9
+            )
             row = {
-                "allocator": phase["allocator"], "input": r["input"],
-                "granularity": r["granularity"], "fraction_of_memcpy": fraction,
-                "met": fraction >= TARGET, "short_by": max(0.0, TARGET - fraction),
+                "allocator": phase["allocator"],
+                "input": r["input"],
+                "granularity": r["granularity"],
+                "fraction_of_memcpy": fraction,
+                "met": fraction >= TARGET,
+                "short_by": max(0.0, TARGET - fraction),
                 "amax_pass_vs_streaming_read": parts["amax_pass_s"] / parts["streaming_read_s"],
-                "cast_pass_vs_memcpy_of_its_bytes":
-                    parts["cast_pass_given_scale_s"] / memcpy_of_its_bytes,
+                "cast_pass_vs_memcpy_of_its_bytes": parts["cast_pass_given_scale_s"]
+                / memcpy_of_its_bytes,
                 # The same bytes moved by delayed scaling's kernel (amax + cast).
                 "delayed_kernel_fraction_of_memcpy": None
                 if parts.get("delayed_kernel_s") is None
@@ -284,8 +305,8 @@ def target_verdict(phases: list[dict[str, Any]]) -> dict[str, Any]:
                 + f"; amax pass {row['amax_pass_vs_streaming_read']:.1f}x one streaming "
                 f"read, cast pass {row['cast_pass_vs_memcpy_of_its_bytes']:.1f}x memcpy of "
                 "its bytes"
-                + ("" if delayed is None else
-                   f"; delayed scaling's kernel {delayed:.2f} of memcpy"))
+                + ("" if delayed is None else f"; delayed scaling's kernel {delayed:.2f} of memcpy")
+            )
     return {"rows": rows, "lines": lines}
 
 
@@ -314,20 +335,44 @@ def report(phase: dict[str, Any]) -> None:
             ],
         )
     )
-    print("\nwhere the compiled time goes (ms): amax pass alone, cast pass alone (scale "
-          "given), one streaming read (x.max()), rowwise with amax and cast in one loop, "
-          "delayed scaling's amax + cast (scale given)")
-    print(format_table(
-        ["input", "granularity", "total", "amax pass", "cast pass", "read", "one loop",
-         "delayed"],
-        [[r["input"], r["granularity"], r["median_s"] * 1e3, r["parts"]["amax_pass_s"] * 1e3,
-          r["parts"]["cast_pass_given_scale_s"] * 1e3, r["parts"]["streaming_read_s"] * 1e3,
-          r["parts"].get("rowwise_in_one_loop_s", float("nan")) * 1e3,
-          (r["parts"]["delayed_kernel_s"] or float("nan")) * 1e3]
-         for r in rows if r["parts"]]))
+    print(
+        "\nwhere the compiled time goes (ms): amax pass alone, cast pass alone (scale "
+        "given), one streaming read (x.max()), rowwise with amax and cast in one loop, "
+        "delayed scaling's amax + cast (scale given)"
+    )
+    print(
+        format_table(
+            [
+                "input",
+                "granularity",
+                "total",
+                "amax pass",
+                "cast pass",
+                "read",
+                "one loop",
+                "delayed",
+            ],
+            [
+                [
+                    r["input"],
+                    r["granularity"],
+                    r["median_s"] * 1e3,
+                    r["parts"]["amax_pass_s"] * 1e3,
+                    r["parts"]["cast_pass_given_scale_s"] * 1e3,
+                    r["parts"]["streaming_read_s"] * 1e3,
+                    r["parts"].get("rowwise_in_one_loop_s", float("nan")) * 1e3,
+                    (r["parts"]["delayed_kernel_s"] or float("nan")) * 1e3,
+                ]
+                for r in rows
+                if r["parts"]
+            ],
+        )
+    )
     for label, t in phase["first_touch"].items():
-        print(f"writing {label} into a new allocation: {t['new_allocation_s'] * 1e3:.1f} ms, "
-              f"into memory already touched: {t['reused_s'] * 1e3:.1f} ms")
+        print(
+            f"writing {label} into a new allocation: {t['new_allocation_s'] * 1e3:.1f} ms, "
+            f"into memory already touched: {t['reused_s'] * 1e3:.1f} ms"
+        )
 
 
 if __name__ == "__main__":

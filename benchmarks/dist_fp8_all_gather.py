@@ -10,7 +10,8 @@ converted with ``tensorwise``, trained with AdamW under ``torchrun`` on gloo. Va
 Bytes are measured, not computed: ``torch.distributed.all_gather_single`` (FSDP2's
 all-gather) and the Python ``all_reduce`` (the FP8 path's amax reductions) are wrapped
 and their input tensors' bytes summed, per rank per step. DDP's bucket all-reduce and
-FSDP2's reduce-scatter run in C++ and are not counted (the same in every FSDP2 variant). A step is forward, backward and
+FSDP2's reduce-scatter run in C++ and are not counted (the same in every FSDP2 variant).
+A step is forward, backward and
 optimizer step; its time is the median over ``--steps`` steps after 2 warm-up steps
 (on a shared 2-core CPU the times are indicative only; the byte counts are exact).
 
@@ -52,11 +53,10 @@ class _Counter:
         self.bytes = {"all_gather": 0, "all_reduce": 0}
         self._orig = (dist.all_gather_single, dist.all_reduce)
 
-    def __enter__(self) -> _Counter:  # noqa: PYI034
+    def __enter__(self) -> _Counter:
         ag, ar = self._orig
 
-        def all_gather_single(output: torch.Tensor, input: torch.Tensor, *a: Any,
-                              **k: Any) -> Any:
+        def all_gather_single(output: torch.Tensor, input: torch.Tensor, *a: Any, **k: Any) -> Any:
             self.bytes["all_gather"] += input.numel() * input.element_size()
             return ag(output, input, *a, **k)
 
@@ -93,8 +93,11 @@ def run(variant: str, steps: int, recipe: str) -> dict[str, Any]:
             per_step.append(dict(counter.bytes))
     del model, opt
     # Collectives are identical step to step: report the last step's counts.
-    return {"step_s_median": statistics.median(times), "step_s_min": min(times),
-            "bytes_per_step": per_step[-1]}
+    return {
+        "step_s_median": statistics.median(times),
+        "step_s_min": min(times),
+        "bytes_per_step": per_step[-1],
+    }
 
 
 def main() -> None:
@@ -108,15 +111,32 @@ def main() -> None:
     if info.is_main:
         bf16 = results["fsdp2-bf16"]["bytes_per_step"]["all_gather"]
         fp8 = results["fsdp2-fp8"]["bytes_per_step"]["all_gather"]
-        rows = [[v, f"{r['step_s_median'] * 1e3:.1f}", r["bytes_per_step"]["all_gather"],
-                 r["bytes_per_step"]["all_reduce"]] for v, r in results.items()]
-        print(format_table(["variant", "step ms (median)", "all-gather B/rank",
-                            "all-reduce B/rank"], rows))
+        rows = [
+            [
+                v,
+                f"{r['step_s_median'] * 1e3:.1f}",
+                r["bytes_per_step"]["all_gather"],
+                r["bytes_per_step"]["all_reduce"],
+            ]
+            for v, r in results.items()
+        ]
+        print(
+            format_table(
+                ["variant", "step ms (median)", "all-gather B/rank", "all-reduce B/rank"], rows
+            )
+        )
         print(f"FP8 / bf16 all-gather bytes: {fp8 / bf16:.4f}")
-        path = write_results("dist_fp8_all_gather", {
-            "environment": environment(), "world_size": info.world_size,
-            "recipe": args.recipe, "steps": args.steps, "results": results,
-            "fp8_over_bf16_all_gather_bytes": fp8 / bf16})
+        path = write_results(
+            "dist_fp8_all_gather",
+            {
+                "environment": environment(),
+                "world_size": info.world_size,
+                "recipe": args.recipe,
+                "steps": args.steps,
+                "results": results,
+                "fp8_over_bf16_all_gather_bytes": fp8 / bf16,
+            },
+        )
         print(f"wrote {path}")
     import gc
 

@@ -62,8 +62,9 @@ def make_step(model: nn.Module, idx: torch.Tensor, autocast: bool) -> Callable[[
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             logits = model(idx[:, :-1])
-        loss = nn.functional.cross_entropy(logits.float().reshape(-1, SHAPE["vocab"]),
-                                           idx[:, 1:].reshape(-1))
+        loss = nn.functional.cross_entropy(
+            logits.float().reshape(-1, SHAPE["vocab"]), idx[:, 1:].reshape(-1)
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         opt.step()
@@ -71,8 +72,7 @@ def make_step(model: nn.Module, idx: torch.Tensor, autocast: bool) -> Callable[[
     return step
 
 
-def step_times(precisions: list[str], baseline: str, steps: int, warmup: int
-               ) -> dict[str, Any]:
+def step_times(precisions: list[str], baseline: str, steps: int, warmup: int) -> dict[str, Any]:
     """Median step per precision and batch, and the split of each recipe's extra time."""
     torch.manual_seed(0)
     base = GPT(**SHAPE)
@@ -92,16 +92,18 @@ def step_times(precisions: list[str], baseline: str, steps: int, warmup: int
         timings = _common.time_interleaved(fns, warmup=warmup, repeats=steps)
         tokens = batch * SHAPE["seq"]
         out["tokens"][batch] = tokens
-        out["median_step_ms"][batch] = {p: t["median_s"] * 1e3
-                                        for p, t in zip(precisions, timings)}
+        out["median_step_ms"][batch] = {
+            p: t["median_s"] * 1e3 for p, t in zip(precisions, timings, strict=False)
+        }
     (b0, b1) = BATCHES
     t0, t1 = out["tokens"][b0], out["tokens"][b1]
     split = {}
     for p in precisions:
         if p not in RECIPES:
             continue
-        extra = {b: out["median_step_ms"][b][p] - out["median_step_ms"][b][baseline]
-                 for b in BATCHES}
+        extra = {
+            b: out["median_step_ms"][b][p] - out["median_step_ms"][b][baseline] for b in BATCHES
+        }
         per_token = (extra[b1] - extra[b0]) / (t1 - t0)
         fixed = extra[b0] - per_token * t0
         split[p] = {
@@ -130,11 +132,16 @@ def timing_pieces(acc: dict[str, float]) -> Iterator[None]:
                 return fn(*args, **kwargs)
             finally:
                 acc[name] = acc.get(name, 0.0) + time.perf_counter() - t0
+
         return wrapper
 
     fn_cls = autograd._Fp8Linear
-    saved = (autograd.scaled_mm, fn_cls.__dict__["forward"], fn_cls.__dict__["backward"],
-             kernels._StandaloneCompiled.__call__)
+    saved = (
+        autograd.scaled_mm,
+        fn_cls.__dict__["forward"],
+        fn_cls.__dict__["backward"],
+        kernels._StandaloneCompiled.__call__,
+    )
     autograd.scaled_mm = timed("scaled_mm", autograd.scaled_mm)
     fn_cls.forward = staticmethod(timed("forward", saved[1].__func__))
     fn_cls.backward = staticmethod(timed("backward", saved[2].__func__))
@@ -167,10 +174,14 @@ def pieces(steps: int, warmup: int) -> dict[str, Any]:
             total = time.perf_counter() - t0
         per = {k: v / steps / layers * 1e6 for k, v in acc.items()}
         layer = per["forward"] + per["backward"]
-        out[recipe] = {"step_ms": total / steps * 1e3, "fp8_layers": layers,
-                       "fp8_layer_step_us": layer, "kernel_calls_us": per["kernel calls"],
-                       "scaled_mm_us": per["scaled_mm"],
-                       "rest_us": layer - per["kernel calls"] - per["scaled_mm"]}
+        out[recipe] = {
+            "step_ms": total / steps * 1e3,
+            "fp8_layers": layers,
+            "fp8_layer_step_us": layer,
+            "kernel_calls_us": per["kernel calls"],
+            "scaled_mm_us": per["scaled_mm"],
+            "rest_us": layer - per["kernel calls"] - per["scaled_mm"],
+        }
     return out
 
 
@@ -179,6 +190,7 @@ def busy_wait(seconds: float) -> Callable[[], None]:
         t0 = time.perf_counter()
         while time.perf_counter() - t0 < seconds:
             pass
+
     return wait
 
 
@@ -186,8 +198,10 @@ def after_python(op: Callable[[], object], repeats: int) -> dict[str, float]:
     """Median microseconds of ``op`` back to back and after 0.5 / 2 ms of Python."""
     out = {}
     befores: dict[str, Callable[[], None]] = {
-        "back_to_back": busy_wait(0.0), "after_0.5ms_python": busy_wait(5e-4),
-        "after_2ms_python": busy_wait(2e-3)}
+        "back_to_back": busy_wait(0.0),
+        "after_0.5ms_python": busy_wait(5e-4),
+        "after_2ms_python": busy_wait(2e-3),
+    }
     for label, before in befores.items():
         for _ in range(10):
             before()
@@ -218,12 +232,12 @@ def gap_penalty(repeats: int) -> dict[str, Any]:
     dy = torch.randn(2048, 128).bfloat16()
     weight = torch.randn(128, 512)
     x = torch.randn(2048, 512).bfloat16()
-    specs = (r.grad_output, r.weight.transposed(), r.grad_output.transposed(),
-             r.input.transposed())
+    specs = (r.grad_output, r.weight.transposed(), r.grad_output.transposed(), r.input.transposed())
     args = ((dy, weight, dy, x), specs, (torch.float32,) * 4, (None,) * 4, (), (False,) * 4)
     kernels = Kernels("compiled")
     out["compiled rowwise backward call, fc2 at 2048 tokens"] = after_python(
-        lambda: kernels.prepare_gemm_operands(*args), repeats)
+        lambda: kernels.prepare_gemm_operands(*args), repeats
+    )
     return out
 
 
@@ -240,38 +254,84 @@ def main() -> None:
 
     steps = step_times(precisions, baseline, args.steps, args.warmup)
     b0, b1 = BATCHES
-    print(_common.format_table(
-        ["precision", *(f"step ms, {steps['tokens'][b]} tokens" for b in BATCHES)],
-        [(p, *(f"{steps['median_step_ms'][b][p]:.1f}" for b in BATCHES)) for p in precisions]))
+    print(
+        _common.format_table(
+            ["precision", *(f"step ms, {steps['tokens'][b]} tokens" for b in BATCHES)],
+            [(p, *(f"{steps['median_step_ms'][b][p]:.1f}" for b in BATCHES)) for p in precisions],
+        )
+    )
     t1 = steps["tokens"][b1]
     print(f"\nextra over {baseline}, split by a line through the two token counts")
-    print(_common.format_table(
-        ["recipe", f"extra ms, {steps['tokens'][b0]}", f"extra ms, {t1}", "fixed ms/step",
-         "fixed ms/FP8 layer step", f"growing ms at {t1}", f"fixed share at {t1}"],
-        [(p, f"{s['extra_ms'][str(b0)]:.1f}", f"{s['extra_ms'][str(b1)]:.1f}",
-          f"{s['fixed_ms_per_step']:.1f}", f"{s['fixed_ms_per_fp8_layer_step']:.2f}",
-          f"{s[f'growing_ms_at_{t1}_tokens']:.1f}",
-          f"{s[f'fixed_share_of_extra_at_{t1}_tokens']:.2f}")
-         for p, s in steps["split"].items()]))
+    print(
+        _common.format_table(
+            [
+                "recipe",
+                f"extra ms, {steps['tokens'][b0]}",
+                f"extra ms, {t1}",
+                "fixed ms/step",
+                "fixed ms/FP8 layer step",
+                f"growing ms at {t1}",
+                f"fixed share at {t1}",
+            ],
+            [
+                (
+                    p,
+                    f"{s['extra_ms'][str(b0)]:.1f}",
+                    f"{s['extra_ms'][str(b1)]:.1f}",
+                    f"{s['fixed_ms_per_step']:.1f}",
+                    f"{s['fixed_ms_per_fp8_layer_step']:.2f}",
+                    f"{s[f'growing_ms_at_{t1}_tokens']:.1f}",
+                    f"{s[f'fixed_share_of_extra_at_{t1}_tokens']:.2f}",
+                )
+                for p, s in steps["split"].items()
+            ],
+        )
+    )
 
     gaps = gap_penalty(args.repeats)
     print("\nmedian us of one op, back to back and after Python ran")
-    print(_common.format_table(["op", "back to back", "after 0.5 ms", "after 2 ms"], [
-        (op, *(f"{v:.0f}" for v in t.values())) for op, t in gaps.items()]))
+    print(
+        _common.format_table(
+            ["op", "back to back", "after 0.5 ms", "after 2 ms"],
+            [(op, *(f"{v:.0f}" for v in t.values())) for op, t in gaps.items()],
+        )
+    )
     parts = pieces(args.pieces_steps, args.warmup)
     print("\nat 8 tokens, per FP8 layer step (us): the pieces of forward + backward")
-    print(_common.format_table(
-        ["recipe", "step ms", "layer step", "kernel calls", "scaled_mm", "rest"],
-        [(p, f"{v['step_ms']:.1f}", f"{v['fp8_layer_step_us']:.0f}",
-          f"{v['kernel_calls_us']:.0f}", f"{v['scaled_mm_us']:.0f}", f"{v['rest_us']:.0f}")
-         for p, v in parts.items()]))
+    print(
+        _common.format_table(
+            ["recipe", "step ms", "layer step", "kernel calls", "scaled_mm", "rest"],
+            [
+                (
+                    p,
+                    f"{v['step_ms']:.1f}",
+                    f"{v['fp8_layer_step_us']:.0f}",
+                    f"{v['kernel_calls_us']:.0f}",
+                    f"{v['scaled_mm_us']:.0f}",
+                    f"{v['rest_us']:.0f}",
+                )
+                for p, v in parts.items()
+            ],
+        )
+    )
     if not args.no_write:
-        path = _common.write_results("fixed_cost", {
-            "config": {"model": SHAPE, "batches": list(BATCHES), "steps": args.steps,
-                       "warmup": args.warmup, "repeats": args.repeats,
-                       "pieces_steps": args.pieces_steps,
-                       "threads": torch.get_num_threads()},
-            "steps": steps, "op_after_python_us": gaps, "pieces_at_8_tokens": parts})
+        path = _common.write_results(
+            "fixed_cost",
+            {
+                "config": {
+                    "model": SHAPE,
+                    "batches": list(BATCHES),
+                    "steps": args.steps,
+                    "warmup": args.warmup,
+                    "repeats": args.repeats,
+                    "pieces_steps": args.pieces_steps,
+                    "threads": torch.get_num_threads(),
+                },
+                "steps": steps,
+                "op_after_python_us": gaps,
+                "pieces_at_8_tokens": parts,
+            },
+        )
         print(f"wrote {path}")
 
 

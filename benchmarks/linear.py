@@ -35,8 +35,12 @@ import _common
 import fp8train
 import fp8train.matmul
 
-SHAPES = {"1024": (1024, 1024), "2048": (2048, 2048), "4096": (4096, 4096),
-          "mlp-1024x4": (1024, 4096)}
+SHAPES = {
+    "1024": (1024, 1024),
+    "2048": (2048, 2048),
+    "4096": (4096, 4096),
+    "mlp-1024x4": (1024, 4096),
+}
 
 
 def fwd_bwd(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, bf16: bool = True) -> None:
@@ -50,8 +54,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--scaled-mm-tokens", type=int, default=16,
-                        help="rows of the one torch._scaled_mm timing (it can be very slow)")
+    parser.add_argument(
+        "--scaled-mm-tokens",
+        type=int,
+        default=16,
+        help="rows of the one torch._scaled_mm timing (it can be very slow)",
+    )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
@@ -67,13 +75,19 @@ def main() -> None:
             "bf16 nn.Linear": base,
             "fp32 nn.Linear": base,
             "fp8 tensorwise eager": fp8train.convert(nn.Sequential(nn.Linear(k, n)), "tensorwise"),
-            "fp8 tensorwise compiled": fp8train.convert(nn.Sequential(nn.Linear(k, n)),
-                                                        "tensorwise", kernels="compiled"),
+            "fp8 tensorwise compiled": fp8train.convert(
+                nn.Sequential(nn.Linear(k, n)), "tensorwise", kernels="compiled"
+            ),
         }
         timings = _common.time_interleaved(
-            [functools.partial(fwd_bwd, layer, x, dy, not label.startswith("fp32"))
-             for label, layer in layers.items()], warmup=2, repeats=args.repeats)
-        entry = {label: t["median_s"] for label, t in zip(layers, timings)}
+            [
+                functools.partial(fwd_bwd, layer, x, dy, not label.startswith("fp32"))
+                for label, layer in layers.items()
+            ],
+            warmup=2,
+            repeats=args.repeats,
+        )
+        entry = {label: t["median_s"] for label, t in zip(layers, timings, strict=False)}
         # The bare forward GEMM on the same quantised operands.
         spec = fp8train.ScaleSpec(power_of_two=True)
         qx = fp8train.quantize(x.detach(), spec)
@@ -83,11 +97,12 @@ def main() -> None:
         gemms = {
             "gemm bf16 torch.mm": lambda a16=a16, b16=b16: torch.mm(a16, b16),
             "gemm fp32 torch.mm": lambda a32=a32, b32=b32: torch.mm(a32, b32),
-            "gemm fp8 emulated": lambda qx=qx, qw=qw: fp8train.scaled_mm(qx, qw.t(),
-                                                                        backend="emulate"),
+            "gemm fp8 emulated": lambda qx=qx, qw=qw: fp8train.scaled_mm(
+                qx, qw.t(), backend="emulate"
+            ),
         }
         timings = _common.time_interleaved(list(gemms.values()), warmup=2, repeats=args.repeats)
-        entry.update({label: t["median_s"] for label, t in zip(gemms, timings)})
+        entry.update({label: t["median_s"] for label, t in zip(gemms, timings, strict=False)})
         # CPU torch._scaled_mm can be three orders of magnitude slower than a bf16 GEMM
         # (oneDNN's FP8 path on a Sapphire Rapids CPU: 50 s for 2048x1024x1024), so it is
         # timed once, on the first --scaled-mm-tokens rows, against the emulation on the
@@ -96,39 +111,64 @@ def main() -> None:
         # so those recipes have only the emulation to run on).
         few = args.scaled_mm_tokens
         few_times = {}
-        for gran, gspec in (("tensorwise", spec), ("rowwise", fp8train.ScaleSpec(
-                granularity="row", power_of_two=True))):
+        for gran, gspec in (
+            ("tensorwise", spec),
+            ("rowwise", fp8train.ScaleSpec(granularity="row", power_of_two=True)),
+        ):
             qa = fp8train.quantize(x.detach()[:few], gspec)
             qb = fp8train.quantize(base.weight.detach(), gspec).t()  # (K, N), a scale per column
             for route, backend in (("emulated", "emulate"), ("torch._scaled_mm", "scaled_mm")):
                 label = route if gran == "tensorwise" else f"{route} {gran}"
                 few_times[label] = _common.time_median(
                     functools.partial(fp8train.scaled_mm, qa, qb, backend=backend),
-                    warmup=0, repeats=1)["median_s"]
-        results[name] = {"in_features": k, "out_features": n, "tokens": args.tokens,
-                         "median_s": entry,
-                         "emulated_gemm_dtype": str(fp8train.matmul.gemm_dtype(
-                             torch.bfloat16, True, "cpu")),
-                         "ratio_to_bf16": {lbl: v / entry["bf16 nn.Linear"]
-                                           for lbl, v in entry.items() if not lbl.startswith("gemm")},
-                         "ratio_to_fp32": {lbl: v / entry["fp32 nn.Linear"]
-                                           for lbl, v in entry.items() if not lbl.startswith("gemm")},
-                         "gemm_ratio_to_bf16_mm": {lbl: v / entry["gemm bf16 torch.mm"]
-                                                   for lbl, v in entry.items() if lbl.startswith("gemm")},
-                         "gemm_ratio_to_fp32_mm": {lbl: v / entry["gemm fp32 torch.mm"]
-                                                   for lbl, v in entry.items() if lbl.startswith("gemm")},
-                         "scaled_mm_on_few_tokens": {
-                             "tokens": few, "seconds_once": few_times,
-                             "scaled_mm_vs_emulated": few_times["torch._scaled_mm"]
-                             / few_times["emulated"],
-                             "scaled_mm_vs_emulated_rowwise":
-                             few_times["torch._scaled_mm rowwise"]
-                             / few_times["emulated rowwise"]}}
+                    warmup=0,
+                    repeats=1,
+                )["median_s"]
+        results[name] = {
+            "in_features": k,
+            "out_features": n,
+            "tokens": args.tokens,
+            "median_s": entry,
+            "emulated_gemm_dtype": str(fp8train.matmul.gemm_dtype(torch.bfloat16, True, "cpu")),
+            "ratio_to_bf16": {
+                lbl: v / entry["bf16 nn.Linear"]
+                for lbl, v in entry.items()
+                if not lbl.startswith("gemm")
+            },
+            "ratio_to_fp32": {
+                lbl: v / entry["fp32 nn.Linear"]
+                for lbl, v in entry.items()
+                if not lbl.startswith("gemm")
+            },
+            "gemm_ratio_to_bf16_mm": {
+                lbl: v / entry["gemm bf16 torch.mm"]
+                for lbl, v in entry.items()
+                if lbl.startswith("gemm")
+            },
+            "gemm_ratio_to_fp32_mm": {
+                lbl: v / entry["gemm fp32 torch.mm"]
+                for lbl, v in entry.items()
+                if lbl.startswith("gemm")
+            },
+            "scaled_mm_on_few_tokens": {
+                "tokens": few,
+                "seconds_once": few_times,
+                "scaled_mm_vs_emulated": few_times["torch._scaled_mm"] / few_times["emulated"],
+                "scaled_mm_vs_emulated_rowwise": few_times["torch._scaled_mm rowwise"]
+                / few_times["emulated rowwise"],
+            },
+        }
         for suffix in ("", " rowwise"):
             t_mm = few_times["torch._scaled_mm" + suffix]
-            rows.append((name, f"gemm torch._scaled_mm{suffix} ({few} tokens, once)",
-                         f"{t_mm * 1e3:.2f}",
-                         f"{t_mm / few_times['emulated' + suffix]:.1f}x emulated", ""))
+            rows.append(
+                (
+                    name,
+                    f"gemm torch._scaled_mm{suffix} ({few} tokens, once)",
+                    f"{t_mm * 1e3:.2f}",
+                    f"{t_mm / few_times['emulated' + suffix]:.1f}x emulated",
+                    "",
+                )
+            )
         for label, v in entry.items():
             gemm = label.startswith("gemm")
             to16 = entry["gemm bf16 torch.mm" if gemm else "bf16 nn.Linear"]

@@ -65,8 +65,10 @@ CATEGORIES = [
     ("gemm", ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_mm")),
     ("attention", ("scaled_dot_product",)),
     ("fp8 kernels (compiled)", ("CompiledFxGraph",)),
-    ("compiled-call dispatch", ("TorchDynamo Cache Lookup", "Torch-Compiled Region",
-                                "Pregraph bytecode", "AOTDispatcher")),
+    (
+        "compiled-call dispatch",
+        ("TorchDynamo Cache Lookup", "Torch-Compiled Region", "Pregraph bytecode", "AOTDispatcher"),
+    ),
     ("fp8 autograd python", ("_Fp8Linear",)),
 ]
 
@@ -86,8 +88,10 @@ class Bf16LinearFp32Gemm(nn.Module):
         bf16 = torch.bfloat16
         with torch.autocast("cpu", enabled=False):
             y = nn.functional.linear(
-                x.to(bf16).float(), self.weight.to(bf16).float(),
-                None if self.bias is None else self.bias.to(bf16).float())
+                x.to(bf16).float(),
+                self.weight.to(bf16).float(),
+                None if self.bias is None else self.bias.to(bf16).float(),
+            )
         return y.to(bf16)
 
 
@@ -108,8 +112,7 @@ def breakdown(step, steps: int = 3) -> dict[str, float]:  # type: ignore[no-unty
             step()
     out = {name: 0.0 for name, _ in CATEGORIES} | {"other": 0.0}
     for evt in prof.key_averages():
-        cat = next((name for name, keys in CATEGORIES if any(k in evt.key for k in keys)),
-                   "other")
+        cat = next((name for name, keys in CATEGORIES if any(k in evt.key for k in keys)), "other")
         out[cat] += evt.self_cpu_time_total / 1e3 / steps
     return out
 
@@ -119,17 +122,31 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--kernels", choices=["eager", "compiled"], default="compiled")
-    parser.add_argument("--precisions", default=",".join(
-        ["bf16", "fp32", *([] if bf16_gemm_is_native("cpu") else ["bf16-fp32gemm"]),
-         *fp8train.RECIPE_NAMES,
-         *(r + "+fp8act" for r in ("tensorwise", "rowwise", "blockwise", "mxfp8"))]))
+    parser.add_argument(
+        "--precisions",
+        default=",".join(
+            [
+                "bf16",
+                "fp32",
+                *([] if bf16_gemm_is_native("cpu") else ["bf16-fp32gemm"]),
+                *fp8train.RECIPE_NAMES,
+                *(r + "+fp8act" for r in ("tensorwise", "rowwise", "blockwise", "mxfp8")),
+            ]
+        ),
+    )
     parser.add_argument("--d-model", type=int, default=SHAPE["d_model"])
-    parser.add_argument("--compile-model", action="store_true",
-                        help="run every model (bf16 too) under torch.compile")
-    parser.add_argument("--untimed", default="",
-                        help="precisions (comma-separated, among --precisions) whose saved "
-                             "bytes are counted (one step) but whose step is not timed: bf16 "
-                             "at d512 on a CPU without bf16 GEMMs, where a step takes minutes")
+    parser.add_argument(
+        "--compile-model",
+        action="store_true",
+        help="run every model (bf16 too) under torch.compile",
+    )
+    parser.add_argument(
+        "--untimed",
+        default="",
+        help="precisions (comma-separated, among --precisions) whose saved "
+        "bytes are counted (one step) but whose step is not timed: bf16 "
+        "at d512 on a CPU without bf16 GEMMs, where a step takes minutes",
+    )
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     precisions = args.precisions.split(",")
@@ -165,8 +182,11 @@ def main() -> None:
             store.observer = counter.pack if counter is not None else None
         t0 = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=p != "fp32"):
-            hooks = (torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack)
-                     if counter is not None else contextlib.nullcontext())
+            hooks = (
+                torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack)
+                if counter is not None
+                else contextlib.nullcontext()
+            )
             with hooks, store if store is not None else contextlib.nullcontext():
                 logits = model(idx[:, :-1])
         loss = nn.functional.cross_entropy(logits.float().reshape(-1, 256), idx[:, 1:].reshape(-1))
@@ -210,39 +230,80 @@ def main() -> None:
         r.update(saved_activation_bytes=saved[p], saved_bytes_vs_bf16=saved[p] / saved[ref])
         if p in med:
             r["profiled_ms_per_step"] = profiles[p]
-            r.update({f"extra_ms_vs_{b}_by_category": {
-                k: profiles[p][k] - profiles[b][k] for k in profiles[p]} for b in bases})
+            r.update(
+                {
+                    f"extra_ms_vs_{b}_by_category": {
+                        k: profiles[p][k] - profiles[b][k] for k in profiles[p]
+                    }
+                    for b in bases
+                }
+            )
         r["times_s"] = times[p]
         results[p] = r
-        steps = ((f"{med[p] * 1e3:.1f}", *(f"{med[p] / med[b]:.2f}" for b in bases))
-                 if p in med else ("untimed", *("-" for _ in bases)))
+        steps = (
+            (f"{med[p] * 1e3:.1f}", *(f"{med[p] / med[b]:.2f}" for b in bases))
+            if p in med
+            else ("untimed", *("-" for _ in bases))
+        )
         rows.append((p, *steps, saved[p], f"{saved[p] / saved[ref]:.2f}"))
-    targets = {"step_time_vs_bf16_max": 1.15, "saved_bytes_vs_bf16_max": 0.6,
-               "recipes_with_speed_target": ["tensorwise", "rowwise", "blockwise", "mxfp8"]}
-    print(_common.format_table(["precision", "median step ms", *(f"vs {b}" for b in bases),
-                                "saved bytes", "saved vs bf16"], rows))
+    targets = {
+        "step_time_vs_bf16_max": 1.15,
+        "saved_bytes_vs_bf16_max": 0.6,
+        "recipes_with_speed_target": ["tensorwise", "rowwise", "blockwise", "mxfp8"],
+    }
+    print(
+        _common.format_table(
+            [
+                "precision",
+                "median step ms",
+                *(f"vs {b}" for b in bases),
+                "saved bytes",
+                "saved vs bf16",
+            ],
+            rows,
+        )
+    )
     cats = list(profiles[speed_ref])
     print("\nprofiled self CPU ms per step, by category")
-    print(_common.format_table(["precision", *cats], [
-        (p, *(f"{profiles[p][c]:.1f}" for c in cats)) for p in timed]))
+    print(
+        _common.format_table(
+            ["precision", *cats], [(p, *(f"{profiles[p][c]:.1f}" for c in cats)) for p in timed]
+        )
+    )
     verdict = target_verdict(targets, results, speed_ref, ref)
     print("\n" + "\n".join(verdict["lines"]))
     if not args.no_write:
         # The default preset keeps the plain name; other widths get their own file.
         name = "train_step" if shape == SHAPE else f"train_step-d{shape['d_model']}"
         name += "-compile-model" if args.compile_model else ""
-        path = _common.write_results(name, {
-            "config": {"model": shape, "batch": BATCH, "steps": args.steps,
-                       "warmup": args.warmup, "kernels": args.kernels,
-                       "compile_model": args.compile_model, "untimed": untimed,
-                       "threads": torch.get_num_threads()},
-            "targets": targets, "speed_target_baseline": speed_ref, "verdict": verdict,
-            "results": results})
+        path = _common.write_results(
+            name,
+            {
+                "config": {
+                    "model": shape,
+                    "batch": BATCH,
+                    "steps": args.steps,
+                    "warmup": args.warmup,
+                    "kernels": args.kernels,
+                    "compile_model": args.compile_model,
+                    "untimed": untimed,
+                    "threads": torch.get_num_threads(),
+                },
+                "targets": targets,
+                "speed_target_baseline": speed_ref,
+                "verdict": verdict,
+                "results": results,
+            },
+        )
         print(f"wrote {path}")
 
 
-def target_verdict(targets: dict, results: dict, speed_ref: str,  # type: ignore[type-arg]
-                   bytes_ref: str) -> dict:  # type: ignore[type-arg]
+def target_verdict(
+    targets: dict,
+    results: dict,
+    speed_ref: str,  # type: ignore[type-arg]
+    bytes_ref: str,
+) -> dict:  # type: ignore[type-arg]
     """Each target met or missed, by how much, and the measured extra time per category
     (the cause) for every recipe that misses the step-time target. Step times are read
     against ``speed_ref``, saved bytes against ``bytes_ref``."""
@@ -250,29 +311,51 @@ def target_verdict(targets: dict, results: dict, speed_ref: str,  # type: ignore
     speed = {}
     lines = []
     if speed_ref != bytes_ref:
-        lines.append(f"bf16 GEMMs have no hardware on this CPU: the step-time target is read "
-                     f"against {speed_ref}, whose GEMMs run in fp32 as the FP8 emulation's do")
+        lines.append(
+            f"bf16 GEMMs have no hardware on this CPU: the step-time target is read "
+            f"against {speed_ref}, whose GEMMs run in fp32 as the FP8 emulation's do"
+        )
     for p in targets["recipes_with_speed_target"]:
         if p not in results or results[p]["median_step_s"] is None:  # absent or untimed
             continue
         r = results[p]
         ratio = r[f"step_time_vs_{speed_ref}"]
-        extra = {k: round(v, 1) for k, v in sorted(
-            r[f"extra_ms_vs_{speed_ref}_by_category"].items(), key=lambda kv: -kv[1])}
-        speed[p] = {"baseline": speed_ref, "step_time_vs_baseline": ratio, "met": ratio <= limit,
-                    "over_target_by": max(0.0, ratio - limit),
-                    "extra_ms_vs_baseline_by_category": extra}
+        extra = {
+            k: round(v, 1)
+            for k, v in sorted(
+                r[f"extra_ms_vs_{speed_ref}_by_category"].items(), key=lambda kv: -kv[1]
+            )
+        }
+        speed[p] = {
+            "baseline": speed_ref,
+            "step_time_vs_baseline": ratio,
+            "met": ratio <= limit,
+            "over_target_by": max(0.0, ratio - limit),
+            "extra_ms_vs_baseline_by_category": extra,
+        }
         cause = ", ".join(f"{k} {v:+.1f} ms" for k, v in extra.items() if abs(v) >= 1)
-        lines.append(f"{p}: step {ratio:.2f}x {speed_ref} (target <= {limit}): "
-                     + ("met" if ratio <= limit else f"missed by {ratio - limit:.2f}; {cause}"))
+        lines.append(
+            f"{p}: step {ratio:.2f}x {speed_ref} (target <= {limit}): "
+            + ("met" if ratio <= limit else f"missed by {ratio - limit:.2f}; {cause}")
+        )
     ref = bytes_ref
     bytes_limit = targets["saved_bytes_vs_bf16_max"]
-    saved = {p: r["saved_bytes_vs_bf16"] for p, r in results.items()
-             if p not in (ref, "fp32", "bf16-fp32gemm")}
+    saved = {
+        p: r["saved_bytes_vs_bf16"]
+        for p, r in results.items()
+        if p not in (ref, "fp32", "bf16-fp32gemm")
+    }
     meeting = sorted(p for p, v in saved.items() if v <= bytes_limit)
-    lines.append(f"saved bytes <= {bytes_limit} of {ref}: "
-                 + (f"met by {', '.join(meeting)}" if meeting else
-                    f"missed; best {min(saved.values()):.2f}" if saved else "not measured"))
+    lines.append(
+        f"saved bytes <= {bytes_limit} of {ref}: "
+        + (
+            f"met by {', '.join(meeting)}"
+            if meeting
+            else f"missed; best {min(saved.values()):.2f}"
+            if saved
+            else "not measured"
+        )
+    )
     return {"speed": speed, "saved_bytes_meeting_target": meeting, "lines": lines}
 
 

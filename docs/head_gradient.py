@@ -47,8 +47,9 @@ from fp8train.tensor import quantize
 RECIPES = ("tensorwise", "delayed", "rowwise", "blockwise", "mxfp8")
 
 
-def head_gradient(model: GPT, x: torch.Tensor, y: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def head_gradient(
+    model: GPT, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(dlogits, h)``: the loss gradient at the head's output and the head's input, fp32,
     one row per token."""
     seen: dict[str, torch.Tensor] = {}
@@ -79,8 +80,14 @@ def error(delta: torch.Tensor, exact: torch.Tensor) -> float:
     return float(delta.norm() / exact.norm())
 
 
-def head_report(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                absent: torch.Tensor, spec: ScaleSpec) -> dict[str, float]:
+def head_report(
+    dy: torch.Tensor,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    absent: torch.Tensor,
+    spec: ScaleSpec,
+) -> dict[str, float]:
     """What the two casts of ``dy`` (tokens, vocab) under ``spec`` lose: percentages of
     ``dy``'s nonzero values (or of tokens), magnitudes in ``dy``'s units, errors relative
     to the fp32 GEMM (``h``: the head's input, tokens x d; ``weight``: vocab x d;
@@ -91,8 +98,8 @@ def head_report(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, target:
     target_clipped = row.clipped.gather(1, target[:, None])
     return {
         "dx cast underflow %": 100 * float(row.flushed.sum()) / nonzero,
-        "of which absent bytes %":
-            100 * float((row.flushed & absent).sum() / row.flushed.sum().clamp(min=1)),
+        "of which absent bytes %": 100
+        * float((row.flushed & absent).sum() / row.flushed.sum().clamp(min=1)),
         "largest flushed": float(lost.abs().max()),
         "dx cast clipped %": 100 * float(row.clipped.sum()) / nonzero,
         "tokens with target clipped %": 100 * float(target_clipped.float().mean()),
@@ -110,35 +117,43 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048, help="validation tokens to use")
     args = parser.parse_args()
     config = from_dict(json.loads((args.run_dir / "config.json").read_text())["config"])
-    corpus = load_corpus(config.data, corpus_mb=config.corpus_mb,
-                         val_fraction=config.val_fraction, seq=config.seq)
+    corpus = load_corpus(
+        config.data, corpus_mb=config.corpus_mb, val_fraction=config.val_fraction, seq=config.seq
+    )
     absent = torch.bincount(corpus.train.long().flatten(), minlength=256) == 0  # (vocab,)
     x, y = eval_windows(corpus.val, max(1, args.tokens // config.seq), config.seq)
     specs = {r: Recipe.from_name(r).grad_output for r in RECIPES}
     # The MX spec's other rule, to tell its clipping from its block size.
     specs["mxfp8 rceil"] = dataclasses.replace(specs["mxfp8"], mx_rounding="rceil")
-    print(f"{int(absent.sum())} of 256 bytes never occur in the training corpus; "
-          f"{x.numel()} validation tokens\n")
+    print(
+        f"{int(absent.sum())} of 256 bytes never occur in the training corpus; "
+        f"{x.numel()} validation tokens\n"
+    )
     header = None
     for path in sorted((args.run_dir / "checkpoints").glob("*-seed0.pt")):
         precision = path.name.removesuffix("-seed0.pt")
         if precision not in RECIPES:
             continue
         state = torch.load(path, weights_only=False)
-        model = GPT(seq=config.seq, d_model=config.d_model, layers=config.layers,
-                    heads=config.heads)
+        model = GPT(
+            seq=config.seq, d_model=config.d_model, layers=config.layers, heads=config.heads
+        )
         model.load_state_dict(state["model"])
         dy, h = head_gradient(model, x, y)
         own = [precision] + (["mxfp8 rceil"] if precision == "mxfp8" else [])
         for name in own:
-            row = head_report(dy, h, model.head.weight.detach().float(), y.flatten(), absent,
-                              specs[name])
+            row = head_report(
+                dy, h, model.head.weight.detach().float(), y.flatten(), absent, specs[name]
+            )
             if header is None:
                 header = ["model (step)", "grad_output cast", *row]
                 print("| " + " | ".join(header) + " |")
                 print("|" + "---|" * len(header))
-            cells = [f"{precision} ({state['step']})", f"{name}: {specs[name].describe()}",
-                     *(f"{v:.3g}" for v in row.values())]
+            cells = [
+                f"{precision} ({state['step']})",
+                f"{name}: {specs[name].describe()}",
+                *(f"{v:.3g}" for v in row.values()),
+            ]
             print("| " + " | ".join(cells) + " |")
 
 

@@ -28,8 +28,9 @@ def _reference(t: torch.Tensor, recipe: str) -> torch.Tensor:
 @pytest.mark.parametrize("kernels", ["eager", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_backward_sees_the_reference_dequantisation(recipe: str, dtype: torch.dtype,
-                                                    kernels: str) -> None:
+def test_backward_sees_the_reference_dequantisation(
+    recipe: str, dtype: torch.dtype, kernels: str
+) -> None:
     # GELU saves its input; its gradient is gelu'(saved) * dy, so the gradient with FP8
     # storage must equal the gradient taken at the reference-quantised input, bit for bit.
     x = (torch.randn(4, 37, 160) * torch.logspace(-4, 2, 160)).to(dtype).requires_grad_()
@@ -125,7 +126,9 @@ def test_gpt_saved_bytes_and_gradients() -> None:
     base = GPT(seq=64, d_model=128, layers=2, heads=4)
     idx = torch.randint(0, 256, (8, 65))
 
-    def step(model: nn.Module, storage: Fp8SavedActivations | None) -> tuple[int, list[torch.Tensor]]:
+    def step(
+        model: nn.Module, storage: Fp8SavedActivations | None
+    ) -> tuple[int, list[torch.Tensor]]:
         meter = SavedTensorBytes(model.parameters())
         if storage is not None:
             storage.observer = meter.pack
@@ -148,7 +151,7 @@ def test_gpt_saved_bytes_and_gradients() -> None:
     assert storage.stored > 0 and storage.stored_bytes * 2 <= storage.original_bytes
     assert both_bytes <= 0.6 * bf16_bytes, (both_bytes, fp8_bytes, bf16_bytes)
     assert both_bytes < fp8_bytes
-    for g, gs in zip(grads, grads_stored):
+    for g, gs in zip(grads, grads_stored, strict=False):
         assert fp8train.testing.sqnr(g, gs) > 10.0
 
 
@@ -162,7 +165,7 @@ def test_deepcopy_of_an_int8_model_keeps_formats_identical() -> None:
 def test_errors() -> None:
     with pytest.raises(ValueError, match="min_numel"):
         Fp8SavedActivations("tensorwise", min_numel=0)
-    with pytest.raises(ValueError, match="unknown recipe|known"):
+    with pytest.raises(ValueError, match=r"unknown recipe|known"):
         Fp8SavedActivations("fp9")
     storage = Fp8SavedActivations("tensorwise")
     with storage, pytest.raises(RuntimeError, match="already active"):

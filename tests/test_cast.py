@@ -395,9 +395,12 @@ def test_e8m0_fp32_subnormal_inputs_agree_with_ml_dtypes_where_it_rounds_to_near
     bits = torch.arange(1, 2**23, 997, dtype=torch.int32)
     x = torch.cat([bits.view(torch.float32), torch.tensor([1.4 * 2.0**-127])])
     for saturate in (True, False):
-        _assert_cast_equal(x, round_to_grid(x, E8M0, saturate=saturate),
-                           _ml_reference(x, E8M0, saturate),
-                           f"e8m0 fp32-subnormal inputs vs ml_dtypes saturate={saturate}")
+        _assert_cast_equal(
+            x,
+            round_to_grid(x, E8M0, saturate=saturate),
+            _ml_reference(x, E8M0, saturate),
+            f"e8m0 fp32-subnormal inputs vs ml_dtypes saturate={saturate}",
+        )
     assert float(round_to_grid(torch.tensor([1.4 * 2.0**-127]), E8M0)[0]) == 2.0**-127
 
 
@@ -490,7 +493,7 @@ def test_stochastic_rounding_is_reproducible(fmt: Format) -> None:
     "bad", [[1.0, 2.0], 1.5, np.ones(3, dtype=np.float32)], ids=["list", "float", "ndarray"]
 )
 def test_non_tensor_raises_type_error(func: object, bad: object) -> None:
-    with pytest.raises(TypeError, match="torch.Tensor"):
+    with pytest.raises(TypeError, match=r"torch.Tensor"):
         func(bad, E4M3)  # type: ignore[operator]
 
 
@@ -546,7 +549,7 @@ def _grid_value_inputs(fmt: Format) -> torch.Tensor:
     e_min = math.frexp(fmt.min_normal)[1] - 1
     e_max = math.frexp(fmt.max)[1] - 1
     binades = [_all_fp32_of_binade(e) for e in (e_min - 1, e_min, 0, e_max)]
-    bf16 = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    bf16 = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     bf16 = bf16[torch.isfinite(bf16)].float()
     return torch.cat([*binades, bf16, torch.tensor([0.0, -0.0])])
 
@@ -566,14 +569,12 @@ def test_fp8_grid_values_equal_the_cast_bit_for_bit(fmt: Format) -> None:
 
 
 @pytest.fixture(params=[True, False], ids=["int32-to-uint8", "through-fp32"])
-def code_bytes_conversion(request: pytest.FixtureRequest,
-                          monkeypatch: pytest.MonkeyPatch) -> None:
+def code_bytes_conversion(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Both ways fp8train.cast._code_bytes turns int32 codes into bytes (the machine picks
     one: AVX-512 or not), so either is checked wherever the tests run."""
     import sys
 
-    monkeypatch.setattr(sys.modules["fp8train.cast"], "_DIRECT_CODE_BYTES_ON_CPU",
-                        request.param)
+    monkeypatch.setattr(sys.modules["fp8train.cast"], "_DIRECT_CODE_BYTES_ON_CPU", request.param)
     torch._dynamo.reset()  # compiled graphs of the other conversion must not be reused
 
 
@@ -595,8 +596,9 @@ def test_fp8_grid_bytes_are_the_codes(fmt: Format) -> None:
     compiled = torch.compile(fp8_grid_bytes, dynamic=False)
     for name, fn in (("eager", fp8_grid_bytes), ("compiled", compiled)):
         assert_bitwise_equal(fn(decoded[finite], fmt), codes[finite], f"{name} {fmt.name} codes")
-        assert_bitwise_equal(fn(fp8_grid_values(y, fmt), fmt), expected,
-                             f"{name} {fmt.name} bytes of grid values")
+        assert_bitwise_equal(
+            fn(fp8_grid_values(y, fmt), fmt), expected, f"{name} {fmt.name} bytes of grid values"
+        )
 
 
 @pytest.mark.usefixtures("code_bytes_conversion")

@@ -36,7 +36,7 @@ EXPECTED_RECENT = VALUES
 )
 def test_window_reduction_with_wraparound(algo: Algo, expected: list[float]) -> None:
     h = AmaxHistory(length=3, algo=algo)
-    for n, (v, want) in enumerate(zip(VALUES, expected), start=1):
+    for n, (v, want) in enumerate(zip(VALUES, expected, strict=False), start=1):
         assert h.record(_t(v)) is True
         assert h.reduced().item() == want, f"after {n} records"
         assert len(h) == min(n, 3) and h.count == n and not h.empty
@@ -95,15 +95,15 @@ def test_per_element_amax(shape: tuple[int, ...]) -> None:
 
 @pytest.mark.parametrize("algo", ["max", "most_recent"])
 @pytest.mark.parametrize("shape", [(), (4, 1)], ids=str)
-def test_to_reduce_has_a_fixed_shape_and_reduces_to_reduced(algo: Algo,
-                                                           shape: tuple[int, ...]) -> None:
+def test_to_reduce_has_a_fixed_shape_and_reduces_to_reduced(
+    algo: Algo, shape: tuple[int, ...]
+) -> None:
     """What a kernel reduces in place of reduced(): the same values after every record
     (the ring filling up and wrapping), in one shape throughout, so a compiled kernel
     taking it compiles once. The values are negative (no real amax is): a window whose
     unrecorded slots held zeros would then reduce to 0 before the ring is full."""
     gen = torch.Generator().manual_seed(0)
-    seq = [torch.full(shape, -50.0)] + [-torch.rand(shape, generator=gen) * n
-                                        for n in range(1, 8)]
+    seq = [torch.full(shape, -50.0)] + [-torch.rand(shape, generator=gen) * n for n in range(1, 8)]
     h = AmaxHistory(length=4, algo=algo)
     shapes = set()
     for n, a in enumerate(seq, start=1):
@@ -122,8 +122,7 @@ def test_old_checkpoint_with_zeros_in_unrecorded_slots_reduces_the_same(count: i
     h = AmaxHistory(length=4)
     window = torch.zeros(4, 2)
     window[:count] = -torch.arange(1.0, 2 * count + 1).reshape(count, 2)
-    h.load_state_dict({"version": 1, "length": 4, "algo": "max", "count": count,
-                       "window": window})
+    h.load_state_dict({"version": 1, "length": 4, "algo": "max", "count": count, "window": window})
     assert torch.equal(h.to_reduce().amax(dim=0), h.reduced())
     assert torch.equal(h.reduced(), window[:count].amax(dim=0))
 

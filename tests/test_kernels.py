@@ -50,8 +50,7 @@ def test_cast_with_operand_matches_reference_pipeline(name: str, dtype: torch.dt
     reference = apply_scale_and_cast(x, scale, spec)  # fp8train.cast, with its checks
     # Both GEMM routes' operand dtypes (fp8train.matmul.gemm_dtype): bf16 only where
     # the scales are powers of two, fp32 always possible.
-    works = ((torch.bfloat16, torch.float32) if spec.scales_are_power_of_two
-             else (torch.float32,))
+    works = (torch.bfloat16, torch.float32) if spec.scales_are_power_of_two else (torch.float32,)
     for work, kernels in [(w, k) for w in works for k in (Kernels("eager"), COMPILED)]:
         expected_operand = fp8train.ScaledTensor(reference, scale, spec, dtype).dequantize(work)
         payload, operand = kernels.cast_with_operand(x, scale, spec, work)
@@ -71,8 +70,9 @@ OWN_AMAX_SPECS = {
     "e4m3-col": ScaleSpec(granularity=G.ROW, axis=0),
     "e4m3-col-pow2": ScaleSpec(granularity=G.ROW, axis=0, power_of_two=True),
     "e4m3-block1x128": ScaleSpec(granularity=G.BLOCK, block=(1, 128)),
-    "e5m2-block128-pow2": ScaleSpec(fmt="e5m2", granularity=G.BLOCK, block=(128, 128),
-                                    power_of_two=True),
+    "e5m2-block128-pow2": ScaleSpec(
+        fmt="e5m2", granularity=G.BLOCK, block=(128, 128), power_of_two=True
+    ),
     "e4m3-mx": ScaleSpec(granularity=G.MX, block=(1, 32)),
 }
 
@@ -126,7 +126,8 @@ def test_given_scale_saturates(name: str) -> None:
 
 
 def test_byte_route_probe_is_measured_once_per_machine(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """bytes_from_bits_faster measures once and keeps the answer on disk for later
     processes; another CPU, thread count or torch (the key), a corrupt memo or an
     unwritable cache directory each mean measuring again, never a wrong or failed
@@ -183,7 +184,8 @@ def test_byte_route_memo_key_survives_json() -> None:
 
 @pytest.mark.parametrize("from_bits", [True, False], ids=["bit-fields", "conversion"])
 def test_compiled_payload_bytes_by_either_route_equal_the_reference(
-        from_bits: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    from_bits: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Compiled CPU kernels make FP8 bytes from fp32 bit fields or by torch's conversion,
     whichever fp8train.kernels.bytes_from_bits_faster measured faster on this CPU. Both
     (forced here, whatever this CPU is) give the reference pipeline's payload: alone and
@@ -267,8 +269,10 @@ def test_layer_skipping_payloads_matches_keeping_them(recipe: str) -> None:
     (test_operand_without_payload_has_the_same_bits); compiling both variants of every
     recipe here took 8-40 s a recipe on a 2-core AVX2 CPU (2026-12-01)."""
     base = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 128))
-    models = {keep: fp8train.convert(copy.deepcopy(base), recipe, kernels="eager")
-              for keep in (True, False)}
+    models = {
+        keep: fp8train.convert(copy.deepcopy(base), recipe, kernels="eager")
+        for keep in (True, False)
+    }
     calls: list[tuple[tuple[str, ...], tuple[bool, ...]]] = []
     for _, layer in fp8_layers(models[True]):
         layer.fp8_state.observer = lambda *args: None
@@ -318,7 +322,8 @@ def test_bias_grad_is_an_fp32_column_sum(dtype: torch.dtype, rows: int) -> None:
         assert db.dtype == torch.float32 and db.shape == (96,)
         excess = ((db.double() - exact).abs() - bound).max().item()
         assert excess <= 0, (
-            f"{kernels}: {rows}x96 {dtype} column sum off by {excess} beyond the bound")
+            f"{kernels}: {rows}x96 {dtype} column sum off by {excess} beyond the bound"
+        )
 
 
 def test_one_call_for_many_operands_matches_one_call_each() -> None:
@@ -326,16 +331,24 @@ def test_one_call_for_many_operands_matches_one_call_each() -> None:
     quantize_current / payload_to_operand called per operand, eager and compiled."""
     from fp8train.kernels import payload_to_operand, quantize_current
 
-    specs = (SPECS["e4m3-tensor-pow2"], SPECS["e4m3-block1x128"], SPECS["e4m3-mx"],
-             SPECS["e4m3-col"])
-    tensors = (torch.randn(70, 200), torch.randn(130, 96).bfloat16(), torch.randn(33, 64),
-               torch.randn(5, 40))
+    specs = (
+        SPECS["e4m3-tensor-pow2"],
+        SPECS["e4m3-block1x128"],
+        SPECS["e4m3-mx"],
+        SPECS["e4m3-col"],
+    )
+    tensors = (
+        torch.randn(70, 200),
+        torch.randn(130, 96).bfloat16(),
+        torch.randn(33, 64),
+        torch.randn(5, 40),
+    )
     works = (torch.bfloat16, torch.bfloat16, None, torch.bfloat16)
-    expected = [quantize_current(t, s, w) for t, s, w in zip(tensors, specs, works)]
+    expected = [quantize_current(t, s, w) for t, s, w in zip(tensors, specs, works, strict=False)]
     for kernels in (Kernels("eager"), COMPILED):
         got = kernels.quantize_many(tensors, specs, works)
-        for i, (g, e) in enumerate(zip(got, expected)):
-            for part, a, b in zip(("amax", "scale", "payload", "operand"), g, e):
+        for i, (g, e) in enumerate(zip(got, expected, strict=False)):
+            for part, a, b in zip(("amax", "scale", "payload", "operand"), g, e, strict=False):
                 if b is None:
                     assert a is None
                 else:
@@ -344,16 +357,19 @@ def test_one_call_for_many_operands_matches_one_call_each() -> None:
         scales = tuple(e[1] for e in expected)
         dtypes = (torch.bfloat16, torch.float32, torch.bfloat16, torch.float32)
         restored = kernels.restore_many(payloads, scales, specs, dtypes)
-        for i, (p, s, sp, d, r) in enumerate(zip(payloads, scales, specs, dtypes, restored)):
-            assert_bitwise_equal(r, payload_to_operand(p, s, sp, d),
-                                 f"{kernels.mode} restored {i}")
+        for i, (p, s, sp, d, r) in enumerate(
+            zip(payloads, scales, specs, dtypes, restored, strict=False)
+        ):
+            assert_bitwise_equal(r, payload_to_operand(p, s, sp, d), f"{kernels.mode} restored {i}")
 
 
 @pytest.mark.parametrize("words", [True, False], ids=["words", "inductor-conversion"])
-@pytest.mark.parametrize("name", ["e4m3-tensor-pow2", "e5m2-tensor", "e4m3-row",
-                                  "e4m3-block1x128", "e4m3-mx"])
+@pytest.mark.parametrize(
+    "name", ["e4m3-tensor-pow2", "e5m2-tensor", "e4m3-row", "e4m3-block1x128", "e4m3-mx"]
+)
 def test_compiled_restore_reads_payload_words_with_the_eager_bits(
-        name: str, words: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    name: str, words: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Compiled, payload_to_operand reads an FP8 payload as int32 words
     (fp8train.cast.fp8_word_values) where the CPU has no AVX-512, and converts it with
     inductor's code where it has; both (forced here, whatever this CPU is) give the eager
@@ -374,15 +390,20 @@ def test_compiled_restore_reads_payload_words_with_the_eager_bits(
     flat[1:] = codes.flatten()
     odd = flat[1:].view(64, 260)
     assert odd.storage_offset() == 1
-    for payload, what in ((codes, "words"), (odd, "odd offset"),
-                          (codes[:, :130].contiguous(), "130 columns")):
+    for payload, what in (
+        (codes, "words"),
+        (odd, "odd offset"),
+        (codes[:, :130].contiguous(), "130 columns"),
+    ):
         p = payload.view(spec.fmt.torch_dtype)
         x = torch.randn(payload.shape) * 50
         scale = scale_from_amax(compute_amax(x, spec), spec)
         for dtype in (torch.float32, torch.bfloat16):
-            assert_bitwise_equal(compiled(p, scale, spec, dtype),
-                                 payload_to_operand(p, scale, spec, dtype),
-                                 f"{name} {what} {dtype}")
+            assert_bitwise_equal(
+                compiled(p, scale, spec, dtype),
+                payload_to_operand(p, scale, spec, dtype),
+                f"{name} {what} {dtype}",
+            )
 
 
 def test_gemm_step_in_one_call_matches_the_separate_kernels() -> None:
@@ -401,24 +422,35 @@ def test_gemm_step_in_one_call_matches_the_separate_kernels() -> None:
     saved_x = (x_payload, x_scale, row, torch.bfloat16)
     saved_w = (w_payload, w_scale, SPECS["e4m3-block128"], torch.bfloat16)
     x_hp = payload_to_operand(*saved_x)
-    expected = [quantize_current(dy, SPECS["e5m2-tensor"], torch.bfloat16),
-                quantize_current(x_hp, col, torch.bfloat16)]
+    expected = [
+        quantize_current(dy, SPECS["e5m2-tensor"], torch.bfloat16),
+        quantize_current(x_hp, col, torch.bfloat16),
+    ]
     for kernels in (Kernels("eager"), COMPILED):
         dequantised, got, finite, restored = kernels.prepare_gemm_operands(
-            (dy, saved_x), (SPECS["e5m2-tensor"], col), (torch.bfloat16, torch.bfloat16),
-            (None, None), (saved_w,))
+            (dy, saved_x),
+            (SPECS["e5m2-tensor"], col),
+            (torch.bfloat16, torch.bfloat16),
+            (None, None),
+            (saved_w,),
+        )
         assert bool(finite) is True
         assert_bitwise_equal(dequantised[0], x_hp, f"{kernels.mode} dequantised x")
-        for i, (g, e) in enumerate(zip(got, expected)):
-            for part, a, b in zip(("amax", "scale", "payload", "operand"), g, e):
+        for i, (g, e) in enumerate(zip(got, expected, strict=False)):
+            for part, a, b in zip(("amax", "scale", "payload", "operand"), g, e, strict=False):
                 assert_bitwise_equal(a, b, f"{kernels.mode} operand {i} {part}")
-        assert_bitwise_equal(restored[0], payload_to_operand(*saved_w),
-                             f"{kernels.mode} restored weight")
+        assert_bitwise_equal(
+            restored[0], payload_to_operand(*saved_w), f"{kernels.mode} restored weight"
+        )
         bad = dy.clone()
         bad[7, 3] = float("nan")
         _, _, finite, _ = kernels.prepare_gemm_operands(
-            (bad, saved_x), (SPECS["e5m2-tensor"], col), (torch.bfloat16, torch.bfloat16),
-            (None, None), ())
+            (bad, saved_x),
+            (SPECS["e5m2-tensor"], col),
+            (torch.bfloat16, torch.bfloat16),
+            (None, None),
+            (),
+        )
         assert bool(finite) is False, kernels.mode
 
 
@@ -435,13 +467,17 @@ def test_delayed_scale_from_the_window_in_the_kernel_call(algo: str) -> None:
     history = AmaxHistory(length=4, algo=algo)  # type: ignore[arg-type]
     for n, amax in enumerate([3.0, 40.0, 0.5, 7.0, 2.0, 0.25], start=1):
         history.record(torch.tensor(amax))
-        expected = quantize_given(dy, scale_from_amax(history.reduced(), spec), spec,
-                                  torch.bfloat16, False)
+        expected = quantize_given(
+            dy, scale_from_amax(history.reduced(), spec), spec, torch.bfloat16, False
+        )
         for kernels in (Kernels("eager"), COMPILED):
             _, got, finite, _ = kernels.prepare_gemm_operands(
-                (dy,), (spec,), (torch.bfloat16,), (history.to_reduce(),), (), (False,))
+                (dy,), (spec,), (torch.bfloat16,), (history.to_reduce(),), (), (False,)
+            )
             assert bool(finite)
-            for part, a, b in zip(("amax", "scale", "payload", "operand"), got[0], expected):
+            for part, a, b in zip(
+                ("amax", "scale", "payload", "operand"), got[0], expected, strict=False
+            ):
                 if b is None:
                     assert a is None
                 else:
@@ -455,9 +491,10 @@ def _prepare_args(spec_names: tuple[str, str], rows: tuple[int, int]) -> tuple[o
     return (tensors, specs, (torch.bfloat16, torch.float32), (None, None), (), (False, True))
 
 
-@pytest.mark.parametrize("spec_names", [("e5m2-tensor", "e4m3-row"),
-                                        ("e4m3-mx", "e4m3-col"),
-                                        ("e4m3-block1x128", "e4m3-block128")])
+@pytest.mark.parametrize(
+    "spec_names",
+    [("e5m2-tensor", "e4m3-row"), ("e4m3-mx", "e4m3-col"), ("e4m3-block1x128", "e4m3-block128")],
+)
 def test_compiled_graphs_follow_the_row_count(spec_names: tuple[str, str]) -> None:
     """One compiled graph serves every row count it was traced for, each operand's its
     own (equal counts at tracing do not tie them); where tracing had to assume something
@@ -473,7 +510,9 @@ def test_compiled_graphs_follow_the_row_count(spec_names: tuple[str, str]) -> No
     for rows in ((256, 256), (96, 256), (130, 64), (256, 256), (1, 96)):
         args = _prepare_args(spec_names, rows)
         expected = prepare_gemm_operands(*args)
-        assert_nested_bitwise_equal(standalone(*args), expected, f"standalone {spec_names} {rows} rows")
+        assert_nested_bitwise_equal(
+            standalone(*args), expected, f"standalone {spec_names} {rows} rows"
+        )
         assert_nested_bitwise_equal(dynamo(*args), expected, f"dynamo {spec_names} {rows} rows")
     made = sum(len(g) for g in standalone.graphs.values()) - before
     # 1 row specialises (its own key); the other pairs share one graph unless tracing

@@ -68,7 +68,7 @@ def test_scale_fp16_overflow_becomes_inf() -> None:
 
 
 def test_scale_rejects_non_tensor() -> None:
-    with pytest.raises(TypeError, match="torch.Tensor"):
+    with pytest.raises(TypeError, match=r"torch.Tensor"):
         LossScaler().scale(1.0)  # type: ignore[arg-type,unused-ignore]
 
 

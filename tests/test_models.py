@@ -27,8 +27,13 @@ def _gpt() -> nn.Module:
 def _llama() -> nn.Module:
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     return transformers.LlamaForCausalLM(config)
 
@@ -67,7 +72,7 @@ def test_model_trains_eager(build, recipe: str) -> None:
     before = [p.detach().clone() for p in model.parameters()]
     losses = _train_steps(model, 3)
     assert all(torch.isfinite(torch.tensor(losses)))
-    changed = [not torch.equal(b, p) for b, p in zip(before, model.parameters())]
+    changed = [not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=False)]
     assert all(changed), "every parameter (FP8 weights included) must receive an update"
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
 
@@ -83,9 +88,9 @@ def test_layer_compiled_matches_eager_bitwise(recipe: str) -> None:
     for kind, record in records.items():
         model = fp8train.convert(copy.deepcopy(base), recipe)
         for _, layer in fp8_layers(model):
-            layer.fp8_state.observer = (
-                lambda state, role, t, q, record=record: record.append(
-                    (role, q.data.clone(), q.scale.clone())) if q is not None else None)
+            layer.fp8_state.observer = lambda state, role, t, q, record=record: (
+                record.append((role, q.data.clone(), q.scale.clone())) if q is not None else None
+            )
         models[kind] = model
     x = torch.randn(4, 40, 128)
     grads = {}
@@ -99,10 +104,10 @@ def test_layer_compiled_matches_eager_bitwise(recipe: str) -> None:
         grads[kind] = (y.detach(), xi.grad, model[0].weight.grad)
     eager, compiled = records["eager"], records["compiled"]
     assert [r[0] for r in eager] == [r[0] for r in compiled]
-    for (role, data_e, scale_e), (_, data_c, scale_c) in zip(eager, compiled):
+    for (role, data_e, scale_e), (_, data_c, scale_c) in zip(eager, compiled, strict=False):
         assert_bitwise_equal(scale_e, scale_c, what=f"{role} scale")
         assert_bitwise_equal(data_e, data_c, what=f"{role} payload")
-    for e, c in zip(grads["eager"], grads["compiled"]):
+    for e, c in zip(grads["eager"], grads["compiled"], strict=False):
         assert torch.equal(e, c)
 
 
@@ -133,7 +138,8 @@ class _Stack(nn.Module):
 
 
 def test_compiled_model_breaks_only_at_fp8_layers_and_compiles_their_kernels(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Under torch.compile(model) every graph break is an FP8 layer's own boundary (not
     its host-side finite check inside the autograd function), and every layer quantises
     with the compiled kernels although convert() left them eager -- also past dynamo's
@@ -160,8 +166,7 @@ def _run_past_the_recompile_limit(monkeypatch: pytest.MonkeyPatch, nn_module: Mo
     assert len(layers) == 4 and all(m.fp8_state.kernels.mode == "eager" for m in layers)
     modes: list[str] = []
     real = nn_module.shared_kernels
-    monkeypatch.setattr(nn_module, "shared_kernels",
-                        lambda mode: modes.append(mode) or real(mode))
+    monkeypatch.setattr(nn_module, "shared_kernels", lambda mode: modes.append(mode) or real(mode))
     torch._dynamo.reset()
     run = torch.compile(model)
     x = torch.randn(4, 8, 32)

@@ -52,8 +52,16 @@ class Net(nn.Module):
         return y
 
 
-ALL_LINEARS = ["stem", "blocks.0.fc1", "blocks.0.fc2", "blocks.0.proj",
-               "blocks.1.fc1", "blocks.1.fc2", "blocks.1.proj", "head"]
+ALL_LINEARS = [
+    "stem",
+    "blocks.0.fc1",
+    "blocks.0.fc2",
+    "blocks.0.proj",
+    "blocks.1.fc1",
+    "blocks.1.fc2",
+    "blocks.1.proj",
+    "head",
+]
 
 
 def _fp8(model: nn.Module, name: str) -> Fp8Linear:
@@ -124,17 +132,20 @@ def test_train_and_eval_mode_is_kept() -> None:
 
 
 def test_converting_a_bare_linear_raises_type_error() -> None:
-    with pytest.raises(TypeError, match="bare nn.Linear"):
+    with pytest.raises(TypeError, match=r"bare nn.Linear"):
         fp8train.convert(nn.Linear(64, 64), "tensorwise")
 
 
 def test_repr_shows_the_recipe() -> None:
     model = fp8train.convert(Net(), "blockwise", skip=["head"])
     assert repr(model.blocks[0].fc1) == (
-        "Fp8Linear(in_features=64, out_features=128, bias=True, recipe=blockwise)")
+        "Fp8Linear(in_features=64, out_features=128, bias=True, recipe=blockwise)"
+    )
     text = repr(model)  # (ModuleList folds the two identical blocks into one entry)
     assert "(stem): Fp8Linear(in_features=32, out_features=64, bias=True, recipe=blockwise)" in text
-    assert "(proj): Fp8Linear(in_features=64, out_features=64, bias=False, recipe=blockwise)" in text
+    assert (
+        "(proj): Fp8Linear(in_features=64, out_features=64, bias=False, recipe=blockwise)" in text
+    )
     assert "(head): Linear(in_features=64, out_features=16, bias=True)" in text
 
 
@@ -187,13 +198,19 @@ def test_filter_predicate_receives_module_and_qualified_name() -> None:
 
 
 def test_filters_combine() -> None:
-    model = fp8train.convert(Net(), "tensorwise", skip="*.proj", skip_first_last=True,
-                             filter=lambda m, n: not n.startswith("blocks.0."))
+    model = fp8train.convert(
+        Net(),
+        "tensorwise",
+        skip="*.proj",
+        skip_first_last=True,
+        filter=lambda m, n: not n.startswith("blocks.0."),
+    )
     assert _converted(model) == ["blocks.1.fc1", "blocks.1.fc2"]
 
 
 def test_unsupported_shape_stays_high_precision_with_one_log_line(
-        caplog: pytest.LogCaptureFixture) -> None:
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     model = nn.Sequential(nn.Linear(64, 64), nn.ModuleDict({"odd": nn.Linear(100, 64)}))
     with caplog.at_level(logging.DEBUG, logger="fp8train"):
         fp8train.convert(model, "tensorwise")
@@ -253,12 +270,18 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     # The first three batches are 8x larger, so the amax histories they leave behind
     # set smaller scales than steps 4-5 would pick on their own: resuming without the
     # recipe state gives different losses (checked below, so the test has teeth).
-    return [(torch.randn(4, 6, D_IN, generator=g) * (8.0 if i < 3 else 1.0),
-             torch.randn(4, 6, D_OUT, generator=g)) for i in range(5)]
+    return [
+        (
+            torch.randn(4, 6, D_IN, generator=g) * (8.0 if i < 3 else 1.0),
+            torch.randn(4, 6, D_OUT, generator=g),
+        )
+        for i in range(5)
+    ]
 
 
-def _train(model: nn.Module, opt: torch.optim.Optimizer,
-           batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+def _train(
+    model: nn.Module, opt: torch.optim.Optimizer, batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
     losses = []
     for x, target in batches:
         opt.zero_grad()
@@ -287,8 +310,9 @@ def test_recipe_state_round_trip_resumes_delayed_scaling_bitwise() -> None:
     batches = _batches()
     model, opt = _fresh()
     _train(model, opt, batches[:3])
-    ckpt = _roundtrip({"model": model.state_dict(), "opt": opt.state_dict(),
-                       "recipe": recipe_state_dict(model)})
+    ckpt = _roundtrip(
+        {"model": model.state_dict(), "opt": opt.state_dict(), "recipe": recipe_state_dict(model)}
+    )
     hist = _fp8(model, "stem").fp8_state.histories["input"]
     assert len(hist) == 3
     losses_a = _train(model, opt, batches[3:])
@@ -333,7 +357,7 @@ def test_version_mismatch_raises() -> None:
     model, _ = _fresh()
     state = recipe_state_dict(model)
     state["version"] = 99
-    with pytest.raises(ValueError, match="version 99 .*expected 1"):
+    with pytest.raises(ValueError, match=r"version 99 .*expected 1"):
         load_recipe_state_dict(model, state)
 
 
@@ -350,14 +374,15 @@ def test_layer_set_mismatch_raises() -> None:
 def test_recipe_mismatch_raises() -> None:
     delayed, _ = _fresh()
     tensorwise = fp8train.convert(Net(), "tensorwise")
-    with pytest.raises(ValueError, match="checkpoint recipe 'delayed' != model recipe 'tensorwise'"):
+    with pytest.raises(
+        ValueError, match="checkpoint recipe 'delayed' != model recipe 'tensorwise'"
+    ):
         load_recipe_state_dict(tensorwise, recipe_state_dict(delayed))
 
 
 def test_history_config_mismatch_raises() -> None:
     delayed, _ = _fresh()
     delayed(_x())
-    short = fp8train.convert(
-        Net(), dataclasses.replace(Recipe.from_name("delayed"), history_len=4))
-    with pytest.raises(ValueError, match="length=16.*length=4"):
+    short = fp8train.convert(Net(), dataclasses.replace(Recipe.from_name("delayed"), history_len=4))
+    with pytest.raises(ValueError, match=r"length=16.*length=4"):
         load_recipe_state_dict(short, recipe_state_dict(delayed))

@@ -103,26 +103,54 @@ def _conflicts() -> list[tuple[str, Recipe, dict[str, Any], str]]:
     r = Recipe.from_name
     return [
         ("delayed-row-input", r("delayed"), {"input": _ROW}, "delayed scaling .* tensorwise"),
-        ("delayed-block-weight", r("delayed"), {"weight": ScaleSpec(E4M3, G.BLOCK, block=(128, 128))},
-         "delayed scaling .* tensorwise"),
-        ("delayed-mx-grad", r("delayed"), {"grad_output": ScaleSpec(E4M3, G.MX, block=(1, 32))},
-         "delayed scaling .* tensorwise"),
+        (
+            "delayed-block-weight",
+            r("delayed"),
+            {"weight": ScaleSpec(E4M3, G.BLOCK, block=(128, 128))},
+            "delayed scaling .* tensorwise",
+        ),
+        (
+            "delayed-mx-grad",
+            r("delayed"),
+            {"grad_output": ScaleSpec(E4M3, G.MX, block=(1, 32))},
+            "delayed scaling .* tensorwise",
+        ),
         ("int8-with-e4m3-input", r("int8"), {"input": _TENSOR}, "INT8 and FP8"),
         ("int8-with-e5m2-grad", r("int8"), {"grad_output": ScaleSpec(E5M2)}, "INT8 and FP8"),
         ("fp8-with-int8-weight", r("tensorwise"), {"weight": ScaleSpec(INT8)}, "INT8 and FP8"),
         ("mx-with-tensor-weight", r("mxfp8"), {"weight": _TENSOR}, "MX scaling"),
-        ("tensor-with-mx-grad", r("tensorwise"),
-         {"grad_output": ScaleSpec(E4M3, G.MX, block=(1, 32))}, "MX scaling"),
+        (
+            "tensor-with-mx-grad",
+            r("tensorwise"),
+            {"grad_output": ScaleSpec(E4M3, G.MX, block=(1, 32))},
+            "MX scaling",
+        ),
         ("block-with-tensor-weight", r("blockwise"), {"weight": _TENSOR}, "block scaling"),
         ("block-with-row-grad", r("blockwise"), {"grad_output": _ROW}, "block scaling"),
-        ("row-input-axis0", r("rowwise"), {"input": ScaleSpec(E4M3, G.ROW, axis=0)},
-         "contraction axis"),
-        ("row-weight-axis0", r("rowwise"), {"weight": ScaleSpec(E4M3, G.ROW, axis=0)},
-         "contraction axis"),
-        ("input-tile-128x128", r("blockwise"), {"input": ScaleSpec(E4M3, G.BLOCK, block=(128, 128))},
-         r"input tiles must be 1xB"),
-        ("input-mx-32x1", r("mxfp8"), {"input": ScaleSpec(E4M3, G.MX, block=(32, 1))},
-         r"input tiles must be 1xB"),
+        (
+            "row-input-axis0",
+            r("rowwise"),
+            {"input": ScaleSpec(E4M3, G.ROW, axis=0)},
+            "contraction axis",
+        ),
+        (
+            "row-weight-axis0",
+            r("rowwise"),
+            {"weight": ScaleSpec(E4M3, G.ROW, axis=0)},
+            "contraction axis",
+        ),
+        (
+            "input-tile-128x128",
+            r("blockwise"),
+            {"input": ScaleSpec(E4M3, G.BLOCK, block=(128, 128))},
+            r"input tiles must be 1xB",
+        ),
+        (
+            "input-mx-32x1",
+            r("mxfp8"),
+            {"input": ScaleSpec(E4M3, G.MX, block=(32, 1))},
+            r"input tiles must be 1xB",
+        ),
         ("history-len-0", r("delayed"), {"history_len": 0}, "history_len must be >= 1"),
         ("history-algo", r("delayed"), {"history_algo": "mean"}, "history_algo .*'mean'"),
         ("scaling", r("tensorwise"), {"scaling": "static"}, "scaling must be .*'static'"),
@@ -130,8 +158,9 @@ def _conflicts() -> list[tuple[str, Recipe, dict[str, Any], str]]:
     ]
 
 
-@pytest.mark.parametrize(("base", "fields", "match"),
-                         [c[1:] for c in _conflicts()], ids=[c[0] for c in _conflicts()])
+@pytest.mark.parametrize(
+    ("base", "fields", "match"), [c[1:] for c in _conflicts()], ids=[c[0] for c in _conflicts()]
+)
 def test_conflicting_options_raise(base: Recipe, fields: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match) as info:
         dataclasses.replace(base, **fields)
@@ -148,7 +177,10 @@ def test_delayed_with_history_variants_is_valid() -> None:
     delayed = Recipe.from_name("delayed")
     for length in (1, 4, 1024):
         for algo in ("max", "most_recent"):
-            assert dataclasses.replace(delayed, history_len=length, history_algo=algo).scaling == "delayed"
+            assert (
+                dataclasses.replace(delayed, history_len=length, history_algo=algo).scaling
+                == "delayed"
+            )
 
 
 # ---------------------------------------------------------------------- the recipe table
@@ -190,14 +222,20 @@ def test_blockwise() -> None:
     for role in ROLES:
         s = _spec(r, role)
         assert (s.fmt, s.granularity, s.block, s.power_of_two) == (
-            E4M3, G.BLOCK, expected_block[role], True), role
+            E4M3,
+            G.BLOCK,
+            expected_block[role],
+            True,
+        ), role
 
 
 def test_mxfp8() -> None:
     r = Recipe.from_name("mxfp8")
     for role in ROLES:
         s = _spec(r, role)
-        assert (s.fmt, s.granularity, s.block, s.mx_rounding) == (E4M3, G.MX, (1, 32), "floor"), role
+        assert (s.fmt, s.granularity, s.block, s.mx_rounding) == (E4M3, G.MX, (1, 32), "floor"), (
+            role
+        )
         # E8M0 scales are implied by the granularity: every scale is a power of two.
         assert s.scales_are_power_of_two
     assert r.min_multiple == 32
@@ -224,8 +262,11 @@ def test_gemms_names_each_operands_format(name: str) -> None:
     assert [ln.split()[0] for ln in lines] == ["output", "grad_input", "grad_weight"]
     out, dgrad, wgrad = lines
     # output: x and W; grad_input: dy and W; grad_weight: dy and x.
-    for line, roles in ((out, ("input", "weight")), (dgrad, ("grad_output", "weight")),
-                        (wgrad, ("grad_output", "input"))):
+    for line, roles in (
+        (out, ("input", "weight")),
+        (dgrad, ("grad_output", "weight")),
+        (wgrad, ("grad_output", "input")),
+    ):
         for role in roles:
             assert _spec(r, role).fmt.name in line, (line, role)
         assert line.count(" . ") == 1, line

@@ -64,11 +64,21 @@ class _Stored:
 
 
 # Backward nodes of ops that view or cast a tensor without computing on it.
-_VIEW_OR_CAST = frozenset({
-    "ToCopyBackward0", "TBackward0", "TransposeBackward0", "PermuteBackward0",
-    "ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "ExpandBackward0",
-    "AliasBackward0", "SliceBackward0", "SelectBackward0",
-})
+_VIEW_OR_CAST = frozenset(
+    {
+        "ToCopyBackward0",
+        "TBackward0",
+        "TransposeBackward0",
+        "PermuteBackward0",
+        "ViewBackward0",
+        "UnsafeViewBackward0",
+        "ReshapeAliasBackward0",
+        "ExpandBackward0",
+        "AliasBackward0",
+        "SliceBackward0",
+        "SelectBackward0",
+    }
+)
 
 
 def _held_anyway(t: torch.Tensor) -> bool:
@@ -104,9 +114,14 @@ class Fp8SavedActivations:
     ``stored_bytes``, ``original_bytes``, ``kept_nonfinite``) accumulate across blocks.
     """
 
-    def __init__(self, recipe: Recipe | RecipeName | str, *, min_numel: int = 4096,
-                 kernels: KernelMode = "eager",
-                 observer: Callable[[torch.Tensor], object] | None = None) -> None:
+    def __init__(
+        self,
+        recipe: Recipe | RecipeName | str,
+        *,
+        min_numel: int = 4096,
+        kernels: KernelMode = "eager",
+        observer: Callable[[torch.Tensor], object] | None = None,
+    ) -> None:
         self.recipe = Recipe.from_name(recipe)
         if min_numel < 1:
             raise ValueError(f"min_numel must be >= 1, got {min_numel}")
@@ -122,18 +137,24 @@ class Fp8SavedActivations:
         self._hooks: Any = None
 
     def __repr__(self) -> str:
-        return (f"Fp8SavedActivations({self.recipe.name!r}: {self.spec.describe()}, "
-                f"min_numel={self.min_numel})")
+        return (
+            f"Fp8SavedActivations({self.recipe.name!r}: {self.spec.describe()}, "
+            f"min_numel={self.min_numel})"
+        )
 
-    def __enter__(self) -> Fp8SavedActivations:  # noqa: PYI034 (typing.Self needs 3.11)
+    def __enter__(self) -> Fp8SavedActivations:
         if self._hooks is not None:
             raise RuntimeError("Fp8SavedActivations is already active; nest a second object")
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
         self._hooks.__enter__()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         hooks, self._hooks = self._hooks, None
         self._seen.clear()  # only a forward's own duplicates share a stored copy
         hooks.__exit__(exc_type, exc, tb)
@@ -144,8 +165,13 @@ class Fp8SavedActivations:
                 self.observer(t)
 
     def _wanted(self, t: torch.Tensor) -> bool:
-        return (t.dtype in _STORED_DTYPES and t.numel() >= self.min_numel and t.dim() >= 1
-                and t.layout is torch.strided and not _held_anyway(t))
+        return (
+            t.dtype in _STORED_DTYPES
+            and t.numel() >= self.min_numel
+            and t.dim() >= 1
+            and t.layout is torch.strided
+            and not _held_anyway(t)
+        )
 
     def pack(self, t: torch.Tensor) -> torch.Tensor | _Stored:
         if not self._wanted(t):

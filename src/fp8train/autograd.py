@@ -71,8 +71,9 @@ class LayerState:
         self.kernels = kernels or Kernels("eager")
         self.histories: dict[str, AmaxHistory] = {}
         if recipe.scaling == "delayed":
-            self.histories = {r: AmaxHistory(recipe.history_len, recipe.history_algo)
-                              for r in self.ROLES}
+            self.histories = {
+                r: AmaxHistory(recipe.history_len, recipe.history_algo) for r in self.ROLES
+            }
         self.nonfinite: dict[str, int] = {r: 0 for r in self.ROLES}
         self.observer: Observer | None = None
         # Set by fp8train.distributed.setup: maps a local amax to the max over ranks, so
@@ -80,23 +81,28 @@ class LayerState:
         self.amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"histories": {r: h.state_dict() for r, h in self.histories.items()},
-                "nonfinite": dict(self.nonfinite)}
+        return {
+            "histories": {r: h.state_dict() for r, h in self.histories.items()},
+            "nonfinite": dict(self.nonfinite),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state["histories"]) != set(self.histories):
             raise ValueError(
                 f"layer {self.name}: checkpoint has amax histories for "
                 f"{sorted(state['histories'])}, recipe {self.recipe.name!r} keeps "
-                f"{sorted(self.histories)}")
+                f"{sorted(self.histories)}"
+            )
         for role, h in state["histories"].items():
             self.histories[role].load_state_dict(h)
         self.nonfinite.update(state.get("nonfinite", {}))
 
     def report_nonfinite(self, role: str, shape: torch.Size) -> None:
         self.nonfinite[role] += 1
-        msg = (f"fp8train: layer {self.name!r}: {role} of shape {tuple(shape)} holds NaN/inf; "
-               "no scale or amax history was updated and this GEMM ran in high precision")
+        msg = (
+            f"fp8train: layer {self.name!r}: {role} of shape {tuple(shape)} holds NaN/inf; "
+            "no scale or amax history was updated and this GEMM ran in high precision"
+        )
         if role == "grad_output":
             # The usual cause is a loss-scale overflow, which the loss scaler handles.
             log.info(msg)
@@ -110,8 +116,9 @@ def _reusable_transposed(spec: ScaleSpec) -> bool:
     return g is Granularity.TENSOR or (g is Granularity.BLOCK and spec.block[0] == spec.block[1])
 
 
-def operand_scale(amax: torch.Tensor, spec: ScaleSpec, role: str,
-                  state: LayerState) -> torch.Tensor:
+def operand_scale(
+    amax: torch.Tensor, spec: ScaleSpec, role: str, state: LayerState
+) -> torch.Tensor:
     """The scale of an operand whose amax (finite) is ``amax``.
 
     Current scaling: from ``amax`` itself. Delayed: from the window of *earlier* amaxes
@@ -135,6 +142,8 @@ def _operand_amax(t: torch.Tensor, spec: ScaleSpec, kernels: Kernels) -> torch.T
     """The operand's amax; a gathered weight reports the amax its scales came from."""
     amax: torch.Tensor | None = getattr(t, "fp8_gathered_amax", None)
     return kernels.amax(t, spec) if amax is None else amax
+
+
 # --- end hook ----------------------------------------------------------------------------
 
 
@@ -155,8 +164,11 @@ def _dequantised(src: torch.Tensor | Saved, kernels: Kernels) -> torch.Tensor:
 
 
 def _quantize_gemm_operands(
-    state: LayerState, kernels: Kernels, operands: list[Operand],
-    restore: tuple[Saved, ...] = (), stored: tuple[str, ...] = (),
+    state: LayerState,
+    kernels: Kernels,
+    operands: list[Operand],
+    restore: tuple[Saved, ...] = (),
+    stored: tuple[str, ...] = (),
 ) -> tuple[list[ScaledTensor] | None, list[torch.Tensor]]:
     """Quantise the operands of one layer step: amax -> scale -> cast; None (reported)
     if any operand holds NaN/inf. Also returns the GEMM operands of the saved payloads
@@ -176,8 +188,10 @@ def _quantize_gemm_operands(
     derived from its operand when first read (the same bits).
     """
     # Only the weight (never a Saved payload) can arrive FP8-gathered.
-    gathered = [_gathered(t) if role == "weight" else None  # type: ignore[arg-type]
-                for t, _, role, _ in operands]
+    gathered = [
+        _gathered(t) if role == "weight" else None  # type: ignore[arg-type]
+        for t, _, role, _ in operands
+    ]
     # Fused: current scaling, and delayed scaling once its history holds an amax (the
     # scale is known before the cast, so amax and cast share one pass over the tensor;
     # the kernel call also reduces the history's window to that scale).
@@ -198,14 +212,19 @@ def _quantize_gemm_operands(
     restored: list[torch.Tensor] = []
     if fused_idx or restore:
         keep_all = state.observer is not None or any(
-            not (t if isinstance(t, torch.Tensor) else t[0]).is_cpu for t in sources)
+            not (t if isinstance(t, torch.Tensor) else t[0]).is_cpu for t in sources
+        )
         keeps = tuple(keep_all or operands[i][2] in stored for i in fused_idx)
         dequantised, outs, finite, restored_t = kernels.prepare_gemm_operands(
-            tuple(sources[i] for i in fused_idx), tuple(operands[i][1] for i in fused_idx),
-            tuple(operands[i][3] for i in fused_idx), tuple(windows.get(i) for i in fused_idx),
-            restore, keeps)
+            tuple(sources[i] for i in fused_idx),
+            tuple(operands[i][1] for i in fused_idx),
+            tuple(operands[i][3] for i in fused_idx),
+            tuple(windows.get(i) for i in fused_idx),
+            restore,
+            keeps,
+        )
         restored = list(restored_t)
-        fused = dict(zip(fused_idx, outs))
+        fused = dict(zip(fused_idx, outs, strict=False))
         it = iter(dequantised)
         for i in fused_idx:
             if not isinstance(sources[i], torch.Tensor):
@@ -215,10 +234,9 @@ def _quantize_gemm_operands(
     # high-precision values here.
     hp = [_dequantised(s, kernels) for s in sources]
 
-    pending: list[tuple[torch.Tensor, ScaleSpec, str, Any, torch.Tensor,
-                        ScaledTensor | None]] = []
+    pending: list[tuple[torch.Tensor, ScaleSpec, str, Any, torch.Tensor, ScaledTensor | None]] = []
     checked = set(fused)  # amaxes the fused call's flag vouches for
-    for i, ((_, spec, role, work), t) in enumerate(zip(operands, hp)):
+    for i, ((_, spec, role, work), t) in enumerate(zip(operands, hp, strict=False)):
         if gathered[i] is not None:
             # FSDP2 FP8 all-gather: already cast (and recorded) before the gather.
             pending.append((t, spec, role, work, _operand_amax(t, spec, kernels), gathered[i]))
@@ -237,8 +255,9 @@ def _quantize_gemm_operands(
 
     # The fused operands were checked by one flag; the others one by one. Only on
     # failure is each amax looked at, to name the bad tensors.
-    ok = fused_finite and all(bool(torch.isfinite(p[4]).all())
-                              for i, p in enumerate(pending) if i not in checked)
+    ok = fused_finite and all(
+        bool(torch.isfinite(p[4]).all()) for i, p in enumerate(pending) if i not in checked
+    )
     if not ok:
         reported: set[tuple[int, str]] = set()
         for t, _, role, _, amax, _ in pending:
@@ -279,8 +298,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 class _Fp8Linear(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-        state: LayerState, kernels: Kernels,
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        state: LayerState,
+        kernels: Kernels,
     ) -> torch.Tensor:
         recipe = state.recipe
         out_dtype = _compute_dtype(x)
@@ -294,16 +317,21 @@ class _Fp8Linear(torch.autograd.Function):
             keep_w = _reusable_transposed(recipe.weight) and recipe.fp8_dgrad
             stored = (("input",) if keep_x else ()) + (("weight",) if keep_w else ())
             quantized, _ = _quantize_gemm_operands(
-                state, kernels,
+                state,
+                kernels,
                 [(x2d, recipe.input, "input", work), (weight, recipe.weight, "weight", work)],
-                stored=stored)
+                stored=stored,
+            )
             qx, qw = quantized if quantized is not None else (None, None)
             if qx is not None and qw is not None:
                 # (M, K) @ (K, N) -> (M, N), bias added before the output rounding
                 y = scaled_mm(qx, qw.t(), bias=bias, out_dtype=out_dtype)
             else:
-                y = torch.nn.functional.linear(x2d.to(out_dtype), weight.to(out_dtype),
-                                               None if bias is None else bias.to(out_dtype))
+                y = torch.nn.functional.linear(
+                    x2d.to(out_dtype),
+                    weight.to(out_dtype),
+                    None if bias is None else bias.to(out_dtype),
+                )
 
         # What backward needs of x: its FP8 payload (1 byte/element) or the compute-dtype copy.
         fp8_saved = keep_x and qx is not None
@@ -338,8 +366,9 @@ class _Fp8Linear(torch.autograd.Function):
 
         # x as backward has it: the saved FP8 payload (dequantised by the kernels, in the
         # same call that re-quantises it) or the compute-dtype copy.
-        x_src: torch.Tensor | Saved = ((x_saved, x_scale, recipe.input, gdtype)
-                                       if ctx.fp8_saved else x_saved.to(gdtype))
+        x_src: torch.Tensor | Saved = (
+            (x_saved, x_scale, recipe.input, gdtype) if ctx.fp8_saved else x_saved.to(gdtype)
+        )
 
         work_d = _work_dtype(gdtype, dy.device, recipe.grad_output, recipe.weight)
         work_w = _work_dtype(gdtype, dy.device, recipe.grad_output, recipe.input)
@@ -371,9 +400,11 @@ class _Fp8Linear(torch.autograd.Function):
             if restore_x:
                 saved.append((x_saved, x_scale, recipe.input, work_w))
             quantized, restored = (
-                _quantize_gemm_operands(state, ctx.kernels, ops, tuple(saved)) if ops
-                else (None, []))
-            q = dict(zip((role for _, _, role, _ in ops), quantized or []))
+                _quantize_gemm_operands(state, ctx.kernels, ops, tuple(saved))
+                if ops
+                else (None, [])
+            )
+            q = dict(zip((role for _, _, role, _ in ops), quantized or [], strict=False))
             qw_d = q.get("weight.t")
             qx_w = q.get("input.t")
             if quantized is not None and restore_w:
@@ -407,8 +438,13 @@ class _Fp8Linear(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               state: LayerState, kernels: Kernels | None = None) -> torch.Tensor:
+def fp8_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    state: LayerState,
+    kernels: Kernels | None = None,
+) -> torch.Tensor:
     """``x @ weight.T + bias`` with the three GEMMs of ``state.recipe``.
 
     Output dtype: the autocast dtype when autocast is on for ``x``'s device, else
@@ -422,14 +458,16 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"layer {state.name!r}: input of shape {tuple(x.shape)} does not match weight of "
-            f"shape {tuple(weight.shape)} (last dim must be in_features={weight.shape[1]})")
+            f"shape {tuple(weight.shape)} (last dim must be in_features={weight.shape[1]})"
+        )
     if not x.is_floating_point():
         raise TypeError(f"layer {state.name!r}: input must be floating point, got {x.dtype}")
     if torch.compiler.is_compiling():
         out: torch.Tensor = _fp8_linear_in_compiled_model(x, weight, bias, state)
         return out
     y: torch.Tensor = _Fp8Linear.apply(  # type: ignore[no-untyped-call]
-        x, weight, bias, state, kernels or state.kernels)
+        x, weight, bias, state, kernels or state.kernels
+    )
     return y
 
 
@@ -441,11 +479,12 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 # recompiled per layer shape and dtype, and the lab GPT d128 tensorwise step ran at
 # 1.88x bf16's (against 1.21-1.26x uncompiled). Fp8Linear crosses the break as a module
 # (fp8train/nn.py), so that the frame dynamo compiles around it guards no weight shape.
-def _fp8_linear_with_compiled_kernels(x: torch.Tensor, weight: torch.Tensor,
-                                      bias: torch.Tensor | None, state: LayerState
-                                      ) -> torch.Tensor:
+def _fp8_linear_with_compiled_kernels(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: LayerState
+) -> torch.Tensor:
     return fp8_linear(x, weight, bias, state, shared_kernels("compiled"))
 
 
 _fp8_linear_in_compiled_model: Callable[..., torch.Tensor] = torch.compiler.disable(  # type: ignore[no-untyped-call]
-    _fp8_linear_with_compiled_kernels)
+    _fp8_linear_with_compiled_kernels
+)

@@ -37,8 +37,17 @@ from fp8train.formats import E4M3, E5M2, INT8, Format, by_name
 
 Rounding = Literal["nearest", "stochastic"]
 
-__all__ = ["cast", "cast_finite", "fp8_codes", "fp8_grid_bytes", "fp8_grid_values",
-           "fp8_payload", "fp8_word_values", "overflow_threshold", "round_to_grid"]
+__all__ = [
+    "cast",
+    "cast_finite",
+    "fp8_codes",
+    "fp8_grid_bytes",
+    "fp8_grid_values",
+    "fp8_payload",
+    "fp8_word_values",
+    "overflow_threshold",
+    "round_to_grid",
+]
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -51,8 +60,9 @@ def overflow_threshold(fmt: Format) -> float:
     """
     # The step *above* max: max's own binade quantum. (Not max minus its predecessor,
     # which is the binade below when max has a zero mantissa, as in E8M0.)
-    step = 1.0 if fmt.is_integer else math.ldexp(1.0, math.frexp(fmt.max)[1] - 1
-                                                  - fmt.mantissa_bits)
+    step = (
+        1.0 if fmt.is_integer else math.ldexp(1.0, math.frexp(fmt.max)[1] - 1 - fmt.mantissa_bits)
+    )
     return fmt.max + step / 2
 
 
@@ -68,8 +78,7 @@ def _check_args(x: torch.Tensor, fmt: Format, saturate: bool, rounding: str) -> 
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
     if not saturate and not (fmt.has_inf or fmt.has_nan):
         raise ValueError(
-            f"{fmt.name} has neither inf nor NaN, so overflow can only saturate; "
-            "pass saturate=True"
+            f"{fmt.name} has neither inf nor NaN, so overflow can only saturate; pass saturate=True"
         )
 
 
@@ -179,8 +188,9 @@ def cast_finite(
         if fmt is INT8:
             # torch.round is round-half-to-even; clamping first saturates +-inf too.
             return x.clamp(-fmt.max, fmt.max).round().to(torch.int8)
-    return _to_storage(round_to_grid(x, fmt, saturate=saturate, rounding=rounding,
-                                     generator=generator), fmt)
+    return _to_storage(
+        round_to_grid(x, fmt, saturate=saturate, rounding=rounding, generator=generator), fmt
+    )
 
 
 def _cast_native(x: torch.Tensor, fmt: Format, saturate: bool) -> torch.Tensor:
@@ -343,8 +353,9 @@ def fp8_codes(y: torch.Tensor, fmt: Format, *, clamp: bool = True) -> torch.Tens
     bits = y.view(torch.int32)
     magnitude = bits & 0x7FFFFFFF
     lowest_kept = (magnitude >> dropped) & 1
-    normal = ((magnitude + ((1 << (dropped - 1)) - 1) + lowest_kept) >> dropped) \
-        - ((127 - fmt.bias) << mb)
+    normal = ((magnitude + ((1 << (dropped - 1)) - 1) + lowest_kept) >> dropped) - (
+        (127 - fmt.bias) << mb
+    )
     # m = 1.5 * 2**(24 - bias - mb): exponent field 151 - bias - mb, top mantissa bit set
     magic_bits = ((151 - fmt.bias - mb) << 23) | (1 << 22)
     magic = 1.5 * 2.0**23 * fmt.min_subnormal
@@ -358,8 +369,14 @@ def fp8_codes(y: torch.Tensor, fmt: Format, *, clamp: bool = True) -> torch.Tens
     return _code_bytes(code | sign)
 
 
-def fp8_payload(y: torch.Tensor, fmt: Format, *, clamp: bool = True, on_grid: bool = False,
-                from_bits: bool = False) -> torch.Tensor:
+def fp8_payload(
+    y: torch.Tensor,
+    fmt: Format,
+    *,
+    clamp: bool = True,
+    on_grid: bool = False,
+    from_bits: bool = False,
+) -> torch.Tensor:
     """``cast_finite(y, fmt)`` (saturating, nearest) for finite fp32 ``y`` and E4M3/E5M2,
     in ``fmt.torch_dtype``: by torch's conversion, or with ``from_bits=True`` from
     ``y``'s fp32 bit fields in integer arithmetic (:func:`fp8_grid_bytes` where ``y``
@@ -411,8 +428,10 @@ def fp8_word_values(payload: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"fp8_word_values needs an E4M3/E5M2 payload, got {payload.dtype}")
     fmt = E4M3 if payload.dtype == torch.float8_e4m3fn else E5M2
     if payload.shape[-1] % 4:
-        raise ValueError(f"fp8_word_values needs a last dimension divisible by 4, got "
-                         f"shape {tuple(payload.shape)}")
+        raise ValueError(
+            f"fp8_word_values needs a last dimension divisible by 4, got "
+            f"shape {tuple(payload.shape)}"
+        )
     words = payload.view(torch.uint8).view(torch.int32)
     mb, eb = fmt.mantissa_bits, fmt.exponent_bits
     top = (1 << eb) - 1  # the all-ones exponent field
@@ -430,8 +449,9 @@ def fp8_word_values(payload: torch.Tensor) -> torch.Tensor:
             special = (code & 0x7F) == 0x7F
             value = torch.where(special, torch.full_like(value, math.nan), value)
         else:
-            special = torch.where(m == 0, torch.full_like(value, math.inf),
-                                  torch.full_like(value, math.nan))
+            special = torch.where(
+                m == 0, torch.full_like(value, math.inf), torch.full_like(value, math.nan)
+            )
             value = torch.where(e == top, torch.copysign(special, value), value)
         parts.append(value)
     return torch.stack(parts, dim=-1).reshape(payload.shape)

@@ -154,8 +154,7 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_from_env(*, backend: str = "gloo",
-                  timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
+def init_from_env(*, backend: str = "gloo", timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
     """Join the process group described by torchrun's environment; return this rank.
 
     Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``
@@ -167,17 +166,23 @@ def init_from_env(*, backend: str = "gloo",
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
     if dist.is_initialized():
-        return DistInfo(dist.get_rank(), dist.get_world_size(),
-                        int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+        return DistInfo(
+            dist.get_rank(),
+            dist.get_world_size(),
+            int(os.environ.get("LOCAL_RANK", dist.get_rank())),
+        )
     if "WORLD_SIZE" not in os.environ:
         return DistInfo(0, 1, 0)
     missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise ValueError(f"WORLD_SIZE is set but {', '.join(missing)} is not; launch with "
-                         "torchrun (which sets all of them) or set them yourself")
+        raise ValueError(
+            f"WORLD_SIZE is set but {', '.join(missing)} is not; launch with "
+            "torchrun (which sets all of them) or set them yourself"
+        )
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    return DistInfo(dist.get_rank(), dist.get_world_size(),
-                    int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    return DistInfo(
+        dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    )
 
 
 def shutdown() -> None:
@@ -213,10 +218,12 @@ def batch_shard(batch: torch.Tensor) -> torch.Tensor:
     """
     world, r = world_size(), rank()
     if batch.shape[0] % world:
-        raise ValueError(f"global batch of {batch.shape[0]} rows does not split over {world} "
-                         "ranks; use a batch size that is a multiple of the world size")
+        raise ValueError(
+            f"global batch of {batch.shape[0]} rows does not split over {world} "
+            "ranks; use a batch size that is a multiple of the world size"
+        )
     per_rank = batch.shape[0] // world
-    return batch[r * per_rank:(r + 1) * per_rank]
+    return batch[r * per_rank : (r + 1) * per_rank]
 
 
 def mean_over_ranks(value: torch.Tensor | float) -> float:
@@ -252,15 +259,25 @@ def collective_errors() -> Iterator[None]:
         raise RankFailureError(
             f"{where}: a collective failed, so another rank most likely died, stalled past "
             f"the process-group timeout, or lost its connection; check the other ranks' "
-            f"logs for the first error. Backend said: {e}") from e
+            f"logs for the first error. Backend said: {e}"
+        ) from e
 
 
 def _looks_like_collective_failure(e: BaseException) -> bool:
     # gloo raises plain RuntimeErrors whose text names its source file
     # (".../gloo/transport/tcp/pair.cc: Connection closed by peer", "... Timed out waiting").
     msg = str(e).lower()
-    return any(s in msg for s in ("gloo", "nccl", "connection closed", "connection reset",
-                                  "broken pipe", "timed out waiting"))
+    return any(
+        s in msg
+        for s in (
+            "gloo",
+            "nccl",
+            "connection closed",
+            "connection reset",
+            "broken pipe",
+            "timed out waiting",
+        )
+    )
 
 
 # ----------------------------------------------------------------------------- amax all-reduce
@@ -293,17 +310,24 @@ class _AmaxAllReduce:
 def fp8_all_gather_unsupported_reason(recipe: Recipe) -> str | None:
     """Why ``recipe``'s weights cannot be all-gathered in FP8, or None if they can."""
     spec = recipe.weight
-    if spec.fmt.torch_dtype is None or torch.empty((), dtype=spec.fmt.torch_dtype).element_size() != 1:
+    if (
+        spec.fmt.torch_dtype is None
+        or torch.empty((), dtype=spec.fmt.torch_dtype).element_size() != 1
+    ):
         return f"its weight format {spec.fmt.name} is not one byte per element"
     if not recipe.fp8_dgrad:
-        return ("fp8_dgrad=False runs the grad_input GEMM in high precision on the "
-                "unsharded weight, which an FP8 all-gather does not have")
+        return (
+            "fp8_dgrad=False runs the grad_input GEMM in high precision on the "
+            "unsharded weight, which an FP8 all-gather does not have"
+        )
     if not _reusable_transposed(spec):
-        return (f"its weight scales ({spec.describe()}) change when the grad_input GEMM "
-                "contracts out_features: that GEMM needs the weight re-quantised along the "
-                "other axis, with scales spanning every rank's rows; re-quantising the "
-                "gathered FP8 weight rounds it twice (no longer the single-process recipe) "
-                "and gathering a second FP8 copy costs as many bytes as a bf16 all-gather")
+        return (
+            f"its weight scales ({spec.describe()}) change when the grad_input GEMM "
+            "contracts out_features: that GEMM needs the weight re-quantised along the "
+            "other axis, with scales spanning every rank's rows; re-quantising the "
+            "gathered FP8 weight rounds it twice (no longer the single-process recipe) "
+            "and gathering a second FP8 copy costs as many bytes as a bf16 all-gather"
+        )
     return None
 
 
@@ -326,8 +350,13 @@ def _align_to_blocks(shard: torch.Tensor, spec: ScaleSpec, row0: int) -> tuple[t
     return (F.pad(shard, (0, 0, pad_top, 0)) if pad_top else shard), pad_top
 
 
-def _amax_grid(aligned: torch.Tensor, spec: ScaleSpec, row0: int, n_rows: int,
-               amax: Callable[[torch.Tensor, ScaleSpec], torch.Tensor]) -> torch.Tensor:
+def _amax_grid(
+    aligned: torch.Tensor,
+    spec: ScaleSpec,
+    row0: int,
+    n_rows: int,
+    amax: Callable[[torch.Tensor, ScaleSpec], torch.Tensor],
+) -> torch.Tensor:
     """This rank's contribution to the full weight's amax grid: its max wherever it
     holds rows of a scale group, zero elsewhere.
 
@@ -339,7 +368,7 @@ def _amax_grid(aligned: torch.Tensor, spec: ScaleSpec, row0: int, n_rows: int,
     grid = torch.zeros(-(-n_rows // br), -(-aligned.shape[1] // bc), device=aligned.device)
     if aligned.shape[0]:
         local = amax(aligned, spec)  # (blocks this shard touches, ceil(K/bc))
-        grid[row0 // br:row0 // br + local.shape[0]] = local
+        grid[row0 // br : row0 // br + local.shape[0]] = local
     return grid
 
 
@@ -380,11 +409,17 @@ class Fp8AllGatherWeight(torch.Tensor):
     _tensor: torch.Tensor
 
     @staticmethod
-    def __new__(cls, tensor: torch.Tensor) -> Fp8AllGatherWeight:  # noqa: PYI034
+    def __new__(cls, tensor: torch.Tensor) -> Fp8AllGatherWeight:
         return torch.Tensor._make_wrapper_subclass(
-            cls, tensor.size(), strides=tensor.stride(), storage_offset=tensor.storage_offset(),
-            dtype=tensor.dtype, layout=tensor.layout, device=tensor.device,
-            requires_grad=tensor.requires_grad)
+            cls,
+            tensor.size(),
+            strides=tensor.stride(),
+            storage_offset=tensor.storage_offset(),
+            dtype=tensor.dtype,
+            layout=tensor.layout,
+            device=tensor.device,
+            requires_grad=tensor.requires_grad,
+        )
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self._tensor = tensor
@@ -397,8 +432,13 @@ class Fp8AllGatherWeight(torch.Tensor):
         return f"Fp8AllGatherWeight({self._tensor!r})"
 
     @classmethod
-    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (),  # type: ignore[override]
-                           kwargs: Any = None) -> Any:
+    def __torch_dispatch__(  # type: ignore[override]
+        cls,
+        func: Any,
+        types: Any,
+        args: Any = (),
+        kwargs: Any = None,
+    ) -> Any:
         args, kwargs = pytree.tree_map_only(cls, lambda t: t._tensor, (args, kwargs or {}))
         out = func(*args, **kwargs)
         if func in _KEEP_SUBCLASS:
@@ -409,19 +449,27 @@ class Fp8AllGatherWeight(torch.Tensor):
         return ["_tensor"], None
 
     @staticmethod
-    def __tensor_unflatten__(inner: dict[str, torch.Tensor], ctx: None, outer_size: Any,
-                             outer_stride: Any) -> Fp8AllGatherWeight:
+    def __tensor_unflatten__(
+        inner: dict[str, torch.Tensor], ctx: None, outer_size: Any, outer_stride: Any
+    ) -> Fp8AllGatherWeight:
         return Fp8AllGatherWeight(inner["_tensor"])
 
     # -- FSDP2 all-gather extension ------------------------------------------------------
 
-    def fsdp_pre_all_gather(self, mesh: Any, outer_size: torch.Size, outer_stride: Any,
-                            module: nn.Module, mp_policy: Any,
-                            ) -> tuple[tuple[torch.Tensor, ...], Any]:
+    def fsdp_pre_all_gather(
+        self,
+        mesh: Any,
+        outer_size: torch.Size,
+        outer_stride: Any,
+        module: nn.Module,
+        mp_policy: Any,
+    ) -> tuple[tuple[torch.Tensor, ...], Any]:
         """Cast this rank's shard to FP8 with the full weight's scales; return its bytes."""
         if not isinstance(module, Fp8Linear):
-            raise TypeError(f"Fp8AllGatherWeight must be the weight of an Fp8Linear, found on "
-                            f"{type(module).__name__}")
+            raise TypeError(
+                f"Fp8AllGatherWeight must be the weight of an Fp8Linear, found on "
+                f"{type(module).__name__}"
+            )
         spec, state = module.recipe.weight, module.fp8_state
         shard = self._tensor  # (rows of this rank, K), unpadded
         n_rows = int(outer_size[0])
@@ -438,7 +486,8 @@ class Fp8AllGatherWeight(torch.Tensor):
                 raise NonFiniteAmaxError(
                     f"layer {state.name!r}: the weight holds NaN/inf on at least one rank, so "
                     "it has no FP8 scale; training diverged (lower the learning rate or "
-                    "resume from an earlier checkpoint)")
+                    "resume from an earlier checkpoint)"
+                )
             # One scale path for 1 and N ranks: history, then record (delayed scaling).
             scale = operand_scale(amax, spec, "weight", state)
             self._cached = (version, amax, scale)
@@ -446,7 +495,7 @@ class Fp8AllGatherWeight(torch.Tensor):
             local_scale = scale
         else:
             first = row0 // spec.block[0]
-            local_scale = scale[first:first + -(-aligned.shape[0] // spec.block[0])]
+            local_scale = scale[first : first + -(-aligned.shape[0] // spec.block[0])]
         # The layer's own cast kernel (eager or compiled): the single-process bits.
         cast, _ = state.kernels.cast_with_operand(aligned, local_scale, spec, None)
         assert cast is not None  # no operand asked for: the payload is always made
@@ -456,10 +505,14 @@ class Fp8AllGatherWeight(torch.Tensor):
         # Bytes on the wire: gloo has no float8 dtype, and FSDP packs mixed dtypes as uint8.
         return (payload.view(torch.uint8),), (amax, scale, spec)
 
-    def fsdp_post_all_gather(self, all_gather_outputs: tuple[torch.Tensor, ...],
-                             metadata: Any, param_dtype: torch.dtype, *,
-                             out: torch.Tensor | None = None,
-                             ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None:
+    def fsdp_post_all_gather(
+        self,
+        all_gather_outputs: tuple[torch.Tensor, ...],
+        metadata: Any,
+        param_dtype: torch.dtype,
+        *,
+        out: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None:
         """Wrap the gathered bytes (padded ``(ranks * rows, K)``) as the unsharded weight."""
         (data,) = all_gather_outputs
         amax, scale, spec = metadata
@@ -468,8 +521,10 @@ class Fp8AllGatherWeight(torch.Tensor):
             # Later gathers write into the same buffer, which ``out`` already views; only
             # the scale is new.
             if not isinstance(out, Fp8GatheredWeight):
-                raise TypeError(f"expected the unsharded weight to be an Fp8GatheredWeight, "
-                                f"got {type(out).__name__}")
+                raise TypeError(
+                    f"expected the unsharded weight to be an Fp8GatheredWeight, "
+                    f"got {type(out).__name__}"
+                )
             out._scaled = replace(out._scaled, scale=scale)
             out._amax = amax
             return None
@@ -492,11 +547,17 @@ class Fp8GatheredWeight(torch.Tensor):
     _amax: torch.Tensor
 
     @staticmethod
-    def __new__(cls, scaled: ScaledTensor, amax: torch.Tensor) -> Fp8GatheredWeight:  # noqa: PYI034
+    def __new__(cls, scaled: ScaledTensor, amax: torch.Tensor) -> Fp8GatheredWeight:
         d = scaled.data
         return torch.Tensor._make_wrapper_subclass(
-            cls, d.size(), strides=d.stride(), storage_offset=d.storage_offset(),
-            dtype=scaled.orig_dtype, layout=d.layout, device=d.device)
+            cls,
+            d.size(),
+            strides=d.stride(),
+            storage_offset=d.storage_offset(),
+            dtype=scaled.orig_dtype,
+            layout=d.layout,
+            device=d.device,
+        )
 
     def __init__(self, scaled: ScaledTensor, amax: torch.Tensor) -> None:
         self._scaled = scaled
@@ -514,8 +575,13 @@ class Fp8GatheredWeight(torch.Tensor):
         return f"Fp8GatheredWeight({self._scaled!r})"
 
     @classmethod
-    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (),  # type: ignore[override]
-                           kwargs: Any = None) -> Any:
+    def __torch_dispatch__(  # type: ignore[override]
+        cls,
+        func: Any,
+        types: Any,
+        args: Any = (),
+        kwargs: Any = None,
+    ) -> Any:
         kwargs = kwargs or {}
         if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
             return cls(args[0]._scaled, args[0]._amax)
@@ -524,8 +590,9 @@ class Fp8GatheredWeight(torch.Tensor):
             # already describes the unpadded weight.
             s: ScaledTensor = args[0]._scaled
             return cls(replace(s, payload=func(s.data, *args[1:], **kwargs)), args[0]._amax)
-        args, kwargs = pytree.tree_map_only(cls, lambda t: t._scaled.dequantize(t.dtype),
-                                            (args, kwargs))
+        args, kwargs = pytree.tree_map_only(
+            cls, lambda t: t._scaled.dequantize(t.dtype), (args, kwargs)
+        )
         return func(*args, **kwargs)
 
 
@@ -571,12 +638,17 @@ def setup(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if not dist.is_initialized():
-        raise ValueError("setup needs a process group: call fp8train.distributed.init_from_env() "
-                         "first, under torchrun")
-    if mode == "ddp" and (fp8_all_gather or param_dtype is not None or reduce_dtype is not None
-                          or units is not None):
-        raise ValueError("fp8_all_gather, param_dtype, reduce_dtype and units are FSDP2 options; "
-                         "DDP keeps full replicas and all-reduces gradients (use mode='fsdp2')")
+        raise ValueError(
+            "setup needs a process group: call fp8train.distributed.init_from_env() "
+            "first, under torchrun"
+        )
+    if mode == "ddp" and (
+        fp8_all_gather or param_dtype is not None or reduce_dtype is not None or units is not None
+    ):
+        raise ValueError(
+            "fp8_all_gather, param_dtype, reduce_dtype and units are FSDP2 options; "
+            "DDP keeps full replicas and all-reduces gradients (use mode='fsdp2')"
+        )
     if isinstance(model, nn.parallel.DistributedDataParallel) or hasattr(model, "_get_fsdp_state"):
         raise ValueError("model is already data-parallel; pass the converted model itself")
     layers = list(fp8_layers(model))
@@ -592,10 +664,13 @@ def setup(
                 f"fp8_all_gather does not support recipe {recipe!r} (layer {first!r}"
                 f"{f' and {more} more' if more else ''}): {reason}. Supported: per-tensor "
                 "(tensorwise, delayed, int8) and 128x128 block (blockwise) weight scales; "
-                "use fp8_all_gather=False for this recipe")
+                "use fp8_all_gather=False for this recipe"
+            )
         if not layers:
-            raise ValueError("fp8_all_gather=True but the model has no Fp8Linear layers; "
-                             "call fp8train.convert first")
+            raise ValueError(
+                "fp8_all_gather=True but the model has no Fp8Linear layers; "
+                "call fp8train.convert first"
+            )
 
     if dist.get_world_size(process_group) > 1:
         reduce = _AmaxAllReduce(process_group)
@@ -612,8 +687,9 @@ def setup(
     if fp8_all_gather:
         for _, layer in layers:
             w = layer.weight
-            layer.weight = nn.Parameter(Fp8AllGatherWeight(w.detach()),
-                                        requires_grad=w.requires_grad)
+            layer.weight = nn.Parameter(
+                Fp8AllGatherWeight(w.detach()), requires_grad=w.requires_grad
+            )
     group = process_group if process_group is not None else dist.group.WORLD
     if group is None:  # unreachable after the is_initialized() check; keeps types honest
         raise ValueError("no default process group; call init_from_env() first")
@@ -622,8 +698,9 @@ def setup(
     pick = units or _in_module_list(model)
     for name, module in list(model.named_modules()):
         if name and pick(module, name):
-            fully_shard(module, mesh=mesh, mp_policy=policy,
-                        reshard_after_forward=reshard_after_forward)
+            fully_shard(
+                module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward
+            )
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return model
 
@@ -646,8 +723,9 @@ class DistributedLossScaler(LossScaler):
     same order (it is a collective). Without a process group it is a LossScaler.
     """
 
-    def __init__(self, *args: Any, process_group: dist.ProcessGroup | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, process_group: dist.ProcessGroup | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._group = process_group
 
@@ -674,8 +752,14 @@ def _plain_master_weights(sd: dict[str, Any]) -> dict[str, Any]:
 
     def plain(t: Any) -> Any:
         if isinstance(t, DTensor) and isinstance(t._local_tensor, Fp8AllGatherWeight):
-            return DTensor.from_local(t._local_tensor._tensor, t.device_mesh, t.placements,
-                                      run_check=False, shape=t.shape, stride=t.stride())
+            return DTensor.from_local(
+                t._local_tensor._tensor,
+                t.device_mesh,
+                t.placements,
+                run_check=False,
+                shape=t.shape,
+                stride=t.stride(),
+            )
         if isinstance(t, Fp8AllGatherWeight):
             return t._tensor
         return t
@@ -683,24 +767,34 @@ def _plain_master_weights(sd: dict[str, Any]) -> dict[str, Any]:
     return {k: plain(v) for k, v in sd.items()}
 
 
-def _fp8train_state(model: nn.Module, loss_scaler: LossScaler | None,
-                    extra: dict[str, Any] | None) -> io.BytesIO:
+def _fp8train_state(
+    model: nn.Module, loss_scaler: LossScaler | None, extra: dict[str, Any] | None
+) -> io.BytesIO:
     # Recipe state and the scaler are small and identical on every rank: one pickled
     # object, so that a history that is still empty (window None) on the loading side
     # does not have to match a tensor's shape.
     buf = io.BytesIO()
-    torch.save({"recipe": recipe_state_dict(_unwrap(model)),
-                "loss_scaler": None if loss_scaler is None else loss_scaler.state_dict(),
-                "world_size": world_size(),
-                "extra": extra or {}}, buf)
+    torch.save(
+        {
+            "recipe": recipe_state_dict(_unwrap(model)),
+            "loss_scaler": None if loss_scaler is None else loss_scaler.state_dict(),
+            "world_size": world_size(),
+            "extra": extra or {},
+        },
+        buf,
+    )
     buf.seek(0)
     return buf
 
 
-def save_checkpoint(path: str | os.PathLike[str], model: nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None, *,
-                    loss_scaler: LossScaler | None = None,
-                    extra: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    loss_scaler: LossScaler | None = None,
+    extra: dict[str, Any] | None = None,
+) -> None:
     """Write a ``torch.distributed.checkpoint`` directory; every rank must call it.
 
     Holds the model (FSDP2 shards, DDP or plain), the optimizer state keyed by parameter
@@ -722,10 +816,14 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module,
     save(state, checkpoint_id=os.fspath(path))
 
 
-def load_checkpoint(path: str | os.PathLike[str], model: nn.Module,
-                    optimizer: torch.optim.Optimizer | None = None, *,
-                    loss_scaler: LossScaler | None = None,
-                    rescale_grad_histories: bool = False) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    loss_scaler: LossScaler | None = None,
+    rescale_grad_histories: bool = False,
+) -> dict[str, Any]:
     """Restore :func:`save_checkpoint` output in place; return its ``extra`` dict.
 
     Call after :func:`setup` (or on a plain model without a process group) and after
@@ -771,8 +869,10 @@ def load_checkpoint(path: str | os.PathLike[str], model: nn.Module,
     load_recipe_state_dict(_unwrap(model), blob["recipe"])
     if loss_scaler is not None:
         if blob["loss_scaler"] is None:
-            raise ValueError(f"checkpoint {os.fspath(path)!r} holds no loss scaler state; "
-                             "load without loss_scaler=")
+            raise ValueError(
+                f"checkpoint {os.fspath(path)!r} holds no loss scaler state; "
+                "load without loss_scaler="
+            )
         loss_scaler.load_state_dict(blob["loss_scaler"])
     extra: dict[str, Any] = blob["extra"]
     return extra

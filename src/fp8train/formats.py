@@ -118,8 +118,9 @@ class Format:
             return math.nan
         if exponent == 0 and self.special != "e8m0":  # subnormal (E8M0 has no subnormals)
             return sign * math.ldexp(mantissa, 1 - self.bias - self.mantissa_bits)
-        return sign * math.ldexp((1 << self.mantissa_bits) + mantissa,
-                                 exponent - self.bias - self.mantissa_bits)
+        return sign * math.ldexp(
+            (1 << self.mantissa_bits) + mantissa, exponent - self.bias - self.mantissa_bits
+        )
 
     # ---------------------------------------------------------- derived limits
     def __post_init__(self) -> None:
@@ -171,11 +172,15 @@ INT8 = Format("int8", 0, 7, 0, "int", torch.int8)  # symmetric grid [-127, 127]
 E4M3FNUZ = Format("e4m3fnuz", 4, 3, 8, "fnuz", torch.float8_e4m3fnuz)  # max 0x1.ep7 (240)
 E5M2FNUZ = Format("e5m2fnuz", 5, 2, 16, "fnuz", torch.float8_e5m2fnuz)  # max 0x1.cp15 (57344)
 
-FORMATS: dict[str, Format] = {
-    f.name: f for f in (E4M3, E5M2, E8M0, E2M1, INT8, E4M3FNUZ, E5M2FNUZ)
+FORMATS: dict[str, Format] = {f.name: f for f in (E4M3, E5M2, E8M0, E2M1, INT8, E4M3FNUZ, E5M2FNUZ)}
+_ALIASES = {
+    "e4m3fn": "e4m3",
+    "float8_e4m3fn": "e4m3",
+    "float8_e5m2": "e5m2",
+    "e8m0fnu": "e8m0",
+    "fp4": "e2m1",
+    "e2m1fn": "e2m1",
 }
-_ALIASES = {"e4m3fn": "e4m3", "float8_e4m3fn": "e4m3", "float8_e5m2": "e5m2",
-            "e8m0fnu": "e8m0", "fp4": "e2m1", "e2m1fn": "e2m1"}
 
 
 def by_name(name: str | Format) -> Format:

@@ -63,7 +63,7 @@ class AmaxHistory:
             raise RuntimeError("amax history is empty; record an amax first")
         if self.algo == "most_recent":
             newest = (self.count - 1) % self.length
-            return self.window[newest:newest + 1]
+            return self.window[newest : newest + 1]
         return self.window
 
     def record(self, amax: torch.Tensor) -> bool:
@@ -111,7 +111,7 @@ class AmaxHistory:
         if self.window is not None and 0 < self.count < self.length:
             # Checkpoints of earlier versions kept zeros in the slots not yet recorded;
             # the window's max must be the recorded amaxes' max (to_reduce).
-            self.window[self.count:] = self.window[0]
+            self.window[self.count :] = self.window[0]
 
     def __repr__(self) -> str:
         return f"AmaxHistory(length={self.length}, algo={self.algo!r}, recorded={self.count})"

@@ -95,8 +95,12 @@ def grid_arithmetic(spec: ScaleSpec) -> bool:
 
 
 def cast_with_operand(
-    x2d: torch.Tensor, scale: torch.Tensor, spec: ScaleSpec, operand_dtype: torch.dtype | None,
-    keep_payload: bool = True, own_amax_scale: bool = False,
+    x2d: torch.Tensor,
+    scale: torch.Tensor,
+    spec: ScaleSpec,
+    operand_dtype: torch.dtype | None,
+    keep_payload: bool = True,
+    own_amax_scale: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(payload, operand)``: ``payload = cast(x * scale)`` and, if ``operand_dtype`` is
     given, ``operand = payload * (1 / scale)`` in that dtype (what ``dequantize`` gives).
@@ -133,7 +137,9 @@ def cast_with_operand(
 
 
 def quantize_current(
-    x2d: torch.Tensor, spec: ScaleSpec, operand_dtype: torch.dtype | None,
+    x2d: torch.Tensor,
+    spec: ScaleSpec,
+    operand_dtype: torch.dtype | None,
     keep_payload: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Current scaling in one call: ``(amax, scale, payload, operand)`` (the payload as
@@ -144,13 +150,17 @@ def quantize_current(
     """
     amax = compute_amax(x2d, spec)
     scale = scale_from_amax(amax, spec)
-    payload, operand = cast_with_operand(x2d, scale, spec, operand_dtype, keep_payload,
-                                         own_amax_scale=True)
+    payload, operand = cast_with_operand(
+        x2d, scale, spec, operand_dtype, keep_payload, own_amax_scale=True
+    )
     return amax, scale, payload, operand
 
 
 def quantize_given(
-    x2d: torch.Tensor, scale: torch.Tensor, spec: ScaleSpec, operand_dtype: torch.dtype | None,
+    x2d: torch.Tensor,
+    scale: torch.Tensor,
+    spec: ScaleSpec,
+    operand_dtype: torch.dtype | None,
     keep_payload: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Delayed scaling in one pass: ``(amax, scale, payload, operand)`` with ``scale``
@@ -161,8 +171,9 @@ def quantize_given(
     return amax, scale, payload, operand
 
 
-def payload_to_operand(payload: torch.Tensor, scale: torch.Tensor, spec: ScaleSpec,
-                       dtype: torch.dtype) -> torch.Tensor:
+def payload_to_operand(
+    payload: torch.Tensor, scale: torch.Tensor, spec: ScaleSpec, dtype: torch.dtype
+) -> torch.Tensor:
     """``payload * (1 / scale)`` in ``dtype`` for a 2-D payload (ScaledTensor.dequantize).
 
     Traced for inductor by the standalone capture (the default) on a CPU without
@@ -212,10 +223,16 @@ def bytes_from_bits_faster() -> bool:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:  # written whole, then renamed: a reader never sees half a file
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"key": key, "bytes_from_bits": faster,
-                                   "best_s": {"bit_fields": best[True],
-                                              "conversion": best[False]}}),
-                       encoding="utf-8")
+        tmp.write_text(
+            json.dumps(
+                {
+                    "key": key,
+                    "bytes_from_bits": faster,
+                    "best_s": {"bit_fields": best[True], "conversion": best[False]},
+                }
+            ),
+            encoding="utf-8",
+        )
         os.replace(tmp, path)
     except OSError:  # a read-only cache: measure again next time
         with contextlib.suppress(OSError):
@@ -242,9 +259,13 @@ def _probe_memo_key() -> dict[str, Any]:
             name = name.strip()
             if name in ("model name", "flags", "cpu family", "model") and name not in cpu:
                 cpu[name] = value.strip()
-    return {"cpu": cpu, "machine": platform.machine(),
-            "capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads(), "torch": torch.__version__}
+    return {
+        "cpu": cpu,
+        "machine": platform.machine(),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
 
 
 def _time_byte_routes() -> dict[bool, float]:
@@ -278,12 +299,18 @@ _WORD_RESTORES_ON_CPU = not torch.backends.cpu.get_cpu_capability().startswith("
 
 def _payload_values(payload: torch.Tensor) -> torch.Tensor:
     """``payload.float()``, from int32 words where that is exact, faster (CPU without
-    AVX-512) and traced for inductor (last dimension a multiple of 4; :func:`_flatten` hands compiled graphs byte tensors
+    AVX-512) and traced for inductor (last dimension a multiple of 4; :func:`_flatten` hands
+    compiled graphs byte tensors
     contiguous at a 4-byte offset)."""
-    if (_tracing_for_inductor and _WORD_RESTORES_ON_CPU and payload.device.type == "cpu"
-            and sys.byteorder == "little"
-            and payload.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
-            and payload.dim() >= 1 and payload.shape[-1] % 4 == 0):
+    if (
+        _tracing_for_inductor
+        and _WORD_RESTORES_ON_CPU
+        and payload.device.type == "cpu"
+        and sys.byteorder == "little"
+        and payload.dtype in (torch.float8_e4m3fn, torch.float8_e5m2)
+        and payload.dim() >= 1
+        and payload.shape[-1] % 4 == 0
+    ):
         return fp8_word_values(payload)
     return payload.float()
 
@@ -302,8 +329,10 @@ def bias_grad(dy2d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def quantize_many(
-    tensors: tuple[torch.Tensor, ...], specs: tuple[ScaleSpec, ...],
-    works: tuple[torch.dtype | None, ...], scales: tuple[torch.Tensor | None, ...] = (),
+    tensors: tuple[torch.Tensor, ...],
+    specs: tuple[ScaleSpec, ...],
+    works: tuple[torch.dtype | None, ...],
+    scales: tuple[torch.Tensor | None, ...] = (),
     keep_payloads: tuple[bool, ...] = (),
 ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None], ...]:
     """:func:`quantize_current` of every operand of a GEMM in one call (or
@@ -313,16 +342,23 @@ def quantize_many(
     :func:`cast_with_operand` (default: keep every payload)."""
     given = scales or (None,) * len(tensors)
     keeps = keep_payloads or (True,) * len(tensors)
-    return tuple(quantize_current(t, s, w, k) if g is None else quantize_given(t, g, s, w, k)
-                 for t, s, w, g, k in zip(tensors, specs, works, given, keeps))
+    return tuple(
+        quantize_current(t, s, w, k) if g is None else quantize_given(t, g, s, w, k)
+        for t, s, w, g, k in zip(tensors, specs, works, given, keeps, strict=False)
+    )
 
 
-def restore_many(payloads: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...],
-                 specs: tuple[ScaleSpec, ...], dtypes: tuple[torch.dtype, ...]
-                 ) -> tuple[torch.Tensor, ...]:
+def restore_many(
+    payloads: tuple[torch.Tensor, ...],
+    scales: tuple[torch.Tensor, ...],
+    specs: tuple[ScaleSpec, ...],
+    dtypes: tuple[torch.dtype, ...],
+) -> tuple[torch.Tensor, ...]:
     """:func:`payload_to_operand` of several saved payloads in one call."""
-    return tuple(payload_to_operand(p, s, sp, d)
-                 for p, s, sp, d in zip(payloads, scales, specs, dtypes))
+    return tuple(
+        payload_to_operand(p, s, sp, d)
+        for p, s, sp, d in zip(payloads, scales, specs, dtypes, strict=False)
+    )
 
 
 # A saved FP8 payload standing for the high-precision tensor it dequantises to:
@@ -331,11 +367,15 @@ Saved = tuple[torch.Tensor, torch.Tensor, ScaleSpec, torch.dtype]
 
 
 def prepare_gemm_operands(
-    sources: tuple[torch.Tensor | Saved, ...], specs: tuple[ScaleSpec, ...],
-    works: tuple[torch.dtype | None, ...], amax_windows: tuple[torch.Tensor | None, ...],
-    saved: tuple[Saved, ...], keep_payloads: tuple[bool, ...] = (),
-) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...], torch.Tensor | None,
-           tuple[torch.Tensor, ...]]:
+    sources: tuple[torch.Tensor | Saved, ...],
+    specs: tuple[ScaleSpec, ...],
+    works: tuple[torch.dtype | None, ...],
+    amax_windows: tuple[torch.Tensor | None, ...],
+    saved: tuple[Saved, ...],
+    keep_payloads: tuple[bool, ...] = (),
+) -> tuple[
+    tuple[torch.Tensor, ...], tuple[Any, ...], torch.Tensor | None, tuple[torch.Tensor, ...]
+]:
     """Everything one GEMM step needs from the kernels, in one call:
     ``(dequantised, quantized, all_finite, restored)``.
 
@@ -353,12 +393,17 @@ def prepare_gemm_operands(
     * ``restored``: :func:`payload_to_operand` of each ``saved`` payload.
     """
     hps = tuple(s if isinstance(s, torch.Tensor) else payload_to_operand(*s) for s in sources)
-    scales = tuple(None if w is None else scale_from_amax(w.amax(dim=0), spec)
-                   for w, spec in zip(amax_windows, specs))
+    scales = tuple(
+        None if w is None else scale_from_amax(w.amax(dim=0), spec)
+        for w, spec in zip(amax_windows, specs, strict=False)
+    )
     quantized = quantize_many(hps, specs, works, scales, keep_payloads)
-    finite = (torch.stack([torch.isfinite(q[0]).all() for q in quantized]).all()
-              if quantized else None)
-    dequantised = tuple(h for s, h in zip(sources, hps) if not isinstance(s, torch.Tensor))
+    finite = (
+        torch.stack([torch.isfinite(q[0]).all() for q in quantized]).all() if quantized else None
+    )
+    dequantised = tuple(
+        h for s, h in zip(sources, hps, strict=False) if not isinstance(s, torch.Tensor)
+    )
     return dequantised, quantized, finite, tuple(payload_to_operand(*s) for s in saved)
 
 
@@ -371,8 +416,9 @@ class Kernels:
             raise ValueError(f"kernels must be 'eager' or 'compiled', got {mode!r}")
         self.mode = mode
         self.amax: Callable[[torch.Tensor, ScaleSpec], torch.Tensor] = compute_amax
-        self.cast_with_operand: Callable[
-            ..., tuple[torch.Tensor | None, torch.Tensor | None]] = cast_with_operand
+        self.cast_with_operand: Callable[..., tuple[torch.Tensor | None, torch.Tensor | None]] = (
+            cast_with_operand
+        )
         self.payload_to_operand: Callable[..., torch.Tensor] = payload_to_operand
         self.quantize_current: Callable[..., tuple[Any, ...]] = quantize_current
         self.quantize_many: Callable[..., tuple[Any, ...]] = quantize_many
@@ -438,8 +484,9 @@ def _compiled(fn: Callable[..., Any], capture: str | None = None) -> Callable[..
     """
     capture = capture or _default_capture()
     if (fn, capture) not in _COMPILED:
-        _COMPILED[fn, capture] = (_StandaloneCompiled(fn) if capture == "standalone"
-                                  else _dynamo_compiled(fn))
+        _COMPILED[fn, capture] = (
+            _StandaloneCompiled(fn) if capture == "standalone" else _dynamo_compiled(fn)
+        )
     return _COMPILED[fn, capture]
 
 
@@ -449,6 +496,7 @@ def _compiled(fn: Callable[..., Any], capture: str | None = None) -> Callable[..
 # dtype, device and shape, except that a row count of 2 or more (of a tensor of rank
 # >= 2) is symbolic in the graph. 0 and 1 rows specialise, hence their own keys. Both
 # captures select graphs by this key.
+
 
 class _Slot(int):
     """Where a tensor sat in a flattened structure: its index in the tensor list."""
@@ -465,8 +513,9 @@ def _flatten(obj: Any, tensors: list[torch.Tensor], key: list[Any]) -> Any:
         if obj.requires_grad:  # a Parameter: the graph takes plain tensors
             obj = obj.detach()
         shape = obj.shape
-        key.append((obj.dtype, obj.device,
-                    (min(shape[0], 2), *shape[1:]) if len(shape) >= 2 else shape))
+        key.append(
+            (obj.dtype, obj.device, (min(shape[0], 2), *shape[1:]) if len(shape) >= 2 else shape)
+        )
         tensors.append(obj)
         return _Slot(len(tensors) - 1)
     if isinstance(obj, (tuple, list)):
@@ -504,8 +553,9 @@ def _fake_inputs(tensors: list[torch.Tensor], dynamic_rows: bool) -> tuple[list[
         dims = [DimDynamic.STATIC] * t.dim()
         if dynamic_rows and t.dim() >= 2 and t.shape[0] >= 2:
             dims[0] = DimDynamic.DYNAMIC
-        fakes.append(mode.from_tensor(
-            t, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims)))
+        fakes.append(
+            mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dims))
+        )
     return fakes, mode
 
 
@@ -516,8 +566,7 @@ class _Graph(NamedTuple):
     holds: Callable[[list[torch.Tensor]], bool] | None  # which row counts; None: all
 
 
-def _guard_check(shape_env: Any, fakes: list[Any]
-                 ) -> Callable[[list[torch.Tensor]], bool] | None:
+def _guard_check(shape_env: Any, fakes: list[Any]) -> Callable[[list[torch.Tensor]], bool] | None:
     """What tracing and compiling assumed of the row counts (e.g. whole 32-row MX
     blocks), as a check on concrete inputs (dynamo's guards, evaluated here since
     nothing else does); None if they assumed nothing."""
@@ -577,9 +626,11 @@ class _StandaloneCompiled:
         # Compiled in the tracing's own fake mode (its shape environment, without duck
         # shaping): what inductor assumes of the rows joins tracing's guards.
         run = torch._inductor.standalone_compile(
-            gm, fakes, dynamic_shapes="from_example_inputs", fake_mode=mode, options={})
+            gm, fakes, dynamic_shapes="from_example_inputs", fake_mode=mode, options={}
+        )
         holds: Callable[[list[torch.Tensor]], bool] | None = None
         if shapes is not None:
+
             def holds(ts: list[torch.Tensor]) -> bool:
                 return [t.shape for t in ts] == shapes
         else:
@@ -597,8 +648,7 @@ class _StandaloneCompiled:
             self.graphs.setdefault(tuple(key), []).append(graph)
         outs = graph.run(*tensors)
         if graph.e5m2:
-            outs = [o.view(torch.float8_e5m2) if i in graph.e5m2 else o
-                    for i, o in enumerate(outs)]
+            outs = [o.view(torch.float8_e5m2) if i in graph.e5m2 else o for i, o in enumerate(outs)]
         return _fill(graph.out_template, outs)
 
 
@@ -612,8 +662,7 @@ class _StandaloneCompiled:
 
 def _fresh_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
     code = fn.__code__.replace()  # equal code, new identity
-    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__,
-                              fn.__closure__)
+    return types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
 def _map_tensors(fn: Callable[[torch.Tensor], Any], obj: Any) -> Any:

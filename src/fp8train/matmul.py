@@ -63,8 +63,10 @@ def bf16_gemm_is_native(device_type: str) -> bool:
     if device_type != "cpu":
         return True
     if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86"):
-        isa = [getattr(torch.cpu, name, None)
-               for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        isa = [
+            getattr(torch.cpu, name, None)
+            for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+        ]
         if all(probe is not None for probe in isa):
             return any(bool(probe()) for probe in isa)  # type: ignore[misc]
     probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
@@ -117,36 +119,48 @@ def check_pair(a: ScaledTensor, b: ScaledTensor) -> None:
     if len(a.shape) != 2 or len(b.shape) != 2:
         raise ValueError(f"scaled_mm needs 2-D operands; {desc}")
     if a.shape[1] != b.shape[0]:
-        raise ValueError(f"scaled_mm shape mismatch: a is {tuple(a.shape)}, b is "
-                         f"{tuple(b.shape)} (a's columns must equal b's rows); {desc}")
+        raise ValueError(
+            f"scaled_mm shape mismatch: a is {tuple(a.shape)}, b is "
+            f"{tuple(b.shape)} (a's columns must equal b's rows); {desc}"
+        )
     fa, fb = a.fmt, b.fmt
     if not ((fa in _FP8 and fb in _FP8) or fa is fb is INT8 or fa is fb is E2M1):
-        raise ValueError(f"scaled_mm element formats {fa.name} x {fb.name} do not pair "
-                         f"(FP8 with FP8, INT8 with INT8, E2M1 with E2M1); {desc}")
+        raise ValueError(
+            f"scaled_mm element formats {fa.name} x {fb.name} do not pair "
+            f"(FP8 with FP8, INT8 with INT8, E2M1 with E2M1); {desc}"
+        )
     ga, gb = a.granularity, b.granularity
     per_operand = (Granularity.TENSOR, Granularity.ROW)
     if ga in per_operand and gb in per_operand:
         if _k_axis_varies(a.spec, -1) or _k_axis_varies(b.spec, 0):
             raise ValueError(
                 "scaled_mm row scales must be constant along K: quantise a with axis=-1 "
-                f"(one scale per row) and b with axis=0 (one per column); {desc}")
+                f"(one scale per row) and b with axis=0 (one per column); {desc}"
+            )
         return
     if ga is gb and ga in (Granularity.BLOCK, Granularity.MX):
         if a.spec.block[1] != b.spec.block[0]:
             raise ValueError(
                 f"scaled_mm block scales must share the K chunk: a's tiles are "
-                f"{a.spec.block}, b's {b.spec.block} (need a.block[1] == b.block[0]); {desc}")
+                f"{a.spec.block}, b's {b.spec.block} (need a.block[1] == b.block[0]); {desc}"
+            )
         return
-    raise ValueError(f"scaled_mm granularities {ga.value} x {gb.value} do not pair "
-                     f"(tensor/row with tensor/row, block with block, mx with mx); {desc}")
+    raise ValueError(
+        f"scaled_mm granularities {ga.value} x {gb.value} do not pair "
+        f"(tensor/row with tensor/row, block with block, mx with mx); {desc}"
+    )
 
 
 def _supports_scaled_mm(a: ScaledTensor, b: ScaledTensor) -> bool:
     per_operand = (Granularity.TENSOR, Granularity.ROW)
-    return (a.fmt in _FP8 and b.fmt in _FP8
-            and a.granularity in per_operand and b.granularity in per_operand
-            # torch._scaled_mm takes rowwise only when both operands are rowwise
-            and (a.granularity is b.granularity))
+    return (
+        a.fmt in _FP8
+        and b.fmt in _FP8
+        and a.granularity in per_operand
+        and b.granularity in per_operand
+        # torch._scaled_mm takes rowwise only when both operands are rowwise
+        and (a.granularity is b.granularity)
+    )
 
 
 def scaled_mm(
@@ -170,16 +184,20 @@ def scaled_mm(
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
     if bias is not None and bias.shape != (b.shape[1],):
-        raise ValueError(f"scaled_mm bias must have shape ({b.shape[1]},), got "
-                         f"{tuple(bias.shape)}; a={a!r}, b={b!r}")
+        raise ValueError(
+            f"scaled_mm bias must have shape ({b.shape[1]},), got "
+            f"{tuple(bias.shape)}; a={a!r}, b={b!r}"
+        )
     if backend not in ("auto", "scaled_mm", "emulate"):
         raise ValueError(f"backend must be 'auto', 'scaled_mm' or 'emulate', got {backend!r}")
-    use_torch = backend == "scaled_mm" or (backend == "auto" and a.device.type == "cuda"
-                                           and _supports_scaled_mm(a, b))
+    use_torch = backend == "scaled_mm" or (
+        backend == "auto" and a.device.type == "cuda" and _supports_scaled_mm(a, b)
+    )
     if use_torch and not _supports_scaled_mm(a, b):
         raise ValueError(
             "torch._scaled_mm takes FP8 operands with tensorwise x tensorwise or rowwise "
-            f"x rowwise scales; got {a!r} and {b!r}; use backend='emulate'")
+            f"x rowwise scales; got {a!r} and {b!r}; use backend='emulate'"
+        )
     # Autocast would silently turn the fp32 GEMMs into bf16 ones.
     with autocast_off(a.device.type):
         if use_torch:
@@ -187,19 +205,26 @@ def scaled_mm(
         return _emulated_mm(a, b, bias, out_dtype)
 
 
-def _torch_scaled_mm(a: ScaledTensor, b: ScaledTensor, bias: torch.Tensor | None,
-                     out_dtype: torch.dtype) -> torch.Tensor:
+def _torch_scaled_mm(
+    a: ScaledTensor, b: ScaledTensor, bias: torch.Tensor | None, out_dtype: torch.dtype
+) -> torch.Tensor:
     # torch._scaled_mm multiplies by its scales (dequantisation), the inverse of ours.
     inv_a = a.scale.reciprocal()
     inv_b = b.scale.reciprocal()
     b_col_major = b.data.t().contiguous().t()
-    return torch._scaled_mm(a.data.contiguous(), b_col_major, scale_a=inv_a, scale_b=inv_b,
-                            bias=None if bias is None else bias.to(out_dtype),
-                            out_dtype=out_dtype)
+    return torch._scaled_mm(
+        a.data.contiguous(),
+        b_col_major,
+        scale_a=inv_a,
+        scale_b=inv_b,
+        bias=None if bias is None else bias.to(out_dtype),
+        out_dtype=out_dtype,
+    )
 
 
-def _emulated_mm(a: ScaledTensor, b: ScaledTensor, bias: torch.Tensor | None,
-                 out_dtype: torch.dtype) -> torch.Tensor:
+def _emulated_mm(
+    a: ScaledTensor, b: ScaledTensor, bias: torch.Tensor | None, out_dtype: torch.dtype
+) -> torch.Tensor:
     power_of_two = a.spec.scales_are_power_of_two and b.spec.scales_are_power_of_two
     work = gemm_dtype(out_dtype, power_of_two, a.device.type)
     a_w, b_w = a.dequantize(work), b.dequantize(work)

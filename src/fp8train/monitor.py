@@ -70,7 +70,8 @@ the layers right after the event.
 
 Optional BF16 shadow check (``shadow_every=N``): on steps divisible by ``N`` a forward
 hook recomputes each layer's output as a bf16 layer would (``F.linear`` of the bf16-
-rounded input, weight and bias, fp32 accumulation, one bf16 rounding) and records ``bf16_rel_err = ||y_fp8 - y_bf16|| / ||y_bf16||`` (float64) as a
+rounded input, weight and bias, fp32 accumulation, one bf16 rounding) and records
+``bf16_rel_err = ||y_fp8 - y_bf16|| / ||y_bf16||`` (float64) as a
 layer record with role ``"output"``.
 
 Sinks: JSONL (``jsonl=path``; one JSON object per line, ``{"step", "kind": "layer" |
@@ -865,7 +866,8 @@ class Monitor:
                         layer,
                         role,
                         f"{u:.2%} of nonzero values flushed to zero in {fmt} (threshold "
-                        f"{th.underflow:.2%}); amax {rec['amax']:.3g}, scale {rec['scale_max']:.3g}",
+                        f"{th.underflow:.2%}); amax {rec['amax']:.3g}, "
+                        f"scale {rec['scale_max']:.3g}",
                         value=u,
                         threshold=th.underflow,
                     )

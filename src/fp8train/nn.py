@@ -38,9 +38,18 @@ class Fp8Linear(nn.Linear):
     delayed-scaling histories and non-finite counters.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 recipe: Recipe | str, name: str = "", kernels: KernelMode = "eager",
-                 device: Any = None, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        recipe: Recipe | str,
+        name: str = "",
+        kernels: KernelMode = "eager",
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self.recipe = Recipe.from_name(recipe)
         self.fp8_state = LayerState(name or "linear", self.recipe, Kernels(kernels))
@@ -55,12 +64,19 @@ class Fp8Linear(nn.Linear):
         return f"{super().extra_repr()}, recipe={self.recipe.name}"
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, recipe: Recipe, name: str,
-                    kernels: KernelMode = "eager") -> Fp8Linear:
+    def from_linear(
+        cls, linear: nn.Linear, recipe: Recipe, name: str, kernels: KernelMode = "eager"
+    ) -> Fp8Linear:
         """Wrap ``linear``'s own Parameters (built on meta: no second weight allocation)."""
         with torch.device("meta"):
-            new = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                      recipe=recipe, name=name, kernels=kernels)
+            new = cls(
+                linear.in_features,
+                linear.out_features,
+                linear.bias is not None,
+                recipe=recipe,
+                name=name,
+                kernels=kernels,
+            )
         new.weight = linear.weight
         new.bias = linear.bias
         new.train(linear.training)
@@ -74,12 +90,12 @@ class Fp8Linear(nn.Linear):
 # per layer shape; past its recompile limit (8) the remaining layers ran uncompiled,
 # with the eager kernels (a 13-layer stack of distinct widths: 8 of 13 compiled).
 def _forward_with_compiled_kernels(layer: Fp8Linear, x: torch.Tensor) -> torch.Tensor:
-    return fp8_linear(x, layer.weight, layer.bias, layer.fp8_state,
-                      shared_kernels("compiled"))
+    return fp8_linear(x, layer.weight, layer.bias, layer.fp8_state, shared_kernels("compiled"))
 
 
 _forward_in_compiled_model: Callable[..., torch.Tensor] = torch.compiler.disable(  # type: ignore[no-untyped-call]
-    _forward_with_compiled_kernels)
+    _forward_with_compiled_kernels
+)
 
 
 def fp8_layers(model: nn.Module) -> Iterable[tuple[str, Fp8Linear]]:
@@ -114,11 +130,16 @@ def convert(
     Kernels(kernels)  # validate before touching the model
     recipe = Recipe.from_name(recipe)
     if isinstance(model, nn.Linear) and not isinstance(model, Fp8Linear):
-        raise TypeError("convert swaps Linear layers inside a model; wrap a bare nn.Linear "
-                        "in a container (e.g. nn.Sequential) or use Fp8Linear.from_linear")
+        raise TypeError(
+            "convert swaps Linear layers inside a model; wrap a bare nn.Linear "
+            "in a container (e.g. nn.Sequential) or use Fp8Linear.from_linear"
+        )
     patterns = [skip] if isinstance(skip, str) else list(skip)
-    linears = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not isinstance(m, Fp8Linear)]
+    linears = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not isinstance(m, Fp8Linear)
+    ]
     edge = {linears[0][0], linears[-1][0]} if linears and skip_first_last else set()
     for name, module in linears:
         if filter is not None and not filter(module, name):
@@ -129,8 +150,12 @@ def convert(
             continue
         reason = recipe.unsupported_reason(module.in_features, module.out_features)
         if reason is not None:
-            log.warning("fp8train: layer %r stays in high precision: recipe %r needs %s",
-                        name, recipe.name, reason)
+            log.warning(
+                "fp8train: layer %r stays in high precision: recipe %r needs %s",
+                name,
+                recipe.name,
+                reason,
+            )
             continue
         _set_submodule(model, name, Fp8Linear.from_linear(module, recipe, name, kernels))
     return model
@@ -144,23 +169,30 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 def recipe_state_dict(model: nn.Module) -> dict[str, Any]:
     """Versioned recipe state of every converted layer (amax histories, counters)."""
-    layers = {name: {"recipe": m.recipe.name, **m.fp8_state.state_dict()}
-              for name, m in fp8_layers(model)}
+    layers = {
+        name: {"recipe": m.recipe.name, **m.fp8_state.state_dict()} for name, m in fp8_layers(model)
+    }
     return {"version": _STATE_VERSION, "layers": layers}
 
 
 def load_recipe_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
     """Restore :func:`recipe_state_dict` output exactly; mismatched layers raise."""
     if state.get("version") != _STATE_VERSION:
-        raise ValueError(f"fp8train recipe state version {state.get('version')!r} is not "
-                         f"supported (expected {_STATE_VERSION})")
+        raise ValueError(
+            f"fp8train recipe state version {state.get('version')!r} is not "
+            f"supported (expected {_STATE_VERSION})"
+        )
     ours = dict(fp8_layers(model))
     if set(ours) != set(state["layers"]):
         missing, extra = set(ours) - set(state["layers"]), set(state["layers"]) - set(ours)
-        raise ValueError(f"recipe state does not match the model's FP8 layers: missing "
-                         f"{sorted(missing)}, unexpected {sorted(extra)}")
+        raise ValueError(
+            f"recipe state does not match the model's FP8 layers: missing "
+            f"{sorted(missing)}, unexpected {sorted(extra)}"
+        )
     for name, layer_state in state["layers"].items():
         if layer_state["recipe"] != ours[name].recipe.name:
-            raise ValueError(f"layer {name!r}: checkpoint recipe {layer_state['recipe']!r} "
-                             f"!= model recipe {ours[name].recipe.name!r}")
+            raise ValueError(
+                f"layer {name!r}: checkpoint recipe {layer_state['recipe']!r} "
+                f"!= model recipe {ours[name].recipe.name!r}"
+            )
         ours[name].fp8_state.load_state_dict(layer_state)

@@ -73,28 +73,38 @@ class Recipe:
         specs = {"input": self.input, "weight": self.weight, "grad_output": self.grad_output}
         for role, spec in specs.items():
             if not isinstance(spec, ScaleSpec):
-                raise TypeError(f"recipe {self.name!r}: {role} must be a ScaleSpec, got "
-                                f"{type(spec).__name__}")
+                raise TypeError(
+                    f"recipe {self.name!r}: {role} must be a ScaleSpec, got {type(spec).__name__}"
+                )
             if spec.granularity is G.ROW and spec.axis != -1:
-                raise ValueError(f"recipe {self.name!r}: {role} row scales must reduce the "
-                                 "contraction axis (axis=-1); the backward derives the other axis")
+                raise ValueError(
+                    f"recipe {self.name!r}: {role} row scales must reduce the "
+                    "contraction axis (axis=-1); the backward derives the other axis"
+                )
             if spec.granularity in (G.BLOCK, G.MX) and spec.block[0] > 1 and role == "input":
-                raise ValueError(f"recipe {self.name!r}: input tiles must be 1xB (tokens are "
-                                 f"independent rows), got {spec.block}")
+                raise ValueError(
+                    f"recipe {self.name!r}: input tiles must be 1xB (tokens are "
+                    f"independent rows), got {spec.block}"
+                )
         if self.scaling not in ("current", "delayed"):
-            raise ValueError(f"recipe {self.name!r}: scaling must be 'current' or 'delayed', "
-                             f"got {self.scaling!r}")
+            raise ValueError(
+                f"recipe {self.name!r}: scaling must be 'current' or 'delayed', "
+                f"got {self.scaling!r}"
+            )
         if self.scaling == "delayed":
             for role, spec in specs.items():
                 if spec.granularity is not G.TENSOR:
                     raise ValueError(
                         f"recipe {self.name!r}: delayed scaling keeps one amax per tensor, so "
-                        f"{role} must be tensorwise, not {spec.granularity.value}")
+                        f"{role} must be tensorwise, not {spec.granularity.value}"
+                    )
         if self.history_len < 1:
             raise ValueError(f"recipe {self.name!r}: history_len must be >= 1")
         if self.history_algo not in ("max", "most_recent"):
-            raise ValueError(f"recipe {self.name!r}: history_algo must be 'max' or "
-                             f"'most_recent', got {self.history_algo!r}")
+            raise ValueError(
+                f"recipe {self.name!r}: history_algo must be 'max' or "
+                f"'most_recent', got {self.history_algo!r}"
+            )
         int8 = [s.fmt is INT8 for s in specs.values()]
         if any(int8) and not all(int8):
             raise ValueError(f"recipe {self.name!r}: INT8 and FP8 operands cannot share a GEMM")
@@ -115,27 +125,35 @@ class Recipe:
             key = RecipeName(name.value if isinstance(name, RecipeName) else name.lower())
         except ValueError:
             raise ValueError(
-                f"unknown recipe {name!r}; known recipes: {', '.join(RECIPE_NAMES)}") from None
+                f"unknown recipe {name!r}; known recipes: {', '.join(RECIPE_NAMES)}"
+            ) from None
         return _RECIPES[key]
 
     def unsupported_reason(self, in_features: int, out_features: int) -> str | None:
         """Why a Linear of this shape cannot run this recipe, or None if it can."""
         m = self.min_multiple
         if in_features % m or out_features % m:
-            return (f"in_features={in_features}, out_features={out_features} are not both "
-                    f"multiples of {m}")
+            return (
+                f"in_features={in_features}, out_features={out_features} are not both "
+                f"multiples of {m}"
+            )
         return None
 
     def gemms(self) -> str:
         """The three GEMMs with each operand's format and granularity, one per line."""
         x, w, dy = self.input, self.weight, self.grad_output
         hp = "compute dtype (high precision)"
-        dgrad = (f"{dy.describe()} . {w.transposed().describe()}" if self.fp8_dgrad else hp)
-        wgrad = (f"{dy.transposed().describe()}^T . {x.transposed().describe()}"
-                 if self.fp8_wgrad else hp)
-        return (f"output      = x.W^T : {x.describe()} . {w.describe()}^T\n"
-                f"grad_input  = dy.W  : {dgrad}\n"
-                f"grad_weight = dy^T.x: {wgrad}")
+        dgrad = f"{dy.describe()} . {w.transposed().describe()}" if self.fp8_dgrad else hp
+        wgrad = (
+            f"{dy.transposed().describe()}^T . {x.transposed().describe()}"
+            if self.fp8_wgrad
+            else hp
+        )
+        return (
+            f"output      = x.W^T : {x.describe()} . {w.describe()}^T\n"
+            f"grad_input  = dy.W  : {dgrad}\n"
+            f"grad_weight = dy^T.x: {wgrad}"
+        )
 
 
 def _spec(fmt=E4M3, g: Granularity = G.TENSOR, **kw: object) -> ScaleSpec:  # type: ignore[no-untyped-def]
@@ -229,6 +247,7 @@ _RECIPES: dict[RecipeName, Recipe] = {
         description="symmetric INT8, per-row scales along K (for comparison)",
     ),
 }
+
 
 def describe_all() -> str:
     """Every recipe with its three GEMMs (used in docs and ``fp8train recipes``)."""

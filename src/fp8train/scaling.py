@@ -262,8 +262,9 @@ def multiply_by_scale(x2d: torch.Tensor, grid: torch.Tensor, spec: ScaleSpec) ->
     return x32 * grid[rows[:, None], cols[None, :]]
 
 
-def apply_scale_and_cast(x: torch.Tensor, scale: torch.Tensor, spec: ScaleSpec,
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+def apply_scale_and_cast(
+    x: torch.Tensor, scale: torch.Tensor, spec: ScaleSpec, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """``cast(x * scale)`` with the product taken in fp32; returns the payload in x's shape.
 
     We upcast before scaling so that eager and compiled code round identically and a
@@ -271,6 +272,7 @@ def apply_scale_and_cast(x: torch.Tensor, scale: torch.Tensor, spec: ScaleSpec,
     """
     x2d = _as_2d(x).float()
     scaled = x2d * expand_scale(scale, (x2d.shape[0], x2d.shape[1]), spec)
-    payload = cast(scaled, spec.fmt, saturate=spec.saturate, rounding=spec.rounding,
-                   generator=generator)
+    payload = cast(
+        scaled, spec.fmt, saturate=spec.saturate, rounding=spec.rounding, generator=generator
+    )
     return payload.reshape(x.shape)

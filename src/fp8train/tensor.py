@@ -94,12 +94,14 @@ class ScaledTensor:
         if self.operand is not None and self.operand.dtype == (dtype or self.orig_dtype):
             return self.operand.reshape(self.shape)
         # One dequantisation formula for the whole library: the fused kernels' own.
-        out = payload_to_operand(_as_matrix(self.data), self.scale, self.spec,
-                                 dtype or self.orig_dtype)
+        out = payload_to_operand(
+            _as_matrix(self.data), self.scale, self.spec, dtype or self.orig_dtype
+        )
         return out.reshape(self.shape)
 
     def t(self) -> ScaledTensor:
-        """Transpose of a 2-D scaled tensor (payload and scale grid transposed; no requantisation)."""
+        """Transpose of a 2-D scaled tensor (payload and scale grid transposed; no
+        requantisation)."""
         if len(self.shape) != 2:
             raise ValueError(f"t() needs a 2-D ScaledTensor, got shape {tuple(self.shape)}")
         scale = self.scale if self.scale.dim() == 0 else self.scale.t()
@@ -108,8 +110,10 @@ class ScaledTensor:
         return ScaledTensor(payload, scale, self.spec.transposed(), self.orig_dtype, operand)
 
     def __repr__(self) -> str:
-        return (f"ScaledTensor({self.spec.describe()}, shape={tuple(self.shape)}, "
-                f"scale shape={tuple(self.scale.shape)}, orig_dtype={self.orig_dtype})")
+        return (
+            f"ScaledTensor({self.spec.describe()}, shape={tuple(self.shape)}, "
+            f"scale shape={tuple(self.scale.shape)}, orig_dtype={self.orig_dtype})"
+        )
 
 
 def _as_matrix(t: torch.Tensor) -> torch.Tensor:

@@ -113,7 +113,7 @@ def assert_nested_bitwise_equal(got: Any, expected: Any, what: str = "") -> None
             assert_nested_bitwise_equal(got[key], expected[key], f"{what}.{key}")
     elif isinstance(expected, (tuple, list)):
         assert isinstance(got, type(expected)) and len(got) == len(expected), what
-        for i, (g, e) in enumerate(zip(got, expected)):
+        for i, (g, e) in enumerate(zip(got, expected, strict=False)):
             assert_nested_bitwise_equal(g, e, f"{what}[{i}]")
     elif isinstance(expected, torch.Tensor):
         assert isinstance(got, torch.Tensor), what

@@ -24,9 +24,15 @@ from typing import Any
 
 import torch
 
-_PRELOAD = ["torch", "torch.distributed.fsdp", "torch.distributed.checkpoint",
-            "torch.distributed.checkpoint.state_dict", "fp8train", "fp8train.distributed",
-            "dist_workers"]
+_PRELOAD = [
+    "torch",
+    "torch.distributed.fsdp",
+    "torch.distributed.checkpoint",
+    "torch.distributed.checkpoint.state_dict",
+    "fp8train",
+    "fp8train.distributed",
+    "dist_workers",
+]
 _ctx = multiprocessing.get_context("forkserver")
 _ctx.set_forkserver_preload(_PRELOAD)
 
@@ -38,10 +44,22 @@ def free_port() -> int:
         return port
 
 
-def _child(name: str, rank: int, world: int, port: int, out_dir: str, timeout_s: float,
-           kwargs: dict[str, Any]) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _child(
+    name: str,
+    rank: int,
+    world: int,
+    port: int,
+    out_dir: str,
+    timeout_s: float,
+    kwargs: dict[str, Any],
+) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     # A rank still running near the deadline prints where it is before it is killed.
     faulthandler.dump_traceback_later(max(1.0, timeout_s - 2.0), exit=True)
@@ -50,7 +68,7 @@ def _child(name: str, rank: int, world: int, port: int, out_dir: str, timeout_s:
         import dist_workers
 
         result: Any = {"ok": getattr(dist_workers, name)(**kwargs)}
-    except BaseException:  # noqa: BLE001 -- report everything to the parent
+    except BaseException:
         result, code = {"error": traceback.format_exc()}, 1
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     sys.stdout.flush()
@@ -67,8 +85,15 @@ class RankResult:
     error: str | None = None
 
 
-def run_ranks(name: str, out_dir: Path, *, world: int = 2, timeout_s: float = 50.0,
-              expect_ok: bool = True, **kwargs: Any) -> list[RankResult]:
+def run_ranks(
+    name: str,
+    out_dir: Path,
+    *,
+    world: int = 2,
+    timeout_s: float = 50.0,
+    expect_ok: bool = True,
+    **kwargs: Any,
+) -> list[RankResult]:
     """Run ``dist_workers.<name>(**kwargs)`` on ``world`` ranks; return each rank's result.
 
     Ranks still alive at ``timeout_s`` are killed (their ``exitcode`` is None). With
@@ -78,8 +103,10 @@ def run_ranks(name: str, out_dir: Path, *, world: int = 2, timeout_s: float = 50
     for stale in out_dir.glob("rank*.pt"):
         stale.unlink()
     port = free_port()
-    procs = [_ctx.Process(target=_child, args=(name, r, world, port, str(out_dir), timeout_s, kwargs))
-             for r in range(world)]
+    procs = [
+        _ctx.Process(target=_child, args=(name, r, world, port, str(out_dir), timeout_s, kwargs))
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout_s
@@ -102,13 +129,19 @@ def run_ranks(name: str, out_dir: Path, *, world: int = 2, timeout_s: float = 50
         bad = [r for r in results if r.exitcode != 0 or r.error is not None]
         if bad:
             detail = "\n".join(f"rank {r.rank}: exit {r.exitcode}\n{r.error or ''}" for r in bad)
-            raise AssertionError(f"{name} failed on {len(bad)} of {world} ranks "
-                                 f"(deadline {timeout_s} s):\n{detail}")
+            raise AssertionError(
+                f"{name} failed on {len(bad)} of {world} ranks (deadline {timeout_s} s):\n{detail}"
+            )
     return results
 
 
-def torchrun(*args: str, cwd: Path, nproc: int = 2, timeout_s: float = 55.0,
-             pythonpath: tuple[Path, ...] = ()) -> subprocess.CompletedProcess[str]:
+def torchrun(
+    *args: str,
+    cwd: Path,
+    nproc: int = 2,
+    timeout_s: float = 55.0,
+    pythonpath: tuple[Path, ...] = (),
+) -> subprocess.CompletedProcess[str]:
     """``torchrun --standalone --nproc-per-node nproc ARGS`` (a free rendezvous port).
 
     The ranks import the ``fp8train`` this process imported (its source folder leads
@@ -123,6 +156,19 @@ def torchrun(*args: str, cwd: Path, nproc: int = 2, timeout_s: float = 55.0,
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # torchrun sets them per rank
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
-         str(nproc), *args],
-        env=env, capture_output=True, text=True, timeout=timeout_s, cwd=cwd, check=False)
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            *args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        cwd=cwd,
+        check=False,
+    )

@@ -13,8 +13,7 @@ import sys
 import dist_workers
 import torch
 
-CASES = [("ddp", "tensorwise", False), ("fsdp2", "tensorwise", True),
-         ("fsdp2", "delayed", True)]
+CASES = [("ddp", "tensorwise", False), ("fsdp2", "tensorwise", True), ("fsdp2", "delayed", True)]
 STEPS = 3
 
 if __name__ == "__main__":

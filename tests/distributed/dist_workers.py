@@ -73,14 +73,18 @@ def global_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 def local_batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = global_batch(step)
     b = GLOBAL_BATCH // world
-    return x[rank * b:(rank + 1) * b], y[rank * b:(rank + 1) * b]
+    return x[rank * b : (rank + 1) * b], y[rank * b : (rank + 1) * b]
 
 
 def histories(model: nn.Module) -> dict[str, Any]:
     """Every delayed-scaling window (a copy), keyed by layer and role."""
-    return {name: {r: None if h.window is None else h.window.clone()
-                   for r, h in layer.fp8_state.histories.items()}
-            for name, layer in fp8_layers(fd._unwrap(model))}
+    return {
+        name: {
+            r: None if h.window is None else h.window.clone()
+            for r, h in layer.fp8_state.histories.items()
+        }
+        for name, layer in fp8_layers(fd._unwrap(model))
+    }
 
 
 def _finish() -> None:
@@ -90,8 +94,13 @@ def _finish() -> None:
     fd.shutdown()
 
 
-def _train(model: nn.Module, opt: torch.optim.Optimizer, steps: range, info: fd.DistInfo,
-           scaler: fp8train.LossScaler | None = None) -> list[float]:
+def _train(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    steps: range,
+    info: fd.DistInfo,
+    scaler: fp8train.LossScaler | None = None,
+) -> list[float]:
     losses = []
     for step in steps:
         x, y = (fd.batch_shard(t) for t in global_batch(step))
@@ -139,15 +148,21 @@ def reference_losses(recipe: str, steps: int, micro_batches: int) -> tuple[list[
     return losses, histories(model)
 
 
-def reference_resume(recipe: str, ckpt: str, steps_after: int, micro_batches: int,
-                     rescale_grad_histories: bool = False) -> dict[str, Any]:
+def reference_resume(
+    recipe: str,
+    ckpt: str,
+    steps_after: int,
+    micro_batches: int,
+    rescale_grad_histories: bool = False,
+) -> dict[str, Any]:
     """Resume a checkpoint in this process (no process group, no wrapper) and continue
     like :func:`reference_losses`, with a loss scaler."""
     model = make_model(recipe, seed=123)
     opt = make_optimizer(model)
     scaler = fp8train.LossScaler()
-    extra = fd.load_checkpoint(ckpt, model, opt, loss_scaler=scaler,
-                               rescale_grad_histories=rescale_grad_histories)
+    extra = fd.load_checkpoint(
+        ckpt, model, opt, loss_scaler=scaler, rescale_grad_histories=rescale_grad_histories
+    )
     loaded = {"histories": histories(model), "scaler": scaler.state_dict()}
     losses = []
     for step in range(extra["step"], extra["step"] + steps_after):
@@ -184,19 +199,30 @@ def train_compare(cases: list[tuple[str, str, bool]], steps: int) -> dict[str, A
         model = make_model(recipe)
         gathered: dict[str, Any] = {}
 
-        def observe(state: Any, role: str, t: torch.Tensor, qt: ScaledTensor | None,
-                    gathered: dict[str, Any] = gathered) -> None:
+        def observe(
+            state: Any,
+            role: str,
+            t: torch.Tensor,
+            qt: ScaledTensor | None,
+            gathered: dict[str, Any] = gathered,
+        ) -> None:
             if role == "weight" and state.name not in gathered and qt is not None:
                 # Identity, not equality: the GEMM got the gathered payload itself.
-                gathered[state.name] = (qt.data.clone(), qt.scale.clone(),
-                                        qt is getattr(t, "fp8_gathered", None))
+                gathered[state.name] = (
+                    qt.data.clone(),
+                    qt.scale.clone(),
+                    qt is getattr(t, "fp8_gathered", None),
+                )
 
         for _, layer in fp8_layers(model):
             layer.fp8_state.observer = observe
         model = fd.setup(model, mode, fp8_all_gather=ag)
         losses = _train(model, make_optimizer(model), range(steps), info)
-        out[f"{mode}/{recipe}/{ag}"] = {"losses": losses, "histories": histories(model),
-                                 "gathered": gathered}
+        out[f"{mode}/{recipe}/{ag}"] = {
+            "losses": losses,
+            "histories": histories(model),
+            "gathered": gathered,
+        }
         del model
     _finish()
     return out
@@ -218,19 +244,26 @@ def all_gather_bytes(recipes: list[str]) -> dict[str, dict[bool, dict[str, int]]
         for fp8 in (False, True):
             counts = {"all_gather": 0, "all_gather_calls": 0, "all_reduce": 0}
 
-            def counting_all_gather(output: torch.Tensor, input: torch.Tensor, *a: Any,
-                                    counts: dict[str, int] = counts, **k: Any) -> Any:
+            def counting_all_gather(
+                output: torch.Tensor,
+                input: torch.Tensor,
+                *a: Any,
+                counts: dict[str, int] = counts,
+                **k: Any,
+            ) -> Any:
                 counts["all_gather"] += input.numel() * input.element_size()
                 counts["all_gather_calls"] += 1
                 return orig_ag(output, input, *a, **k)
 
-            def counting_all_reduce(tensor: torch.Tensor, *a: Any,
-                                    counts: dict[str, int] = counts, **k: Any) -> Any:
+            def counting_all_reduce(
+                tensor: torch.Tensor, *a: Any, counts: dict[str, int] = counts, **k: Any
+            ) -> Any:
                 counts["all_reduce"] += tensor.numel() * tensor.element_size()
                 return orig_ar(tensor, *a, **k)
 
-            model = fd.setup(make_model(recipe), "fsdp2", fp8_all_gather=fp8,
-                             param_dtype=torch.bfloat16)
+            model = fd.setup(
+                make_model(recipe), "fsdp2", fp8_all_gather=fp8, param_dtype=torch.bfloat16
+            )
             x, y = local_batch(0, info.rank, info.world_size)
             dist.all_gather_single, dist.all_reduce = counting_all_gather, counting_all_reduce
             try:
@@ -249,8 +282,10 @@ def loss_scaler_agreement() -> dict[str, Any]:
     distributed scaler?"""
     info = fd.init_from_env(timeout_s=30)
     out = {}
-    for name, cls in (("LossScaler", fp8train.LossScaler),
-                      ("DistributedLossScaler", fd.DistributedLossScaler)):
+    for name, cls in (
+        ("LossScaler", fp8train.LossScaler),
+        ("DistributedLossScaler", fd.DistributedLossScaler),
+    ):
         model = fd.setup(make_model("tensorwise"), "ddp")
         opt = make_optimizer(model)
         scaler = cls(init_scale=2.0**10)
@@ -261,9 +296,13 @@ def loss_scaler_agreement() -> dict[str, Any]:
         before = [p.detach().clone() for p in model.parameters()]
         scaler.step(opt)
         scaler.update()
-        out[name] = {"skipped": scaler.last_step_skipped, "scale": scaler.get_scale(),
-                     "params_changed": any(not torch.equal(b, p)
-                                           for b, p in zip(before, model.parameters()))}
+        out[name] = {
+            "skipped": scaler.last_step_skipped,
+            "scale": scaler.get_scale(),
+            "params_changed": any(
+                not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=False)
+            ),
+        }
         del model, opt
     # Delayed scaling, and rank 1's batch holds a NaN: every rank must skip the same
     # amax records (histories stay identical) and the same optimizer step.
@@ -282,16 +321,21 @@ def loss_scaler_agreement() -> dict[str, Any]:
         opt.zero_grad()
         skipped.append(scaler.last_step_skipped)
     out["nan_on_one_rank"] = {
-        "skipped": skipped, "histories": histories(model),
-        "counts": {n: {r: h.count for r, h in layer.fp8_state.histories.items()}
-                   for n, layer in fp8_layers(model.module)}}
+        "skipped": skipped,
+        "histories": histories(model),
+        "counts": {
+            n: {r: h.count for r, h in layer.fp8_state.histories.items()}
+            for n, layer in fp8_layers(model.module)
+        },
+    }
     del model, opt
     _finish()
     return out
 
 
-def checkpoint_save(recipe: str, fp8_all_gather: bool, ckpt: str, steps_before: int,
-                    steps_after: int) -> dict[str, Any]:
+def checkpoint_save(
+    recipe: str, fp8_all_gather: bool, ckpt: str, steps_before: int, steps_after: int
+) -> dict[str, Any]:
     """Train, save (with a loss scaler and recipe state), then keep training."""
     info = fd.init_from_env(timeout_s=30)
     model = fd.setup(make_model(recipe), "fsdp2", fp8_all_gather=fp8_all_gather)
@@ -306,8 +350,9 @@ def checkpoint_save(recipe: str, fp8_all_gather: bool, ckpt: str, steps_before: 
     return {"saved": saved, "after": after}
 
 
-def checkpoint_resume(recipe: str, fp8_all_gather: bool, ckpt: str,
-                      steps_after: int) -> dict[str, Any]:
+def checkpoint_resume(
+    recipe: str, fp8_all_gather: bool, ckpt: str, steps_after: int
+) -> dict[str, Any]:
     """Build a fresh model on this number of ranks, load, continue."""
     info = fd.init_from_env(timeout_s=30)
     model = fd.setup(make_model(recipe, seed=123), "fsdp2", fp8_all_gather=fp8_all_gather)
@@ -346,8 +391,7 @@ def rank_dies(how: str, pg_timeout_s: float, marker: str) -> dict[str, Any]:
             _train(model, opt, range(1, 5), info)
         result: dict[str, Any] = {"error": None}
     except fd.RankFailureError as e:
-        result = {"error": str(e), "type": type(e).__name__,
-                  "cause": type(e.__cause__).__name__}
+        result = {"error": str(e), "type": type(e).__name__, "cause": type(e.__cause__).__name__}
     result["elapsed"] = time.monotonic() - t0
     done.write_text("rank 0 is done")
     return result

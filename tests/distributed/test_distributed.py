@@ -117,13 +117,15 @@ def _check_case(key: str, per_rank: list[dict[str, Any]]) -> None:
 
 
 def test_fp8_all_gather_support_follows_the_weight_spec() -> None:
-    supported = tuple(r for r in RECIPE_NAMES
-                      if fd.fp8_all_gather_unsupported_reason(Recipe.from_name(r)) is None)
+    supported = tuple(
+        r for r in RECIPE_NAMES if fd.fp8_all_gather_unsupported_reason(Recipe.from_name(r)) is None
+    )
     assert supported == AG_RECIPES
     for name in ("rowwise", "int8_rowwise", "mxfp8"):
         reason = fd.fp8_all_gather_unsupported_reason(Recipe.from_name(name))
         assert reason is not None and "grad_input" in reason and "bf16" in reason
     from dataclasses import replace
+
     no_dgrad = replace(Recipe.from_name("tensorwise"), fp8_dgrad=False)
     assert "fp8_dgrad=False" in (fd.fp8_all_gather_unsupported_reason(no_dgrad) or "")
 
@@ -145,7 +147,8 @@ def test_init_from_env_without_torchrun_is_one_rank(monkeypatch: pytest.MonkeyPa
 
 @pytest.mark.parametrize("recipe", ["rowwise", "mxfp8", "int8_rowwise"])
 def test_setup_rejects_fp8_all_gather_for_axis_dependent_weight_scales(
-        one_rank_group: None, recipe: str) -> None:
+    one_rank_group: None, recipe: str
+) -> None:
     with pytest.raises(ValueError, match=f"does not support recipe '{recipe}'.*grad_input"):
         fd.setup(w.make_model(recipe), "fsdp2", fp8_all_gather=True)
 
@@ -164,16 +167,17 @@ def test_setup_rejects_bad_options(one_rank_group: None) -> None:
 
 @pytest.mark.parametrize("recipe", AG_RECIPES)
 def test_one_rank_fsdp2_fp8_all_gather_is_bitwise_the_plain_model(
-        one_rank_group: None, single_thread: None, recipe: str) -> None:
+    one_rank_group: None, single_thread: None, recipe: str
+) -> None:
     """World size 1 runs every hook (cast, gather, GEMM on the gathered weight, backward
     re-gather from the cached scale) against an unwrapped model."""
     ref, ref_hist = _reference(recipe, 1)
     model = w.make_model(recipe)
     used = []
     for _, layer in fp8_layers(model):
-        layer.fp8_state.observer = (
-            lambda s, role, t, qt: used.append(qt is getattr(t, "fp8_gathered", None))
-            if role == "weight" else None)
+        layer.fp8_state.observer = lambda s, role, t, qt: (
+            used.append(qt is getattr(t, "fp8_gathered", None)) if role == "weight" else None
+        )
     model = fd.setup(model, "fsdp2", fp8_all_gather=True)
     opt = w.make_optimizer(model)
     losses = []
@@ -187,16 +191,16 @@ def test_one_rank_fsdp2_fp8_all_gather_is_bitwise_the_plain_model(
     assert losses == ref
     assert used and all(used), "a forward GEMM re-quantised the gathered weight"
     _assert_histories_equal(w.histories(model), ref_hist, recipe)
-    assert all(isinstance(layer.weight.to_local(), fd.Fp8AllGatherWeight)
-               for _, layer in fp8_layers(model))
+    assert all(
+        isinstance(layer.weight.to_local(), fd.Fp8AllGatherWeight) for _, layer in fp8_layers(model)
+    )
 
 
 # --------------------------------------------------------------------------- 2 ranks
 
 
 def test_fsdp2_two_ranks_match_single_process(tmp_path: Path, single_thread: None) -> None:
-    cases = ([("fsdp2", r, False) for r in RECIPE_NAMES]
-             + [("fsdp2", r, True) for r in AG_RECIPES])
+    cases = [("fsdp2", r, False) for r in RECIPE_NAMES] + [("fsdp2", r, True) for r in AG_RECIPES]
     ranks = run_ranks("train_compare", tmp_path, cases=cases, steps=STEPS)
     values = [r.value for r in ranks]
     for key in values[0]:
@@ -222,9 +226,14 @@ def test_fsdp2_three_ranks_uneven_shards(tmp_path: Path) -> None:
         spec = Recipe.from_name(recipe).weight
         fp32, fp8 = (f"fsdp2/{recipe}/{ag}" for ag in (False, True))
         for r in ranks:
-            assert r.value[fp8]["losses"] == r.value[fp32]["losses"] == ranks[0].value[fp32]["losses"]
-            _assert_histories_equal(r.value[fp8]["histories"], ranks[0].value[fp32]["histories"],
-                                    f"{recipe}: rank {r.rank} FP8 vs rank 0 fp32 all-gather")
+            assert (
+                r.value[fp8]["losses"] == r.value[fp32]["losses"] == ranks[0].value[fp32]["losses"]
+            )
+            _assert_histories_equal(
+                r.value[fp8]["histories"],
+                ranks[0].value[fp32]["histories"],
+                f"{recipe}: rank {r.rank} FP8 vs rank 0 fp32 all-gather",
+            )
         for name, full in _initial_weights(recipe).items():
             data, scale, is_gathered = ranks[0].value[fp8]["gathered"][name]
             q = quantize(full, spec)
@@ -240,14 +249,15 @@ def test_fp8_all_gather_halves_the_measured_all_gather_bytes(tmp_path: Path) -> 
             bf16, fp8 = counts[False], counts[True]
             assert bf16["all_gather_calls"] == fp8["all_gather_calls"] > 0
             ratio = fp8["all_gather"] / bf16["all_gather"]
-            print(f"rank {r.rank} {recipe}: FP8 {fp8['all_gather']} B / bf16 "
-                  f"{bf16['all_gather']} B = {ratio:.4f}; amax all-reduce "
-                  f"{fp8['all_reduce']} B")
+            print(
+                f"rank {r.rank} {recipe}: FP8 {fp8['all_gather']} B / bf16 "
+                f"{bf16['all_gather']} B = {ratio:.4f}; amax all-reduce "
+                f"{fp8['all_reduce']} B"
+            )
             assert ratio <= MAX_BYTES_RATIO, (recipe, ratio)
 
 
-def test_loss_scaler_skips_on_every_rank_and_histories_stay_identical(
-        tmp_path: Path) -> None:
+def test_loss_scaler_skips_on_every_rank_and_histories_stay_identical(tmp_path: Path) -> None:
     ranks = run_ranks("loss_scaler_agreement", tmp_path)
     plain = [r.value["LossScaler"] for r in ranks]
     shared = [r.value["DistributedLossScaler"] for r in ranks]
@@ -265,22 +275,29 @@ def test_loss_scaler_skips_on_every_rank_and_histories_stay_identical(
 
 @pytest.mark.parametrize("recipe, fp8_all_gather", [("tensorwise", True), ("delayed", False)])
 def test_checkpoint_saved_on_2_ranks_resumes_on_2_and_on_1(
-        tmp_path: Path, single_thread: None, recipe: str, fp8_all_gather: bool) -> None:
+    tmp_path: Path, single_thread: None, recipe: str, fp8_all_gather: bool
+) -> None:
     ckpt = str(tmp_path / "ckpt")
     kw: dict[str, Any] = {"recipe": recipe, "fp8_all_gather": fp8_all_gather, "ckpt": ckpt}
-    saved = [r.value for r in run_ranks("checkpoint_save", tmp_path / "save",
-                                        steps_before=3, steps_after=3, **kw)]
-    resumed = [r.value for r in run_ranks("checkpoint_resume", tmp_path / "resume",
-                                          steps_after=3, **kw)]
-    for s, r in zip(saved, resumed):
+    saved = [
+        r.value
+        for r in run_ranks(
+            "checkpoint_save", tmp_path / "save", steps_before=3, steps_after=3, **kw
+        )
+    ]
+    resumed = [
+        r.value for r in run_ranks("checkpoint_resume", tmp_path / "resume", steps_after=3, **kw)
+    ]
+    for s, r in zip(saved, resumed, strict=False):
         _assert_histories_equal(s["saved"]["histories"], r["loaded"]["histories"], "2 ranks")
         assert s["saved"]["scaler"] == r["loaded"]["scaler"]
         assert r["after"] == s["after"], "resuming on 2 ranks changed the continuation"
     # One process, no process group, no FSDP: the same DCP files, resharded on load.
     if recipe != "delayed":
         one = w.reference_resume(recipe, ckpt, 3, micro_batches=2)
-        _assert_histories_equal(saved[0]["saved"]["histories"], one["loaded"]["histories"],
-                                "1 rank")
+        _assert_histories_equal(
+            saved[0]["saved"]["histories"], one["loaded"]["histories"], "1 rank"
+        )
         assert one["loaded"]["scaler"] == saved[0]["saved"]["scaler"]
         assert one["after"] == saved[0]["after"], "resuming on 1 rank changed the continuation"
         return
@@ -299,16 +316,24 @@ def test_checkpoint_saved_on_2_ranks_resumes_on_2_and_on_1(
     # steps replace them: the same E5M2 values except those pushed into the subnormal
     # range, so the losses move a little (measured 1.6e-4), not bitwise.
     as_saved = w.reference_resume(recipe, ckpt, 3, micro_batches=1)
-    _assert_histories_equal(saved[0]["saved"]["histories"], as_saved["loaded"]["histories"],
-                            "1 rank, as saved")
+    _assert_histories_equal(
+        saved[0]["saved"]["histories"], as_saved["loaded"]["histories"], "1 rank, as saved"
+    )
     assert as_saved["after"] == pytest.approx(saved[0]["after"], rel=1e-3, abs=0)
 
 
 @pytest.mark.parametrize("how, pg_timeout_s", [("exit", 20.0), ("stall", 3.0)])
 def test_a_lost_rank_fails_the_others_with_a_clear_error(
-        tmp_path: Path, how: str, pg_timeout_s: float) -> None:
-    ranks = run_ranks("rank_dies", tmp_path, expect_ok=False, how=how,
-                      pg_timeout_s=pg_timeout_s, marker=str(tmp_path / "rank0_done"))
+    tmp_path: Path, how: str, pg_timeout_s: float
+) -> None:
+    ranks = run_ranks(
+        "rank_dies",
+        tmp_path,
+        expect_ok=False,
+        how=how,
+        pg_timeout_s=pg_timeout_s,
+        marker=str(tmp_path / "rank0_done"),
+    )
     survivor, lost = ranks
     assert lost.exitcode == (17 if how == "exit" else 18)
     assert survivor.exitcode == 0, survivor.error
@@ -329,15 +354,14 @@ def test_torchrun_launch(tmp_path: Path, single_thread: None) -> None:
     """``torchrun --nproc-per-node 2`` with the library's own ``init_from_env``."""
     out = tmp_path / "result.pt"
     here = Path(__file__).parent
-    proc = torchrun(str(here / "dist_torchrun_main.py"), str(out), cwd=tmp_path,
-                    pythonpath=(here,))
+    proc = torchrun(str(here / "dist_torchrun_main.py"), str(out), cwd=tmp_path, pythonpath=(here,))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = torch.load(out, weights_only=False)
-    assert set(result) == {"ddp/tensorwise/False", "fsdp2/tensorwise/True",
-                           "fsdp2/delayed/True"}
+    assert set(result) == {"ddp/tensorwise/False", "fsdp2/tensorwise/True", "fsdp2/delayed/True"}
     ref, _ = _reference("tensorwise", 2)
     assert result["ddp/tensorwise/False"]["losses"] == ref[:3]
     assert result["fsdp2/tensorwise/True"]["losses"] == ref[:3]
     ref_delayed, _ = _reference("delayed", 1)
-    assert result["fsdp2/delayed/True"]["losses"] == pytest.approx(ref_delayed[:3],
-                                                                   rel=DELAYED_RTOL, abs=0)
+    assert result["fsdp2/delayed/True"]["losses"] == pytest.approx(
+        ref_delayed[:3], rel=DELAYED_RTOL, abs=0
+    )

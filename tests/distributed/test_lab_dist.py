@@ -50,8 +50,9 @@ NO_CLIP = ["--grad-clip", "1e9"]  # the norm of every step here is ~1-4
 def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ~6 KB text file to train on (the tiny preset needs a few KB)."""
     path = tmp_path_factory.mktemp("data") / "text.txt"
-    path.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n"
-                            for i in range(100)))
+    path.write_text(
+        "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(100))
+    )
     return path
 
 
@@ -60,8 +61,22 @@ def _reference(out: Path, text: Path, *extra: str) -> dict[str, Any]:
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert main(["train", *TINY, "--data", str(text), "--micro-batches", "2",
-                     "--out", str(out), *extra]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    *TINY,
+                    "--data",
+                    str(text),
+                    "--micro-batches",
+                    "2",
+                    "--out",
+                    str(out),
+                    *extra,
+                ]
+            )
+            == 0
+        )
     finally:
         torch.set_num_threads(n)
     return _results(out)
@@ -84,34 +99,52 @@ def _assert_main_rank_wrote(stdout: str, out: Path) -> None:
     """Rank 0 alone prints and writes: one summary, one record per monitored operand."""
     assert stdout.count(f"wrote {out / 'results.json'}") == 1, stdout
     assert stdout.count(f"{PRECISION}  val loss") == 1, stdout
-    records = [json.loads(line) for line in
-               (out / "monitor" / f"{PRECISION}-seed0.jsonl").read_text().splitlines()]
-    keys = collections.Counter((r["step"], r["kind"], r.get("layer"), r.get("role"))
-                               for r in records)
+    records = [
+        json.loads(line)
+        for line in (out / "monitor" / f"{PRECISION}-seed0.jsonl").read_text().splitlines()
+    ]
+    keys = collections.Counter(
+        (r["step"], r["kind"], r.get("layer"), r.get("role")) for r in records
+    )
     assert records and max(keys.values()) == 1, "a second rank wrote monitor records"
 
 
 def test_train_dist_ddp_is_one_process_with_micro_batches(tmp_path: Path, text: Path) -> None:
     out = tmp_path / "ddp"
-    proc = torchrun("-m", "fp8train", "train", *TINY, "--data", str(text), "--dist", "ddp",
-                    "--out", str(out), cwd=tmp_path)
+    proc = torchrun(
+        "-m",
+        "fp8train",
+        "train",
+        *TINY,
+        "--data",
+        str(text),
+        "--dist",
+        "ddp",
+        "--out",
+        str(out),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_main_rank_wrote(proc.stdout, out)
     results = _results(out)
-    assert results["distributed"] == {"mode": "ddp", "world_size": 2, "backend": "gloo",
-                                      "fp8_all_gather": []}
+    assert results["distributed"] == {
+        "mode": "ddp",
+        "world_size": 2,
+        "backend": "gloo",
+        "fp8_all_gather": [],
+    }
     assert results["config"]["dist"] == "ddp"
     assert "Data-parallel: ddp over 2 ranks" in (out / "report.md").read_text()
     _assert_same_run(results, _reference(tmp_path / "ref", text))
 
 
 def test_train_dist_fsdp2_resumed_is_one_process_with_micro_batches(
-        tmp_path: Path, text: Path) -> None:
+    tmp_path: Path, text: Path
+) -> None:
     out = tmp_path / "fsdp2"
     args = ["-m", "fp8train", "train", *TINY, "--data", str(text), *NO_CLIP]
     # Stop at step 4 (not a checkpoint step of the tiny preset: the stop writes one).
-    proc = torchrun(*args, "--dist", "fsdp2", "--out", str(out), "--stop-at", "4",
-                    cwd=tmp_path)
+    proc = torchrun(*args, "--dist", "fsdp2", "--out", str(out), "--stop-at", "4", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("stopped after step 4") == 1, proc.stdout
     assert not (out / "results.json").exists()
@@ -119,31 +152,53 @@ def test_train_dist_fsdp2_resumed_is_one_process_with_micro_batches(
     assert (ckpt / "latest").read_text().strip() == "step-000004"
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step-000004"]
 
-    proc = torchrun("-m", "fp8train", "train", "--resume", "--out", str(out), "--quiet",
-                    cwd=tmp_path)
+    proc = torchrun(
+        "-m", "fp8train", "train", "--resume", "--out", str(out), "--quiet", cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_main_rank_wrote(proc.stdout, out)
     results = _results(out)
     # FP8 all-gather is on by default for a recipe that supports it.
-    assert results["distributed"] == {"mode": "fsdp2", "world_size": 2, "backend": "gloo",
-                                      "fp8_all_gather": [PRECISION]}
+    assert results["distributed"] == {
+        "mode": "fsdp2",
+        "world_size": 2,
+        "backend": "gloo",
+        "fp8_all_gather": [PRECISION],
+    }
     assert (ckpt / "latest").read_text().strip() == "step-000006"
     _assert_same_run(results, _reference(tmp_path / "ref", text, *NO_CLIP))
 
 
 def test_train_dist_batch_must_split_over_the_ranks(tmp_path: Path, text: Path) -> None:
-    proc = torchrun("-m", "fp8train", "train", *TINY, "--data", str(text), "--dist", "ddp",
-                    "--batch", "5", "--out", str(tmp_path / "out"), cwd=tmp_path)
+    proc = torchrun(
+        "-m",
+        "fp8train",
+        "train",
+        *TINY,
+        "--data",
+        str(text),
+        "--dist",
+        "ddp",
+        "--batch",
+        "5",
+        "--out",
+        str(tmp_path / "out"),
+        cwd=tmp_path,
+    )
     assert proc.returncode != 0
-    expected = ("fp8train: error: --batch 5 is the global batch and must split evenly over "
-                "the 2 ranks; use a multiple of 2")
+    expected = (
+        "fp8train: error: --batch 5 is the global batch and must split evenly over "
+        "the 2 ranks; use a multiple of 2"
+    )
     assert expected in proc.stderr.splitlines(), proc.stderr[-3000:]
     assert "fp8train/lab" not in proc.stderr  # no traceback from the ranks
     assert not (tmp_path / "out").exists()
 
 
 def test_train_dist_without_torchrun_says_how_to_launch(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     for key in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(key, raising=False)

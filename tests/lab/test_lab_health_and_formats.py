@@ -14,16 +14,32 @@ from fp8train.lab.cli import main
 
 def test_fp8_run_reports_health_per_layer(text_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    code = main(["compare", "--preset", "tiny", "--data", str(text_dir), "--precisions",
-                 "bf16,tensorwise", "--monitor-every", "2", "--kernels", "eager",
-                 "--out", str(out), "--quiet"])
+    code = main(
+        [
+            "compare",
+            "--preset",
+            "tiny",
+            "--data",
+            str(text_dir),
+            "--precisions",
+            "bf16,tensorwise",
+            "--monitor-every",
+            "2",
+            "--kernels",
+            "eager",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert code == 0
     log = out / "monitor" / "tensorwise-seed0.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()]
     layer_records = [r for r in records if r["kind"] == "layer"]
     layers = {r["layer"] for r in layer_records}
-    assert layers == {name for name, _ in fp8train.nn.fp8_layers(
-        fp8train.convert(_tiny_gpt(), "tensorwise"))}
+    assert layers == {
+        name for name, _ in fp8train.nn.fp8_layers(fp8train.convert(_tiny_gpt(), "tensorwise"))
+    }
     assert {r["step"] for r in layer_records} == {0, 2, 4}  # every 2nd of 6 steps
     assert not (out / "monitor" / "bf16-seed0.jsonl").exists()  # bf16 has no FP8 layers
     report = (out / "report.md").read_text()
@@ -49,7 +65,8 @@ def test_formats_command_prints_every_format(capsys: pytest.CaptureFixture[str])
 
 
 def test_bad_kernels_and_monitor_options_are_one_line_errors(
-        capsys: pytest.CaptureFixture[str]) -> None:
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     with pytest.raises(SystemExit) as e:
         main(["compare", "--kernels", "fast"])
     assert e.value.code == 2

@@ -10,8 +10,14 @@ import torch
 from lab_helpers import FP8_PRECISIONS, read_results
 
 
-def run_split(run_cli, text_dir: Path, out: Path, precisions: str, stop_at: int | None,
-              kernels: str = "compiled") -> None:
+def run_split(
+    run_cli,
+    text_dir: Path,
+    out: Path,
+    precisions: str,
+    stop_at: int | None,
+    kernels: str = "compiled",
+) -> None:
     args = [
         "compare",
         "--preset",
@@ -48,7 +54,9 @@ def assert_same_runs(a: Path, b: Path, precisions: list[str]) -> None:
             tb = cb["model"][key]
             if isinstance(ta, torch.Tensor):
                 assert torch.equal(ta, tb), f"{p}: {key} differs after resume"
-        for sa, sb in zip(ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values()):
+        for sa, sb in zip(
+            ca["optimizer"]["state"].values(), cb["optimizer"]["state"].values(), strict=False
+        ):
             assert all(torch.equal(sa[k], sb[k]) for k in sa), p
 
 

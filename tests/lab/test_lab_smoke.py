@@ -32,13 +32,13 @@ def check_outputs(out: Path, precisions: list[str], steps: int) -> dict[str, Any
         assert (out / name).stat().st_size > 0, name
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = read_results(out)
-    assert TOP_KEYS <= results.keys()
+    assert results.keys() >= TOP_KEYS
     assert len(results["corpus_sha256"]) == 64
     assert results["config"]["precisions"] == precisions
     assert {"python", "torch", "fp8train", "platform", "cpu_count"} <= results["versions"].keys()
     assert list(results["runs"]) == precisions
     for precision, run in results["runs"].items():
-        assert RUN_KEYS <= run.keys(), precision
+        assert run.keys() >= RUN_KEYS, precision
         assert LOSS_RANGE[0] < run["final_val_loss"] < LOSS_RANGE[1], precision
         assert math.isfinite(run["val_loss_gap_vs_bf16_pct"])
         assert 0 < run["median_step_s"] < 60
@@ -155,8 +155,9 @@ def test_lab_layers_default_to_the_compiled_kernels() -> None:
 
     config = resolve("gpt", "default", {})
     assert config.kernels == "compiled"
-    model = apply_precision(GPT(vocab=256, seq=16, d_model=32, layers=1, heads=2),
-                            "tensorwise", config.kernels)
+    model = apply_precision(
+        GPT(vocab=256, seq=16, d_model=32, layers=1, heads=2), "tensorwise", config.kernels
+    )
     layers = [layer for _, layer in fp8_layers(model)]
     assert layers and all(layer.fp8_state.kernels.mode == "compiled" for layer in layers)
 
@@ -198,8 +199,17 @@ def test_fp8_activation_storage_variant(run_cli, text_dir: Path, tmp_path: Path)
     # fewer saved bytes, and (backward sees rounded activations) a different trajectory.
     out = tmp_path / "out"
     precisions = ["bf16", "rowwise", "rowwise+fp8act"]
-    args = ["compare", "--preset", "tiny", "--data", str(text_dir), "--out", str(out),
-            "--kernels", "eager"]  # compiled == eager: tests/test_activations.py
+    args = [
+        "compare",
+        "--preset",
+        "tiny",
+        "--data",
+        str(text_dir),
+        "--out",
+        str(out),
+        "--kernels",
+        "eager",
+    ]  # compiled == eager: tests/test_activations.py
     assert run_cli(*args, "--precisions", ",".join(precisions)) == 0
     runs = check_outputs(out, precisions, steps=6)["runs"]
     plain, stored = runs["rowwise"], runs["rowwise+fp8act"]

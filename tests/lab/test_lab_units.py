@@ -29,7 +29,7 @@ def test_config_is_frozen_and_validates() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.steps = 3  # type: ignore[misc]
     assert cfg.precisions == config.PRECISIONS
-    with pytest.raises(LabError, match="unknown precision 'fp4'.*known: fp32, bf16"):
+    with pytest.raises(LabError, match=r"unknown precision 'fp4'.*known: fp32, bf16"):
         config.resolve("gpt", "default", {"precisions": ("fp4",)})
     with pytest.raises(LabError, match="--steps must be >= 1"):
         config.resolve("gpt", "tiny", {"steps": 0})
@@ -37,7 +37,9 @@ def test_config_is_frozen_and_validates() -> None:
     # FP8 activation storage variants exist for FP8 recipes only.
     assert config.resolve("gpt", "tiny", {"precisions": ("mxfp8+fp8act",)}).precisions
     for bad in ("bf16+fp8act", "tensorwise+fp4act"):
-        with pytest.raises(LabError, match=f"unknown precision '{re.escape(bad)}'.*tensorwise\\+fp8act"):
+        with pytest.raises(
+            LabError, match=f"unknown precision '{re.escape(bad)}'.*tensorwise\\+fp8act"
+        ):
             config.resolve("gpt", "tiny", {"precisions": (bad,)})
     assert config.recipe_of("rowwise+fp8act") == "rowwise" and config.recipe_of("bf16") is None
     assert config.stores_fp8_activations("int8+fp8act")
@@ -72,7 +74,7 @@ def test_fp8_all_gather_by_default_where_the_recipe_allows_it() -> None:
     required = dataclasses.replace(fsdp2, fp8_all_gather=True)
     assert train.fp8_all_gather_for(required, "blockwise")
     assert not train.fp8_all_gather_for(required, "bf16")  # no FP8 weights to gather
-    with pytest.raises(LabError, match="recipe mxfp8 cannot all-gather FP8 weights: .*grad_input"):
+    with pytest.raises(LabError, match=r"recipe mxfp8 cannot all-gather FP8 weights: .*grad_input"):
         train.fp8_all_gather_for(required, "mxfp8")
 
 

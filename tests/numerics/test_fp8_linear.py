@@ -127,8 +127,9 @@ class Reference:
     dw_bound: torch.Tensor
 
 
-def _gemm_bound(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype,
-                exact: torch.Tensor | None = None) -> torch.Tensor:
+def _gemm_bound(
+    a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype, exact: torch.Tensor | None = None
+) -> torch.Tensor:
     """Elementwise bound on |computed - exact| of ``a @ b`` (float64 operands, exact values).
 
     fp32 accumulation: any summation order satisfies |fl(a.b) - a.b| <= gamma_k |a|.|b|
@@ -145,8 +146,9 @@ def _gemm_bound(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype,
     return acc
 
 
-def _output_bound(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor,
-                  out_dtype: torch.dtype) -> torch.Tensor:
+def _output_bound(
+    a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
     """Bound for the output ``a @ b + bias``: scaled_mm adds the bias in the GEMM epilogue,
     before the single rounding to out_dtype, after casting it to out_dtype.
 
@@ -162,8 +164,9 @@ def _output_bound(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor,
     return acc + (bias.double() - b_out).abs()
 
 
-def _reference(recipe: Recipe, d: Data, run_dy: torch.Tensor, out_dtype: torch.dtype, *,
-               fp8_saved: bool = True) -> Reference:
+def _reference(
+    recipe: Recipe, d: Data, run_dy: torch.Tensor, out_dtype: torch.dtype, *, fp8_saved: bool = True
+) -> Reference:
     """Rebuild the recipe's three GEMMs from ``fp8train.quantize`` and multiply in float64.
 
     As autograd.py documents: forward quantises ``x2d (M, K)`` with ``recipe.input`` and
@@ -204,8 +207,7 @@ def _reference(recipe: Recipe, d: Data, run_dy: torch.Tensor, out_dtype: torch.d
     return Reference(mm + d.b.double(), dx, dw, y_bound, dx_bound, dw_bound)
 
 
-def _assert_within(actual: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor,
-                   what: str) -> None:
+def _assert_within(actual: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor, what: str) -> None:
     """|actual - ref| <= bound elementwise; the message gives the worst element and shape."""
     actual = actual.detach().double().reshape(ref.shape)
     err = (actual - ref).abs()
@@ -216,14 +218,16 @@ def _assert_within(actual: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor,
         raise AssertionError(
             f"{what}: {int(bad.sum())} of {ref.numel()} elements exceed the bound (shape "
             f"{tuple(ref.shape)}); worst at {list(i)}: actual {actual[i].item()!r}, reference "
-            f"{ref[i].item()!r}, |err| {err[i].item():.3e} > bound {bound[i].item():.3e}")
+            f"{ref[i].item()!r}, |err| {err[i].item():.3e} > bound {bound[i].item():.3e}"
+        )
 
 
 def _assert_sqnr(ref: torch.Tensor, actual: torch.Tensor, threshold: float, what: str) -> float:
     value: float = sqnr(ref, actual.detach().reshape(ref.shape))
     assert value >= threshold, (
         f"{what}: SQNR {value:.2f} dB < {threshold:.1f} dB (shape {tuple(ref.shape)}, "
-        f"dtype {actual.dtype})")
+        f"dtype {actual.dtype})"
+    )
     return value
 
 
@@ -238,9 +242,9 @@ def _default_run(name: str, mode: str) -> Run:
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", RECIPE_NAMES)
-def test_matches_float64_product_of_the_same_quantised_operands(name: str, mode: str,
-                                                                data: Data,
-                                                                gemm_route: str) -> None:
+def test_matches_float64_product_of_the_same_quantised_operands(
+    name: str, mode: str, data: Data, gemm_route: str
+) -> None:
     recipe = Recipe.from_name(name)
     run = _run(_layer(name, data), data, mode)
     out_dtype = torch.float32 if mode == "fp32" else torch.bfloat16
@@ -256,8 +260,9 @@ def test_matches_float64_product_of_the_same_quantised_operands(name: str, mode:
     assert not bool(((dy64 @ w64 - ref.dx).abs() <= ref.dx_bound).all())
     assert not bool(((dy64.t() @ x64 - ref.dw).abs() <= ref.dw_bound).all())
     # db is a plain fp32 sum of dy over the tokens: exact up to fp32 summation.
-    _assert_within(run.db, dy64.sum(0), M * U_FP32 * dy64.abs().sum(0) * 1.01,
-                   f"{name}/{mode} grad_bias")
+    _assert_within(
+        run.db, dy64.sum(0), M * U_FP32 * dy64.abs().sum(0) * 1.01, f"{name}/{mode} grad_bias"
+    )
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -337,8 +342,9 @@ def _capture(layer: Fp8Linear) -> dict[str, list[ScaledTensor | None]]:
     return seen
 
 
-def _layer_gemm_operands(name: str, seen: dict[str, list[ScaledTensor | None]]
-                         ) -> dict[str, tuple[ScaledTensor, ScaledTensor]]:
+def _layer_gemm_operands(
+    name: str, seen: dict[str, list[ScaledTensor | None]]
+) -> dict[str, tuple[ScaledTensor, ScaledTensor]]:
     """The (a, b) pairs of the three GEMMs, from the operands the layer built."""
     q = {role: qs[-1] for role, qs in seen.items()}
     assert all(v is not None for v in q.values())
@@ -356,12 +362,12 @@ def _layer_gemm_operands(name: str, seen: dict[str, list[ScaledTensor | None]]
     return {"output": (qx, qw.t()), "grad_input": (qdy, qw_d), "grad_weight": (qdy_w.t(), qx_w)}
 
 
-def _compare_backends(a: ScaledTensor, b: ScaledTensor, bias: torch.Tensor | None,
-                      out_dtype: torch.dtype, what: str) -> torch.Tensor:
+def _compare_backends(
+    a: ScaledTensor, b: ScaledTensor, bias: torch.Tensor | None, out_dtype: torch.dtype, what: str
+) -> torch.Tensor:
     """torch._scaled_mm vs the emulation on the same operands; returns the emulated result."""
     hw = fp8train.scaled_mm(a, b, bias=bias, out_dtype=out_dtype, backend="scaled_mm")
-    emu: torch.Tensor = fp8train.scaled_mm(a, b, bias=bias, out_dtype=out_dtype,
-                                           backend="emulate")
+    emu: torch.Tensor = fp8train.scaled_mm(a, b, bias=bias, out_dtype=out_dtype, backend="emulate")
     if out_dtype == torch.float32 and bias is None:
         # The fp32 emulation dequantises to fp32 and runs an fp32 GEMM: "what
         # torch._scaled_mm does on CPU, bit for bit" (matmul.py module docstring).
@@ -388,15 +394,19 @@ def _compare_backends(a: ScaledTensor, b: ScaledTensor, bias: torch.Tensor | Non
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("name", ["tensorwise", "rowwise"])
-def test_emulation_matches_torch_scaled_mm(name: str, mode: str, data: Data,
-                                           gemm_route: str) -> None:
+def test_emulation_matches_torch_scaled_mm(
+    name: str, mode: str, data: Data, gemm_route: str
+) -> None:
     layer = _layer(name, data)
     seen = _capture(layer)
     run = _run(layer, data, mode)
     out_dtype = torch.float32 if mode == "fp32" else torch.bfloat16
     pairs = _layer_gemm_operands(name, seen)
-    results = {"output": run.y.reshape(M, N), "grad_input": run.dx.reshape(M, K),
-               "grad_weight": run.dw}
+    results = {
+        "output": run.y.reshape(M, N),
+        "grad_input": run.dx.reshape(M, K),
+        "grad_weight": run.dw,
+    }
     for gemm, (a, b) in pairs.items():
         _compare_backends(a, b, None, out_dtype, f"{name} {gemm}")
         # The layer ran exactly the emulated GEMM on those operands (the forward one
@@ -409,8 +419,9 @@ def test_emulation_matches_torch_scaled_mm(name: str, mode: str, data: Data,
 
 
 @pytest.mark.parametrize("name", ["tensorwise", "delayed", "rowwise", "blockwise", "mxfp8"])
-def test_layer_gemm_operands_are_in_the_routes_dtype(name: str, data: Data,
-                                                      gemm_route: str) -> None:
+def test_layer_gemm_operands_are_in_the_routes_dtype(
+    name: str, data: Data, gemm_route: str
+) -> None:
     # Under bf16 autocast with power-of-two scales every operand is exact in bf16; the
     # GEMM takes bf16 operands where bf16 GEMMs are native and fp32 ones where they are
     # not (fp8train.matmul.gemm_dtype), and the layer's kernels make them in that dtype.
@@ -424,12 +435,16 @@ def test_layer_gemm_operands_are_in_the_routes_dtype(name: str, data: Data,
             assert q is not None and q.operand is not None, f"{name} {role}: no GEMM operand"
             assert q.operand.dtype == want, (
                 f"{name} {role}: GEMM operand {q.operand.dtype}, expected {want} on the "
-                f"{gemm_route} route (shape {tuple(q.shape)})")
+                f"{gemm_route} route (shape {tuple(q.shape)})"
+            )
 
 
 def _no_pow2(recipe: Recipe) -> Recipe:
-    return replace(recipe, input=replace(recipe.input, power_of_two=False),
-                   weight=replace(recipe.weight, power_of_two=False))
+    return replace(
+        recipe,
+        input=replace(recipe.input, power_of_two=False),
+        weight=replace(recipe.weight, power_of_two=False),
+    )
 
 
 # With a bias the backends round differently by design: the emulation adds the bias in
@@ -437,20 +452,29 @@ def _no_pow2(recipe: Recipe) -> Recipe:
 # do, and what inductor fuses mm + bias into, so eager and compiled agree), while CPU
 # torch._scaled_mm adds it after the GEMM. Both must stay within fp32 accumulation plus
 # one output rounding of the exact result; they are not compared element by element.
-@pytest.mark.parametrize(("recipe", "out_dtype"), [
-    (Recipe.from_name("tensorwise"), torch.float32),
-    (Recipe.from_name("rowwise"), torch.float32),
-    (_no_pow2(Recipe.from_name("tensorwise")), torch.bfloat16),
-], ids=["tensorwise-fp32", "rowwise-fp32", "tensorwise_no_pow2-bf16"])
-def test_emulation_with_bias_matches_torch_scaled_mm(recipe: Recipe, out_dtype: torch.dtype,
-                                                     data: Data) -> None:
+@pytest.mark.parametrize(
+    ("recipe", "out_dtype"),
+    [
+        (Recipe.from_name("tensorwise"), torch.float32),
+        (Recipe.from_name("rowwise"), torch.float32),
+        (_no_pow2(Recipe.from_name("tensorwise")), torch.bfloat16),
+    ],
+    ids=["tensorwise-fp32", "rowwise-fp32", "tensorwise_no_pow2-bf16"],
+)
+def test_emulation_with_bias_matches_torch_scaled_mm(
+    recipe: Recipe, out_dtype: torch.dtype, data: Data
+) -> None:
     qx = quantize(data.x.reshape(M, K), recipe.input)
     qw = quantize(data.w, recipe.weight)
     emu = _compare_backends(qx, qw.t(), data.b, out_dtype, f"{recipe.name} output + bias")
     if out_dtype == torch.float32:
         exact = _deq(qx) @ _deq(qw.t()) + data.b.double()
-        _assert_within(emu, exact, _output_bound(_deq(qx), _deq(qw.t()), data.b, out_dtype),
-                       f"{recipe.name} output + bias, emulation")
+        _assert_within(
+            emu,
+            exact,
+            _output_bound(_deq(qx), _deq(qw.t()), data.b, out_dtype),
+            f"{recipe.name} output + bias, emulation",
+        )
 
 
 # ------------------------------------------------------------------------ (d) gradient dtypes
@@ -469,7 +493,10 @@ def test_gradient_dtypes_with_fp32_master_weights(name: str, data: Data) -> None
     y.backward(data.dy.to(torch.bfloat16))
     assert x.grad is not None and layer.weight.grad is not None and layer.bias.grad is not None
     assert (x.grad.dtype, layer.weight.grad.dtype, layer.bias.grad.dtype) == (
-        torch.bfloat16, torch.float32, torch.float32)
+        torch.bfloat16,
+        torch.float32,
+        torch.float32,
+    )
 
 
 @pytest.mark.parametrize("name", RECIPE_NAMES)
@@ -496,7 +523,9 @@ def test_bf16_master_weights_train_a_step_with_adamw(name: str, data: Data) -> N
 # ------------------------------------------------- (e) saved activations and high-precision GEMMs
 
 
-def _saved_bytes(layer: nn.Module, x: torch.Tensor) -> tuple[int, list[tuple[tuple[int, ...], torch.dtype]]]:
+def _saved_bytes(
+    layer: nn.Module, x: torch.Tensor
+) -> tuple[int, list[tuple[tuple[int, ...], torch.dtype]]]:
     """Bytes the autograd graph keeps for backward under bf16 autocast.
 
     Counts each distinct storage once and leaves out the layer's Parameters (the graph
@@ -530,9 +559,11 @@ def test_fp8_activations_save_one_byte_per_input_element(name: str, data: Data) 
     fp8_bytes, fp8_saved = _saved_bytes(Fp8Linear.from_linear(lin, recipe, "l"), data.x)
     one_byte = [s for s in fp8_saved if s[0] == (M, K)]
     assert len(one_byte) == 1 and torch.empty((), dtype=one_byte[0][1]).element_size() == 1, (
-        fp8_saved)
+        fp8_saved
+    )
     hp_bytes, hp_saved = _saved_bytes(
-        Fp8Linear.from_linear(lin, replace(recipe, save_fp8_activations=False), "l"), data.x)
+        Fp8Linear.from_linear(lin, replace(recipe, save_fp8_activations=False), "l"), data.x
+    )
     assert ((M, K), torch.bfloat16) in hp_saved, hp_saved
     assert fp8_bytes < ref_bytes, f"FP8 layer saves {fp8_bytes} B, nn.Linear {ref_bytes} B"
     assert hp_bytes > fp8_bytes, f"save_fp8_activations=False saves {hp_bytes} B vs {fp8_bytes} B"
@@ -545,8 +576,9 @@ def test_fp8_activations_save_one_byte_per_input_element(name: str, data: Data) 
 # The variants run under bf16 autocast only: there the compute dtype differs from the
 # input's, which is the case they exist for; fp32 adds nothing (a) does not cover.
 @pytest.mark.parametrize("name", RECIPE_NAMES)
-def test_save_fp8_activations_false_requantises_the_compute_dtype_input(name: str,
-                                                                         data: Data) -> None:
+def test_save_fp8_activations_false_requantises_the_compute_dtype_input(
+    name: str, data: Data
+) -> None:
     mode, out_dtype = "bf16_autocast", torch.bfloat16
     recipe = replace(Recipe.from_name(name), save_fp8_activations=False)
     run = _run(_layer(recipe, data), data, mode)
@@ -574,8 +606,9 @@ def test_high_precision_backward_gemm_variants(name: str, data: Data) -> None:
     ref = _reference(recipe, data, run.dy, out_dtype)
     x_c = data.x.reshape(M, K).to(out_dtype).double()  # x saved in the compute dtype
     # dW = dy^T . x in the compute dtype.
-    _assert_within(run.dw, dy64.t() @ x_c, _gemm_bound(dy64.t(), x_c, out_dtype),
-                   f"{name} hp wgrad")
+    _assert_within(
+        run.dw, dy64.t() @ x_c, _gemm_bound(dy64.t(), x_c, out_dtype), f"{name} hp wgrad"
+    )
     _assert_within(run.dx, ref.dx, ref.dx_bound, f"{name} fp8 dgrad beside hp wgrad")
 
 
@@ -611,34 +644,46 @@ def test_delayed_histories_update_in_forward_and_backward(data: Data) -> None:
         a, b = q1[role], q2[role]
         assert a is not None and b is not None
         assert_bitwise_equal(b.scale, a.scale, f"{role} scale on step 2 == step 1's")
-        fresh = quantize((x2 if role == "input" else dy2).detach().reshape(M, -1),
-                         getattr(recipe, role))
+        fresh = quantize(
+            (x2 if role == "input" else dy2).detach().reshape(M, -1), getattr(recipe, role)
+        )
         assert float(fresh.scale) < float(a.scale), "current scaling would have rescaled"
         n_sat = int((b.data.float().abs() == fmt.max).sum())
         assert n_sat > 0, f"{role}: no element saturated at {fmt.max}"
-        expected = quantize((x2 if role == "input" else dy2).detach().reshape(M, -1),
-                            getattr(recipe, role), scale=a.scale)
+        expected = quantize(
+            (x2 if role == "input" else dy2).detach().reshape(M, -1),
+            getattr(recipe, role),
+            scale=a.scale,
+        )
         assert_bitwise_equal(b.data, expected.data, f"{role} payload")
     # The step-2 output is the product of those saturated operands.
     qx2, qw2 = q2["input"], q2["weight"]
     assert qx2 is not None and qw2 is not None
     a, bt = _deq(qx2), _deq(qw2).t()
-    _assert_within(y2.detach(), a @ bt + data.b.double(),
-                   _output_bound(a, bt, data.b, torch.float32), "step-2 output")
+    _assert_within(
+        y2.detach(),
+        a @ bt + data.b.double(),
+        _output_bound(a, bt, data.b, torch.float32),
+        "step-2 output",
+    )
     # ...and the histories now hold both steps (algo max: the reduced amax is step 2's).
     assert (len(hist["input"]), len(hist["grad_output"])) == (2, 2)
     assert_bitwise_equal(hist["input"].reduced(), x2.detach().abs().amax(), "input history")
     assert_bitwise_equal(hist["grad_output"].reduced(), dy2.abs().amax(), "dy history")
 
 
-@pytest.mark.parametrize(("length", "algo", "expected"), [
-    # amax multipliers used for the scale at each of five steps fed x, 4x, x, x, x
-    (16, "max", [1, 1, 4, 4, 4]),
-    (2, "max", [1, 1, 4, 4, 1]),
-    (2, "most_recent", [1, 1, 4, 1, 1]),
-])
-def test_delayed_history_window_and_algo(length: int, algo: str, expected: list[int],
-                                         data: Data) -> None:
+@pytest.mark.parametrize(
+    ("length", "algo", "expected"),
+    [
+        # amax multipliers used for the scale at each of five steps fed x, 4x, x, x, x
+        (16, "max", [1, 1, 4, 4, 4]),
+        (2, "max", [1, 1, 4, 4, 1]),
+        (2, "most_recent", [1, 1, 4, 1, 1]),
+    ],
+)
+def test_delayed_history_window_and_algo(
+    length: int, algo: str, expected: list[int], data: Data
+) -> None:
     recipe = replace(Recipe.from_name("delayed"), history_len=length, history_algo=algo)
     layer = _layer(recipe, data)
     seen = _capture(layer)
@@ -708,15 +753,19 @@ def test_nan_input_leaves_input_and_grad_histories_and_scales_unchanged(data: Da
     after = _history_snapshot(model)
     for name in LAYER_NAMES:
         for role in ("input", "grad_output"):
-            assert_nested_bitwise_equal(after[name]["histories"][role],
-                                        before[name]["histories"][role], f"{name}.{role}")
+            assert_nested_bitwise_equal(
+                after[name]["histories"][role], before[name]["histories"][role], f"{name}.{role}"
+            )
         # Every scale the next step would use is unchanged (the weight's included).
         layer = model.get_submodule(name)
         assert isinstance(layer, Fp8Linear)
         for role in ROLES:
             window = before[name]["histories"][role]["window"][:1]
-            assert_bitwise_equal(layer.fp8_state.histories[role].reduced(), window.amax(0),
-                                 f"{name}.{role} reduced amax")
+            assert_bitwise_equal(
+                layer.fp8_state.histories[role].reduced(),
+                window.amax(0),
+                f"{name}.{role} reduced amax",
+            )
 
 
 def test_nan_input_leaves_every_history_bitwise_unchanged(data: Data) -> None:
@@ -725,8 +774,9 @@ def test_nan_input_leaves_every_history_bitwise_unchanged(data: Data) -> None:
     # counters move, by exactly the events the warnings reported.
     after = _history_snapshot(model)
     for name in LAYER_NAMES:
-        assert_nested_bitwise_equal(after[name]["histories"], before[name]["histories"],
-                                    f"{name} histories")
+        assert_nested_bitwise_equal(
+            after[name]["histories"], before[name]["histories"], f"{name} histories"
+        )
         assert after[name]["nonfinite"]["input"] == before[name]["nonfinite"]["input"] + 1
 
 
@@ -749,8 +799,11 @@ def test_inf_in_dy_gives_non_finite_grads_and_skips_the_history(name: str, data:
     after = layer.fp8_state.state_dict()
     assert after["nonfinite"]["grad_output"] == 1
     if "grad_output" in before["histories"]:
-        assert_nested_bitwise_equal(after["histories"]["grad_output"],
-                                    before["histories"]["grad_output"], "grad_output history")
+        assert_nested_bitwise_equal(
+            after["histories"]["grad_output"],
+            before["histories"]["grad_output"],
+            "grad_output history",
+        )
 
 
 def test_shape_mismatch_names_layer_and_both_shapes(data: Data) -> None:

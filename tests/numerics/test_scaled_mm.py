@@ -107,7 +107,11 @@ def _assert_within_accumulation_bound(
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("name, sa, sb", PAIRS, ids=[p[0] for p in PAIRS])
 def test_emulated_against_float64_reference(
-    name: str, sa: ScaleSpec, sb: ScaleSpec, shape: tuple[int, int, int], power_of_two: bool,
+    name: str,
+    sa: ScaleSpec,
+    sb: ScaleSpec,
+    shape: tuple[int, int, int],
+    power_of_two: bool,
     gemm_route: str,
 ) -> None:
     sa, sb = replace(sa, power_of_two=power_of_two), replace(sb, power_of_two=power_of_two)
@@ -175,8 +179,9 @@ def test_emulated_bitwise_equals_torch_scaled_mm(
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["bf16-native", "bf16-fallback"])
-def test_gemm_dtype_is_bf16_only_where_exact_and_native(native: bool,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gemm_dtype_is_bf16_only_where_exact_and_native(
+    native: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(fp8train.matmul, "bf16_gemm_is_native", lambda device_type: native)
     assert gemm_dtype(torch.bfloat16, True, "cpu") == (torch.bfloat16 if native else torch.float32)
     # Not exact in bf16 (non-power-of-two scales), or not a bf16 output: fp32 either way.
@@ -204,11 +209,11 @@ def test_bf16_gemm_is_native_only_with_bf16_instructions(
 ) -> None:
     machine, avx512_bf16, amx, onednn, expected = CPUS[cpu]
     monkeypatch.setattr(fp8train.matmul.platform, "machine", lambda: machine)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16,
-                        raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
-    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn,
-                        raising=False)
+    monkeypatch.setattr(
+        torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn, raising=False
+    )
     fp8train.matmul.bf16_gemm_is_native.cache_clear()
     try:
         assert fp8train.matmul.bf16_gemm_is_native("cpu") is expected, cpu

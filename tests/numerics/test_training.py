@@ -46,8 +46,9 @@ def _train(corpus, precision: str) -> tuple[float, float]:  # type: ignore[no-un
     def val_loss() -> float:
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             logits = model(val_x)
-        return nn.functional.cross_entropy(logits.float().reshape(-1, 256),
-                                           val_y.reshape(-1)).item()
+        return nn.functional.cross_entropy(
+            logits.float().reshape(-1, 256), val_y.reshape(-1)
+        ).item()
 
     initial = val_loss()
     for _ in range(STEPS):
@@ -82,4 +83,5 @@ def test_recipe_learns_like_bf16(recipe: str, corpus, bf16_run) -> None:  # type
     print(f"{recipe}: {l_recipe:.4f} bf16 {l_bf16:.4f} l0 {l0:.4f} bound {bound:.4f}")
     assert l_recipe <= bound, (
         f"{recipe}: final val loss {l_recipe:.4f} > bound {bound:.4f} "
-        f"(bf16 {l_bf16:.4f}, initial {l0:.4f})")
+        f"(bf16 {l_bf16:.4f}, initial {l0:.4f})"
+    )

@@ -71,9 +71,12 @@ _SHARED: list[tuple[str, dict[str, Any]]] = [
     ("--grad-clip", {"type": float, "metavar": "X", "help": "clip the gradient norm to X"}),
     (
         "--micro-batches",
-        {"type": int, "metavar": "N",
-         "help": "split each batch into N micro-batches (gradient accumulation); one "
-         "process with N computes what N ranks of --dist compute"},
+        {
+            "type": int,
+            "metavar": "N",
+            "help": "split each batch into N micro-batches (gradient accumulation); one "
+            "process with N computes what N ranks of --dist compute",
+        },
     ),
     ("--seed", {"type": int, "metavar": "S", "help": "first seed"}),
     (
@@ -83,25 +86,36 @@ _SHARED: list[tuple[str, dict[str, Any]]] = [
     ("--eval-every", {"type": int, "metavar": "N", "help": "validate every N steps"}),
     (
         "--kernels",
-        {"choices": ["eager", "compiled"],
-         "help": "FP8 quantisation kernels: compiled (default, torch.compile) or eager; same bits"},
+        {
+            "choices": ["eager", "compiled"],
+            "help": (
+                "FP8 quantisation kernels: compiled (default, torch.compile) or eager; same bits"
+            ),
+        },
     ),
     (
         "--monitor-every",
-        {"type": int, "metavar": "N",
-         "help": "FP8 health monitor: observe every N-th step (default 25; 0 turns it off)"},
+        {
+            "type": int,
+            "metavar": "N",
+            "help": "FP8 health monitor: observe every N-th step (default 25; 0 turns it off)",
+        },
     ),
     (
         "--dist",
-        {"choices": ["ddp", "fsdp2"],
-         "help": "data-parallel over the ranks of torchrun (launch with: torchrun "
-         "--nproc-per-node N -m fp8train ...); --batch is the global batch"},
+        {
+            "choices": ["ddp", "fsdp2"],
+            "help": "data-parallel over the ranks of torchrun (launch with: torchrun "
+            "--nproc-per-node N -m fp8train ...); --batch is the global batch",
+        },
     ),
     (
         "--fp8-all-gather",
-        {"action": argparse.BooleanOptionalAction,
-         "help": "--dist fsdp2: all-gather weights in FP8 (default: for every recipe that "
-         "supports it, same results; --fp8-all-gather makes it required)"},
+        {
+            "action": argparse.BooleanOptionalAction,
+            "help": "--dist fsdp2: all-gather weights in FP8 (default: for every recipe that "
+            "supports it, same results; --fp8-all-gather makes it required)",
+        },
     ),
 ]
 
@@ -140,8 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train = commands.add_parser("train", help="train one precision, same outputs as compare")
     train.add_argument(
-        "--precision", metavar="P",
-        help=f"one of {', '.join(PRECISIONS)}, or <recipe>+fp8act (default: bf16)"
+        "--precision",
+        metavar="P",
+        help=f"one of {', '.join(PRECISIONS)}, or <recipe>+fp8act (default: bf16)",
     )
     for sub in (compare, train):
         sub.add_argument("--task", choices=TASKS, help="gpt (default) or digits")
@@ -167,11 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
     formats = commands.add_parser(
-        "formats", help="print every number format's limits; --plot DIR draws why FP8 trains")
+        "formats", help="print every number format's limits; --plot DIR draws why FP8 trains"
+    )
     formats.add_argument(
-        "--plot", metavar="DIR",
+        "--plot",
+        metavar="DIR",
         help="write PNGs: representable values, rounding error vs magnitude, and real "
-        "tensors against each format's range")
+        "tensors against each format's range",
+    )
     return parser
 
 
@@ -292,8 +310,9 @@ def _join_process_group(config: LabConfig, out: Path | None, resume: bool) -> Pa
     shared = [None if out is None else str(out)]
     torch.distributed.broadcast_object_list(shared, src=0)
     if resume and str(out) != shared[0]:
-        raise LabError(f"--resume: rank 0 continues {shared[0]}, rank {info.rank} found {out}; "
-                       "give --out DIR")
+        raise LabError(
+            f"--resume: rank 0 continues {shared[0]}, rank {info.rank} found {out}; give --out DIR"
+        )
     return Path(str(shared[0]))
 
 

@@ -248,7 +248,10 @@ def summarize(config: LabConfig, records: dict[str, list[dict[str, Any]]]) -> di
         gap = gap_se = None
         gaps: list[float] = []
         if bf16 is not None and not diverged:
-            gaps = [_gap_pct(r["final_val_loss"], b["final_val_loss"]) for r, b in zip(recs, bf16)]
+            gaps = [
+                _gap_pct(r["final_val_loss"], b["final_val_loss"])
+                for r, b in zip(recs, bf16, strict=False)
+            ]
             if all(math.isfinite(g) for g in gaps):
                 gap, gap_se = _mean_se(gaps)
         step_s = statistics.median(r["median_step_s"] for r in recs)
@@ -270,7 +273,7 @@ def summarize(config: LabConfig, records: dict[str, list[dict[str, Any]]]) -> di
             if bf16 is not None:
                 d_acc = [
                     100.0 * (a - b["final_metrics"].get("test_accuracy", math.nan))
-                    for a, b in zip(acc, bf16)
+                    for a, b in zip(acc, bf16, strict=False)
                 ]
                 mean, se = _mean_se(d_acc)
                 run["test_accuracy_gap_vs_bf16_pts"] = _finite(mean)
@@ -286,7 +289,7 @@ def summarize(config: LabConfig, records: dict[str, list[dict[str, Any]]]) -> di
                 "final_metrics": {k: _finite(v) for k, v in r["final_metrics"].items()},
                 "curves": _clean_curves(r["curves"]),
             }
-            for r, g in zip(recs, gaps or [math.nan] * len(recs))
+            for r, g in zip(recs, gaps or [math.nan] * len(recs), strict=False)
         ]
         runs[precision] = run
 
@@ -311,7 +314,8 @@ def _mean_curves(recs: list[dict[str, Any]]) -> dict[str, list[float | None]]:
     out: dict[str, list[Any]] = {"train_step": first["train_step"], "val_step": first["val_step"]}
     for key in ("train_loss", "val_loss"):
         out[key] = [
-            _finite(statistics.fmean(vals)) for vals in zip(*(r["curves"][key] for r in recs))
+            _finite(statistics.fmean(vals))
+            for vals in zip(*(r["curves"][key] for r in recs), strict=False)
         ]
     return out
 

@@ -180,8 +180,10 @@ class LabConfig:
         if self.dist not in DIST_MODES:
             raise LabError(f"--dist must be ddp or fsdp2, got {self.dist!r}")
         if self.fp8_all_gather is not None and self.dist != "fsdp2":
-            raise LabError("--fp8-all-gather / --no-fp8-all-gather apply to --dist fsdp2 only "
-                           "(DDP keeps full replicas and gathers no weights)")
+            raise LabError(
+                "--fp8-all-gather / --no-fp8-all-gather apply to --dist fsdp2 only "
+                "(DDP keeps full replicas and gathers no weights)"
+            )
         if self.task == "gpt" and self.d_model % self.heads:
             raise LabError(f"--d-model ({self.d_model}) must be a multiple of heads ({self.heads})")
 

@@ -142,7 +142,8 @@ def load_corpus(data: str | None, *, corpus_mb: float, val_fraction: float, seq:
     if n_val < seq + 1 or len(raw) - n_val < seq + 1:
         raise LabError(
             f"{source}: {len(raw)} bytes is too little for --seq {seq}; the held-out last "
-            f"{val_fraction:.0%} must hold {seq + 1} bytes, so at least {math.ceil((seq + 1) / val_fraction)} bytes are needed"
+            f"{val_fraction:.0%} must hold {seq + 1} bytes, so at least "
+            f"{math.ceil((seq + 1) / val_fraction)} bytes are needed"
         )
     data_t = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     return Corpus(

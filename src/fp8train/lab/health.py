@@ -218,7 +218,7 @@ def health_markdown(
     warns = [r for r in records if r["kind"] == "warning"]
     lines = [f"## {title}", ""]
     if not records:
-        return "\n".join(lines + ["The monitor log is empty: nothing was observed.", ""])
+        return "\n".join([*lines, "The monitor log is empty: nothing was observed.", ""])
     observed = sorted({r["step"] for r in layer_recs})
     layers, roles = _layers_and_roles(layer_recs) if layer_recs else ([], [])
     lines.append(

@@ -110,7 +110,10 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
         for precision, run in runs.items():
             if precision == "bf16":
                 continue
-            gap = [100.0 * (v - r) / r for v, r in zip(_nan(run["curves"]["val_loss"]), ref)]
+            gap = [
+                100.0 * (v - r) / r
+                for v, r in zip(_nan(run["curves"]["val_loss"]), ref, strict=False)
+            ]
             ax_gap.plot(
                 run["curves"]["val_step"],
                 gap,
@@ -245,12 +248,17 @@ def markdown(results: dict[str, Any]) -> str:
         (
             "Step times are CPU wall times with FP8 arithmetic emulated, not a forecast of "
             "GPU speed."
-            + ("" if ver.get("bf16_gemm_native", True) else (
-                " This CPU has no hardware for bf16 GEMMs (no bf16 instructions: PyTorch "
-                "runs them in a generic fallback, or converts to fp32 inside oneDNN: 3 to "
-                "over 100 times slower than fp32), so bf16 steps are slow here and "
-                "the FP8 emulation multiplies its exact operands in fp32: the ratio to bf16 "
-                "says nothing about FP8; the ratio to fp32 is the one to read."))
+            + (
+                ""
+                if ver.get("bf16_gemm_native", True)
+                else (
+                    " This CPU has no hardware for bf16 GEMMs (no bf16 instructions: PyTorch "
+                    "runs them in a generic fallback, or converts to fp32 inside oneDNN: 3 to "
+                    "over 100 times slower than fp32), so bf16 steps are slow here and "
+                    "the FP8 emulation multiplies its exact operands in fp32: the ratio to bf16 "
+                    "says nothing about FP8; the ratio to fp32 is the one to read."
+                )
+            )
             + " Saved for backward: bytes of the tensors autograd keeps for one step, "
             "each storage once, parameters excluded. The curves validate on "
             f"{cfg['eval_windows']} fixed windows; final val loss on {cfg['final_eval_windows']}. "
@@ -278,8 +286,14 @@ def health_sections(results: dict[str, Any], out: Path) -> str:
     for precision in results["runs"]:
         log = out / "monitor" / f"{precision}-seed{seed}.jsonl"
         if log.exists() and log.stat().st_size:
-            parts.append(write_health(log, out, name=f"health_{precision}.png",
-                                      title=f"Health: {precision} (seed {seed})"))
+            parts.append(
+                write_health(
+                    log,
+                    out,
+                    name=f"health_{precision}.png",
+                    title=f"Health: {precision} (seed {seed})",
+                )
+            )
     return "\n\n".join(parts)
 
 

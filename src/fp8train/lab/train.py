@@ -4,7 +4,8 @@ Precisions: "fp32" trains in float32; "bf16" runs forward under CPU bf16 autocas
 every FP8 recipe (and "int8") runs under the same autocast with each ``nn.Linear``
 swapped by ``fp8train.convert(model, recipe)``; "<recipe>+fp8act" also stores the other
 activations saved for backward in FP8 (``fp8train.Fp8SavedActivations``). Master weights
-stay float32 and the optimiser is AdamW in every case, so the precisions differ only in the arithmetic.
+stay float32 and the optimiser is AdamW in every case, so the precisions differ only in the
+arithmetic.
 FP8 runs go through ``fp8train.LossScaler`` (dynamic), which skips steps whose
 gradients are not finite; the count is reported. With ``micro_batches`` N each batch
 runs as N equal micro-batches whose gradients and losses are averaged before the step
@@ -501,8 +502,10 @@ def train_run(
     # "<recipe>+fp8act": the model's saved activations go to FP8 (the loss stays outside).
     storage = None
     if stores_fp8_activations(precision):
-        storage = fp8train.Fp8SavedActivations(recipe_of(precision),  # type: ignore[arg-type]
-                                               kernels=config.kernels)  # type: ignore[arg-type]
+        storage = fp8train.Fp8SavedActivations(
+            recipe_of(precision),  # type: ignore[arg-type]
+            kernels=config.kernels,  # type: ignore[arg-type]
+        )
 
     session_steps = 0  # steps in this process: the first few are excluded from timing
     while step < config.steps and (stop_at is None or step < stop_at):
@@ -520,7 +523,7 @@ def train_run(
             storage.observer = meter.pack if meter is not None else None
         parts = []  # each micro-batch's loss; its gradients add up in .grad
         for i, (x_part, y_part) in enumerate(
-            zip(x.chunk(config.micro_batches), y.chunk(config.micro_batches))
+            zip(x.chunk(config.micro_batches), y.chunk(config.micro_batches), strict=False)
         ):
             counting = meter is not None and i == 0
             hooks = (
@@ -568,9 +571,12 @@ def train_run(
             # hundreds of stderr lines under the progress bars.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", fp8train.HealthWarning)
-                monitor.step(train_loss, grad_norm=float(grad_norm),
-                             loss_scale=scaler.get_scale() if scaler is not None else None,
-                             skipped=scaler.last_step_skipped if scaler is not None else False)
+                monitor.step(
+                    train_loss,
+                    grad_norm=float(grad_norm),
+                    loss_scale=scaler.get_scale() if scaler is not None else None,
+                    skipped=scaler.last_step_skipped if scaler is not None else False,
+                )
         optimizer.zero_grad(set_to_none=True)
         step += 1
         session_steps += 1
