@@ -13,7 +13,10 @@ from fp8train.recipes import RECIPE_NAMES, Recipe
 from fp8train.scaling import Granularity, NonFiniteAmaxError, ScaleSpec
 from fp8train.tensor import ScaledTensor, quantize
 
+__version__ = "0.2.0"
+
 __all__ = [
+    "__version__",
     "E2M1",
     "E4M3",
     "E5M2",
