@@ -16,7 +16,6 @@ from fp8train.tensor import ScaledTensor, quantize
 __version__ = "0.2.0"
 
 __all__ = [
-    "__version__",
     "E2M1",
     "E4M3",
     "E5M2",
@@ -36,6 +35,7 @@ __all__ = [
     "ScaleSpec",
     "ScaledTensor",
     "Thresholds",
+    "__version__",
     "cast",
     "convert",
     "formats",
