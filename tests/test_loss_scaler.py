@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from fp8train.loss_scaler import LossScaler
+from fp8train.loss_scaler import LossScaler, LossScalerConfig
 
 
 @pytest.fixture(autouse=True)
@@ -343,6 +344,43 @@ def test_loaded_scaler_continues_identically() -> None:
     _assert_bitwise(_snapshot(model2), _snapshot(model))
 
 
+# A state_dict as the scaler wrote it before its settings became a LossScalerConfig:
+# checkpoints written then must keep loading.
+_STATE_V1 = {
+    "version": 1,
+    "mode": "dynamic",
+    "enabled": True,
+    "scale": 3072.0,
+    "growth_factor": 3.0,
+    "backoff_factor": 0.25,
+    "growth_interval": 7,
+    "min_scale": 0.5,
+    "max_scale": 1e6,
+    "growth_tracker": 4,
+    "skipped_steps": 2,
+    "last_step_skipped": True,
+}
+
+
+def test_loads_a_state_dict_written_before_the_config() -> None:
+    scaler = LossScaler("static", enabled=False)
+    scaler.load_state_dict(dict(_STATE_V1))
+    assert scaler.state_dict() == _STATE_V1
+    assert scaler.config == LossScalerConfig(
+        "dynamic", init_scale=3072.0, growth_factor=3.0, backoff_factor=0.25,
+        growth_interval=7, min_scale=0.5, max_scale=1e6,
+    )  # fmt: skip
+    assert (scaler.get_scale(), scaler.growth_tracker, scaler.skipped_steps) == (3072.0, 4, 2)
+
+
+def test_load_invalid_config_raises_and_keeps_the_old_state() -> None:
+    scaler = LossScaler(init_scale=2.0**10)
+    before = scaler.state_dict()
+    with pytest.raises(ValueError, match=r"invalid configuration.*backoff_factor"):
+        scaler.load_state_dict({**_STATE_V1, "backoff_factor": 1.5})
+    assert scaler.state_dict() == before
+
+
 def test_load_unknown_version_raises() -> None:
     state = LossScaler().state_dict()
     state["version"] = 2
@@ -441,6 +479,10 @@ def test_disabled_is_pass_through() -> None:
 def test_bad_args_raise_value_error(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         LossScaler(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        LossScalerConfig(**kwargs)
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(LossScalerConfig(), **kwargs)  # variants are validated too
 
 
 @pytest.mark.parametrize(
@@ -450,3 +492,38 @@ def test_bad_args_raise_value_error(kwargs: dict[str, Any], match: str) -> None:
 def test_bad_arg_types_raise_type_error(kwargs: dict[str, Any]) -> None:
     with pytest.raises(TypeError):
         LossScaler(**kwargs)
+    with pytest.raises(TypeError):
+        LossScalerConfig(**kwargs)
+
+
+# -------------------------------------------------------------------------- config
+
+
+def test_config_is_frozen_and_normalised() -> None:
+    config = LossScalerConfig(init_scale=1024, min_scale=1, max_scale=2**20)
+    assert (config.init_scale, config.min_scale, config.max_scale) == (1024.0, 1.0, 2.0**20)
+    assert all(type(v) is float for v in (config.init_scale, config.min_scale, config.max_scale))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.init_scale = 2.0  # type: ignore[misc]
+
+
+def test_defaults_agree_between_config_and_constructor() -> None:
+    assert LossScaler().config == LossScalerConfig()
+
+
+def test_from_config_round_trips_the_settings() -> None:
+    config = dataclasses.replace(LossScalerConfig(), mode="static", init_scale=128.0)
+    scaler = LossScaler.from_config(config)
+    assert scaler.config == config
+    assert (scaler.mode, scaler.get_scale()) == ("static", 128.0)
+    assert scaler.state_dict() == LossScaler("static", init_scale=128.0).state_dict()
+    with pytest.raises(TypeError, match="LossScalerConfig"):
+        LossScaler.from_config({"mode": "static"})  # type: ignore[arg-type]
+
+
+def test_state_dict_holds_floats_for_int_arguments() -> None:
+    state = LossScaler(init_scale=1024, growth_factor=4, min_scale=2).state_dict()
+    assert all(
+        type(state[k]) is float
+        for k in ("scale", "growth_factor", "backoff_factor", "min_scale", "max_scale")
+    )

@@ -32,18 +32,23 @@ stops a burst of overflows from driving the scale into underflow territory; ``ma
 (default 2**24) stops long clean runs from growing it until the scaled loss itself
 overflows.
 
+The settings are one frozen :class:`LossScalerConfig`, validated when it is built (also
+by ``dataclasses.replace``); ``LossScaler(...)`` takes the same fields as keywords.
+
 Not supported: sparse gradients (``TypeError``) and optimizers that take a closure
 (``ValueError``), because the closure would recompute scaled gradients after unscaling.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 import torch
 
-__all__ = ["LossScaler"]
+__all__ = ["LossScaler", "LossScalerConfig"]
 
 Mode = Literal["dynamic", "static"]
 _MODES = ("dynamic", "static")
@@ -70,63 +75,115 @@ _FP32_MAX = torch.finfo(torch.float32).max
 # Gradients in these dtypes are unscaled in fp32 and written back (see unscale_).
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+_Scaler = TypeVar("_Scaler", bound="LossScaler")
+
 
 def _check_real(name: str, value: object) -> float:
     # bool is an int subclass; True as a scale is almost certainly a mistake.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+        raise TypeError(
+            f"{name} must be a real number (int or float), got {type(value).__name__} "
+            f"{value!r}; pass a number, not a string or a bool"
+        )
     value = float(value)
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+        raise ValueError(f"{name} must be finite, got {value!r}; pass a finite number")
     return value
 
 
-def _check_config(
-    mode: object,
-    init_scale: object,
-    growth_factor: object,
-    backoff_factor: object,
-    growth_interval: object,
-    min_scale: object,
-    max_scale: object,
-    enabled: object,
-) -> tuple[Mode, float, float, float, int, float, float, bool]:
-    """Validate and normalise the configuration; shared by __init__ and load_state_dict."""
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-    init = _check_real("init_scale", init_scale)
-    growth = _check_real("growth_factor", growth_factor)
-    backoff = _check_real("backoff_factor", backoff_factor)
-    lo = _check_real("min_scale", min_scale)
-    hi = _check_real("max_scale", max_scale)
-    if lo <= 0.0:
-        raise ValueError(f"min_scale must be > 0, got {lo!r}")
-    if hi > _FP32_MAX:
-        raise ValueError(
-            f"max_scale must be at most the float32 maximum {_FP32_MAX!r} (the loss is "
-            f"scaled in fp32), got {hi!r}"
-        )
-    if lo > hi:
-        raise ValueError(f"min_scale must be <= max_scale, got min_scale={lo!r}, max_scale={hi!r}")
-    if not lo <= init <= hi:
-        raise ValueError(
-            f"init_scale must lie in [min_scale, max_scale] = [{lo!r}, {hi!r}], got {init!r}; "
-            "change init_scale or widen the bounds"
-        )
-    if growth <= 1.0:
-        raise ValueError(f"growth_factor must be > 1, got {growth!r}")
-    if not 0.0 < backoff < 1.0:
-        raise ValueError(f"backoff_factor must lie in (0, 1), got {backoff!r}")
-    if isinstance(growth_interval, bool) or not isinstance(growth_interval, int):
-        raise TypeError(
-            f"growth_interval must be an int, got {type(growth_interval).__name__} "
-            f"{growth_interval!r}"
-        )
-    if growth_interval < 1:
-        raise ValueError(f"growth_interval must be >= 1, got {growth_interval!r}")
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__} {enabled!r}")
-    return mode, init, growth, backoff, growth_interval, lo, hi, enabled  # type: ignore[return-value]
+@dataclass(frozen=True)
+class LossScalerConfig:
+    """The settings of a :class:`LossScaler`, validated on construction.
+
+    Build variants with ``dataclasses.replace(config, growth_interval=500)``: the copy is
+    validated again. Real-valued fields are stored as ``float`` (``init_scale=1024``
+    becomes ``1024.0``), so that ``state_dict()`` holds the same types however the
+    scaler was configured. Raises ``ValueError`` for a value out of range and
+    ``TypeError`` for a value of the wrong type.
+    """
+
+    # "dynamic" grows and backs off the scale; "static" keeps init_scale for ever.
+    mode: Mode = "dynamic"
+    # 2**16: large enough that small gradients survive, small enough that the first
+    # overflows back it off within a few steps.
+    init_scale: float = 2.0**16
+    # Multiplies the scale after growth_interval consecutive clean steps; > 1.
+    growth_factor: float = 2.0
+    # Multiplies the scale after every update() that saw a non-finite gradient; in (0, 1).
+    backoff_factor: float = 0.5
+    # Clean steps between growths; >= 1.
+    growth_interval: int = 2000
+    # 1: never amplify the gradients' rounding error by unscaling with a scale below 1.
+    min_scale: float = 1.0
+    # 2**24: long clean runs stop growing the scale before the scaled loss overflows.
+    max_scale: float = 2.0**24
+    # False turns every LossScaler method into a pass-through (scale 1, step always runs).
+    enabled: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in _MODES:
+            raise ValueError(
+                f"mode must be one of {_MODES}, got {self.mode!r}; use 'dynamic' for a "
+                "scale that adapts or 'static' for a fixed one"
+            )
+        init = _check_real("init_scale", self.init_scale)
+        growth = _check_real("growth_factor", self.growth_factor)
+        backoff = _check_real("backoff_factor", self.backoff_factor)
+        lo = _check_real("min_scale", self.min_scale)
+        hi = _check_real("max_scale", self.max_scale)
+        if lo <= 0.0:
+            raise ValueError(
+                f"min_scale must be > 0 (the scale is floored at it), got {lo!r}; "
+                "use a positive floor such as 1.0"
+            )
+        if hi > _FP32_MAX:
+            raise ValueError(
+                f"max_scale must be at most the float32 maximum {_FP32_MAX!r} (the loss is "
+                f"scaled in fp32), got {hi!r}; lower max_scale"
+            )
+        if lo > hi:
+            raise ValueError(
+                f"min_scale must be <= max_scale, got min_scale={lo!r}, max_scale={hi!r}; "
+                "swap or widen the bounds"
+            )
+        if not lo <= init <= hi:
+            raise ValueError(
+                f"init_scale must lie in [min_scale, max_scale] = [{lo!r}, {hi!r}], got "
+                f"{init!r}; change init_scale or widen the bounds"
+            )
+        if growth <= 1.0:
+            raise ValueError(
+                f"growth_factor must be > 1, got {growth!r}; for a scale that never grows "
+                "use mode='static'"
+            )
+        if not 0.0 < backoff < 1.0:
+            raise ValueError(
+                f"backoff_factor must lie in (0, 1), got {backoff!r}; 0.5 halves the scale "
+                "after an overflow"
+            )
+        if isinstance(self.growth_interval, bool) or not isinstance(self.growth_interval, int):
+            raise TypeError(
+                f"growth_interval must be an int (a number of steps), got "
+                f"{type(self.growth_interval).__name__} {self.growth_interval!r}"
+            )
+        if self.growth_interval < 1:
+            raise ValueError(
+                f"growth_interval must be >= 1, got {self.growth_interval!r}; it counts the "
+                "clean steps between growths"
+            )
+        if not isinstance(self.enabled, bool):
+            raise TypeError(
+                f"enabled must be a bool, got {type(self.enabled).__name__} {self.enabled!r}"
+            )
+        # Frozen: store the normalised floats once, before anyone can see the object.
+        for name, value in (
+            ("init_scale", init),
+            ("growth_factor", growth),
+            ("backoff_factor", backoff),
+            ("min_scale", lo),
+            ("max_scale", hi),
+        ):
+            object.__setattr__(self, name, value)
 
 
 class _OptState:
@@ -153,6 +210,9 @@ class LossScaler:
         max_scale: ceiling of the scale (default 2**24; at most the float32 maximum).
         enabled: ``False`` turns every method into a pass-through (scale 1, step always runs).
 
+    The arguments are validated as one :class:`LossScalerConfig` (``config``); build a
+    scaler from such a config with :meth:`from_config`.
+
     Per iteration, each optimizer may be unscaled once and stepped once; update() ends the
     iteration. With several optimizers each one is skipped on its *own* gradients (an
     optimizer that already stepped cannot be undone), while update() backs off once if any
@@ -171,25 +231,17 @@ class LossScaler:
         max_scale: float = 2.0**24,
         enabled: bool = True,
     ) -> None:
-        (
-            self._mode,
-            self._scale,
-            self._growth_factor,
-            self._backoff_factor,
-            self._growth_interval,
-            self._min_scale,
-            self._max_scale,
-            self._enabled,
-        ) = _check_config(
+        self._config = LossScalerConfig(
             mode,
-            init_scale,
-            growth_factor,
-            backoff_factor,
-            growth_interval,
-            min_scale,
-            max_scale,
-            enabled,
+            init_scale=init_scale,
+            growth_factor=growth_factor,
+            backoff_factor=backoff_factor,
+            growth_interval=growth_interval,
+            min_scale=min_scale,
+            max_scale=max_scale,
+            enabled=enabled,
         )
+        self._scale = self._config.init_scale
         self._growth_tracker = 0
         self._skipped_steps = 0
         self._last_step_skipped = False
@@ -200,15 +252,32 @@ class LossScaler:
         # optimizers must not be divided twice.
         self._unscaled_params: set[int] = set()
 
+    @classmethod
+    def from_config(cls: type[_Scaler], config: LossScalerConfig, **kwargs: Any) -> _Scaler:
+        """A scaler with ``config``'s settings; ``kwargs`` go to subclasses' constructors
+        (e.g. ``process_group`` of ``fp8train.distributed.DistributedLossScaler``)."""
+        if not isinstance(config, LossScalerConfig):
+            raise TypeError(
+                f"config must be a LossScalerConfig, got {type(config).__name__}; build one "
+                "with LossScalerConfig(...) or pass the settings to LossScaler(...) directly"
+            )
+        fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        return cls(**fields, **kwargs)
+
     # ------------------------------------------------------------------ read-only state
 
     @property
+    def config(self) -> LossScalerConfig:
+        """The settings; after load_state_dict(), ``init_scale`` is the loaded scale."""
+        return self._config
+
+    @property
     def mode(self) -> Mode:
-        return self._mode
+        return self._config.mode
 
     @property
     def enabled(self) -> bool:
-        return self._enabled
+        return self._config.enabled
 
     def get_scale(self) -> float:
         """Current loss scale as a Python float (1.0 when disabled).
@@ -216,7 +285,7 @@ class LossScaler:
         A method, not a ``scale`` property, because ``scale(loss)`` is the GradScaler-style
         call; the name matches ``GradScaler.get_scale``.
         """
-        return self._scale if self._enabled else 1.0
+        return self._scale if self._config.enabled else 1.0
 
     @property
     def skipped_steps(self) -> int:
@@ -252,7 +321,7 @@ class LossScaler:
             )
         if not loss.is_floating_point():
             raise TypeError(f"scale() expects a floating-point loss, got dtype {loss.dtype}")
-        if not self._enabled:
+        if not self._config.enabled:
             return loss
         if loss.dtype in _LOW_PRECISION:
             return (loss.float() * self._scale).to(loss.dtype)
@@ -274,7 +343,7 @@ class LossScaler:
             RuntimeError: called twice, or after step(), for the same optimizer before update().
             TypeError: a gradient is sparse (only dense gradients are supported).
         """
-        if not self._enabled:
+        if not self._config.enabled:
             return
         state = self._opt_state(optimizer)
         if state.unscaled:
@@ -324,7 +393,7 @@ class LossScaler:
             RuntimeError: step() called twice for the same optimizer before update().
             ValueError: a closure is passed (it would recompute scaled gradients).
         """
-        if not self._enabled:
+        if not self._config.enabled:
             return optimizer.step(*args, **kwargs)
         if "closure" in kwargs or any(callable(a) for a in args):
             raise ValueError(
@@ -358,7 +427,7 @@ class LossScaler:
         Raises:
             RuntimeError: no optimizer was unscaled or stepped since the last update().
         """
-        if not self._enabled:
+        if not self._config.enabled:
             return
         if not self._per_optimizer:
             raise RuntimeError(
@@ -368,15 +437,16 @@ class LossScaler:
         found_inf = any(s.found_inf for s in self._per_optimizer.values())
         self._per_optimizer.clear()
         self._unscaled_params.clear()
-        if self._mode == "static":
+        config = self._config
+        if config.mode == "static":
             return
         if found_inf:
-            self._scale = max(self._scale * self._backoff_factor, self._min_scale)
+            self._scale = max(self._scale * config.backoff_factor, config.min_scale)
             self._growth_tracker = 0
             return
         self._growth_tracker += 1
-        if self._growth_tracker >= self._growth_interval:
-            self._scale = min(self._scale * self._growth_factor, self._max_scale)
+        if self._growth_tracker >= config.growth_interval:
+            self._scale = min(self._scale * config.growth_factor, config.max_scale)
             self._growth_tracker = 0
 
     # ---------------------------------------------------------------------- state_dict
@@ -385,18 +455,20 @@ class LossScaler:
         """Configuration and counters as plain Python values (``"version": 1``).
 
         Taken between update() and the next backward; the pending per-optimizer state of
-        an unfinished iteration is not saved.
+        an unfinished iteration is not saved. ``init_scale`` is not saved: the current
+        ``scale`` is where a loaded scaler starts.
         """
+        config = self._config
         return {
             "version": _STATE_VERSION,
-            "mode": self._mode,
-            "enabled": self._enabled,
+            "mode": config.mode,
+            "enabled": config.enabled,
             "scale": self._scale,
-            "growth_factor": self._growth_factor,
-            "backoff_factor": self._backoff_factor,
-            "growth_interval": self._growth_interval,
-            "min_scale": self._min_scale,
-            "max_scale": self._max_scale,
+            "growth_factor": config.growth_factor,
+            "backoff_factor": config.backoff_factor,
+            "growth_interval": config.growth_interval,
+            "min_scale": config.min_scale,
+            "max_scale": config.max_scale,
             "growth_tracker": self._growth_tracker,
             "skipped_steps": self._skipped_steps,
             "last_step_skipped": self._last_step_skipped,
@@ -404,6 +476,9 @@ class LossScaler:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore everything state_dict() saved, configuration included, exactly.
+
+        The loaded configuration replaces this scaler's, with ``init_scale`` set to the
+        saved scale (which is validated as an ``init_scale``).
 
         Raises:
             ValueError: unknown version, missing or unexpected keys, or invalid values.
@@ -431,16 +506,22 @@ class LossScaler:
                 "load_state_dict() called mid-iteration (after unscale_/step, before "
                 "update()); load between update() and the next scale()"
             )
-        config = _check_config(
-            state["mode"],
-            state["scale"],
-            state["growth_factor"],
-            state["backoff_factor"],
-            state["growth_interval"],
-            state["min_scale"],
-            state["max_scale"],
-            state["enabled"],
-        )
+        try:
+            config = LossScalerConfig(
+                state["mode"],
+                init_scale=state["scale"],
+                growth_factor=state["growth_factor"],
+                backoff_factor=state["backoff_factor"],
+                growth_interval=state["growth_interval"],
+                min_scale=state["min_scale"],
+                max_scale=state["max_scale"],
+                enabled=state["enabled"],
+            )
+        except (TypeError, ValueError) as e:
+            raise type(e)(
+                f"LossScaler state holds an invalid configuration (its 'scale' is checked "
+                f"as init_scale): {e}"
+            ) from e
         tracker, skipped, last = (
             state["growth_tracker"],
             state["skipped_steps"],
@@ -453,16 +534,8 @@ class LossScaler:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
         if not isinstance(last, bool):
             raise TypeError(f"last_step_skipped must be a bool, got {type(last).__name__}")
-        (
-            self._mode,
-            self._scale,
-            self._growth_factor,
-            self._backoff_factor,
-            self._growth_interval,
-            self._min_scale,
-            self._max_scale,
-            self._enabled,
-        ) = config
+        self._config = config
+        self._scale = config.init_scale
         self._growth_tracker = tracker
         self._skipped_steps = skipped
         self._last_step_skipped = last
