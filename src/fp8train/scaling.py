@@ -164,7 +164,7 @@ def _pad_to_blocks(x2d: torch.Tensor, br: int, bc: int) -> torch.Tensor:
 
 
 def compute_amax(x: torch.Tensor, spec: ScaleSpec) -> torch.Tensor:
-    """Max |x| per scaling group, fp32, shaped like the scale grid.
+    """``max |x|`` per scaling group, fp32, shaped like the scale grid.
 
     Shapes: TENSOR ``()``; ROW ``(M, 1)`` for ``axis=-1`` or ``(1, K)`` for ``axis=0``;
     BLOCK and MX ``(ceil(M/br), ceil(K/bc))`` on the 2-D view ``(M, K)``.
