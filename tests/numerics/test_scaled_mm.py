@@ -142,9 +142,9 @@ def test_mixed_fp8_formats_against_reference(
 # ---------------------------------------------------------------- vs torch._scaled_mm
 # With power-of-two scales every dequantised value, product and scaling is exact, so
 # the tests find the two equal bit for bit on every CPU tried so far. With
-# other scales, CPU torch._scaled_mm takes one of two oneDNN paths: on some CPUs (the
-# AMD EPYC) it dequantises to fp32 first, as the emulation does, and the bits agree; on
-# CPUs with AVX512-FP16/AMX (Sapphire Rapids) e4m3 x e4m3 runs a native FP8 kernel
+# other scales, CPU torch._scaled_mm takes one of two oneDNN paths: on some CPUs it
+# dequantises to fp32 first, as the emulation does, and the bits agree; on CPUs with
+# AVX512-FP16 or AMX, e4m3 x e4m3 runs a native FP8 kernel
 # whose scaling and summation order differ. That one pair is checked against the
 # float64 reference within the accumulation bound (both backends) instead.
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES, ids=str)
