@@ -51,6 +51,20 @@ def test_numerics_doc_lists_every_recipe_gemm() -> None:
     assert describe_all() in text, "docs/numerics.md recipe GEMMs are stale: paste describe_all()"
 
 
+def test_performance_page_is_up_to_date() -> None:
+    gen = _load_script("gen_performance")
+    assert gen.render() == (DOCS / "performance.md").read_text(encoding="utf-8"), (
+        "docs/performance.md is stale: run python docs/gen_performance.py"
+    )
+
+
+def test_performance_page_refuses_a_benchmark_it_cannot_render(tmp_path: Path) -> None:
+    gen = _load_script("gen_performance")
+    (tmp_path / "no_such_benchmark.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"no renderer for .*no_such_benchmark"):
+        gen.render(tmp_path)
+
+
 def test_head_gradient_counts_flushes_and_saturation_as_derived_by_hand() -> None:
     """docs/head_gradient.py (quoted in the README's lab section) on 32 equal tokens of a
     32-class gradient whose numbers follow from the formats' limits alone."""
