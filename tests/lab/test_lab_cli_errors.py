@@ -70,3 +70,18 @@ def test_help_exits_zero(tmp_path: Path) -> None:
     result = run(tmp_path, "compare", "--help")
     assert result.returncode == 0
     assert "--precisions" in result.stdout and "--resume" in result.stdout
+
+
+def test_out_that_is_a_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("a file, not a folder\n")
+    for out in ("notes.txt", "notes.txt/run"):
+        result = run(tmp_path, "train", "--preset", "tiny", "--out", out, "--quiet")
+        assert_one_line_error(result, f"--out {out}", "not a folder")
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_out_that_cannot_be_created_is_refused(tmp_path: Path, text_dir: Path) -> None:
+    # /proc takes no new folders, whatever the permission bits say (even for root).
+    args = ["train", "--preset", "tiny", "--data", str(text_dir), "--quiet"]
+    result = run(tmp_path, *args, "--out", "/proc/fp8train-lab-test")
+    assert_one_line_error(result, "--out /proc/fp8train-lab-test", "cannot create")

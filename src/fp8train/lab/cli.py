@@ -224,6 +224,19 @@ def _new_out_dir() -> Path:
     return out
 
 
+def check_out_dir(out: Path) -> None:
+    """Refuse an output folder that cannot be one, before any work is done: a path that
+    names a regular file (or lies under one). Whether it can be created is known only by
+    trying (permission bits say nothing for root, and /proc refuses anyway), which
+    ``compare.run_all`` does after the data loads, with the same one-line error."""
+    for parent in (out, *out.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                what = "is a file" if parent == out else f"lies under the file {parent}"
+                raise LabError(f"--out {out}: {what}, not a folder; give a folder path")
+            return
+
+
 def _latest_run() -> Path:
     runs = sorted(RUNS_DIR.glob("*/config.json"), key=lambda p: p.stat().st_mtime)
     if not runs:
@@ -342,6 +355,8 @@ def _run(args: argparse.Namespace) -> int:
     else:
         config = _fresh_config(args, overrides)
         out = Path(args.out) if args.out else None
+        if out is not None:
+            check_out_dir(out)
     _require_torchrun(config, args.command)
 
     from fp8train.lab.compare import run_all  # torch is imported only from here on

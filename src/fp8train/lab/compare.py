@@ -139,8 +139,14 @@ def run_all(
         torch.distributed.barrier()  # every rank has checked config.json before it is written
     main = fd.is_main()
     if not resume and main:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(config_path, {"command": command, "config": asdict(config), "data": data_info})
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            _write_json(
+                config_path, {"command": command, "config": asdict(config), "data": data_info}
+            )
+        except OSError as e:  # e.g. --out /proc/x, a read-only disk, a file in the way
+            why = e.strerror or str(e)
+            raise LabError(f"--out {out}: cannot create the output folder: {why}") from e
 
     started = time.perf_counter()
     load_start = _loadavg()
