@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ __all__ = [
     "eval_windows",
     "load_corpus",
     "load_digits",
+    "non_text_fraction",
     "sample_windows",
     "stdlib_files",
     "text_files",
@@ -43,6 +45,20 @@ _STDLIB_SKIP_DIRS = frozenset(
 _STDLIB_SKIP_PREFIX = "_sysconfigdata"
 # A file is treated as binary (and skipped in a --data folder) if its first bytes hold NUL.
 _BINARY_SNIFF_BYTES = 8192
+# A corpus with more than this share of non-text bytes (see ``non_text_fraction``) is
+# refused rather than trained on with a warning: the lab compares precisions on a text
+# model, and a binary file gives numbers that look like a text result but are not one,
+# while a warning would scroll away under the progress bars. Binary files sit far above
+# the line (random or compressed bytes ~60%, executables ~50%), text far below it (8-bit
+# legacy encodings such as Latin-1 prose, whose accented letters are not UTF-8, stay
+# under a few percent), so the exact value matters little.
+MAX_NON_TEXT_FRACTION = 0.10
+# Bytes that are not text, after decoding as UTF-8 with ``surrogateescape`` (each byte
+# of an invalid sequence becomes one U+DC80..U+DCFF): ASCII control characters other
+# than the whitespace \t \n \v \f \r, DEL, and the invalid bytes; one byte each.
+_NON_TEXT_1 = re.compile("[\x00-\x08\x0e-\x1f\x7f\udc80-\udcff]")
+# C1 control characters (U+0080..U+009F), valid UTF-8 but not text: two bytes each.
+_NON_TEXT_2 = re.compile("[\x80-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -104,10 +120,22 @@ def text_files(path: Path) -> list[Path]:
     return files
 
 
+def non_text_fraction(raw: bytes) -> float:
+    """The share of ``raw``'s bytes that are not printable ASCII, whitespace or valid
+    UTF-8 text (0.0 for empty input). A multi-byte character cut by the end of ``raw``
+    counts as invalid, a few bytes at most."""
+    if not raw:
+        return 0.0
+    text = raw.decode("utf-8", errors="surrogateescape")
+    bad = len(_NON_TEXT_1.findall(text)) + 2 * len(_NON_TEXT_2.findall(text))
+    return bad / len(raw)
+
+
 def load_corpus(data: str | None, *, corpus_mb: float, val_fraction: float, seq: int) -> Corpus:
     """Concatenate the files' bytes in order, cap at ``corpus_mb`` MiB, and hold out the
     last ``val_fraction`` for validation. Raises ``LabError`` when the data is missing,
-    empty, or too small for windows of ``seq + 1`` bytes on both sides of the split."""
+    empty, not text (more than ``MAX_NON_TEXT_FRACTION`` of its bytes), or too small
+    for windows of ``seq + 1`` bytes on both sides of the split."""
     if data is None:
         root, files = stdlib_files()
         source = f"stdlib:{root}"
@@ -138,6 +166,14 @@ def load_corpus(data: str | None, *, corpus_mb: float, val_fraction: float, seq:
             "folder has no text files" if data is not None and Path(data).is_dir() else "is empty"
         )
         raise LabError(f"--data {data if data is not None else source}: {what}")
+    binary = non_text_fraction(raw)
+    if binary > MAX_NON_TEXT_FRACTION:
+        raise LabError(
+            f"--data {data if data is not None else source}: {binary:.1%} of its bytes are "
+            f"not text (printable ASCII, whitespace or UTF-8; at most "
+            f"{MAX_NON_TEXT_FRACTION:.0%} allowed); the lab trains a language model on text, "
+            "give a text file or a folder of them"
+        )
     n_val = int(len(raw) * val_fraction)
     if n_val < seq + 1 or len(raw) - n_val < seq + 1:
         raise LabError(
