@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from fp8train.lab.cli import main
 from fp8train.lab import data
+from fp8train.lab.cli import main
 
 
 def test_non_text_fraction_counts_bytes_that_are_not_text() -> None:
     assert data.non_text_fraction(b"") == 0.0
-    assert data.non_text_fraction("plain ASCII\twith\r\nwhitespace\f\v".encode()) == 0.0
+    assert data.non_text_fraction(b"plain ASCII\twith\r\nwhitespace\f\v") == 0.0
     assert data.non_text_fraction("UTF-8: héllo wörld, 漢字, \u2028".encode()) == 0.0
     assert data.non_text_fraction(b"\x00\x07\x1b\x7f") == 1.0  # controls and DEL
     assert data.non_text_fraction("\x85".encode()) == 1.0  # a C1 control: valid UTF-8, 2 bytes
