@@ -26,6 +26,7 @@ from fp8train.monitor import (
     Thresholds,
     operand_stats,
 )
+from fp8train.monitor.detectors import FractionDetector, ScaleChangeDetector
 from fp8train.scaling import Granularity, ScaleSpec
 from fp8train.testing import assert_bitwise_equal
 
@@ -422,6 +423,34 @@ def test_invalid_arguments_raise() -> None:
         Monitor(nn.Linear(2, 2), shadow_every=0)
     with pytest.raises(ValueError, match="loss_spike_factor"):
         Thresholds(loss_spike_factor=1.0)
+
+
+def test_layer_detectors_work_alone_on_records() -> None:
+    # The detectors need no model: they read layer records and keep their own state.
+    th = Thresholds(scale_min_history=2)
+    fractions, scales = FractionDetector(th), ScaleChangeDetector(th)
+
+    def rec(underflow: float, scale: float) -> dict[str, Any]:
+        return {
+            "layer": "fc",
+            "role": "input",
+            "fmt": "e4m3",
+            "amax": 1.0,
+            "underflow": underflow,
+            "clipped": 0.0,
+            "scale_min": scale,
+            "scale_max": scale,
+            "staleness": None,
+        }
+
+    steps = [(0.0, 1.0), (0.0, 1.0), (0.5, 2.0**10), (0.5, 2.0**10), (0.0, 1.0), (0.5, 1.0)]
+    kinds = []
+    for s, (u, scale) in enumerate(steps):
+        kinds += [(s, w["type"]) for w in fractions.check(s, rec(u, scale))]
+        kinds += [(s, w["type"]) for w in scales.check(s, rec(u, scale))]
+    # Edge triggered: no repeat at step 3, re-armed at step 4, fires again at step 5.
+    assert kinds == [(2, "underflow"), (2, "scale_explode"), (5, "underflow")]
+    assert fractions.check(6, {"role": "output", "bf16_rel_err": 0.1}) == []
 
 
 def test_bf16_shadow_check_records_relative_error(tmp_path: Path) -> None:
