@@ -125,8 +125,11 @@ def run_all(
             f"{out} already holds a run; add --resume to continue it, or pick another --out"
         )
     task, data_info = _load_task(config)
-    for precision in config.precisions:  # refuse --fp8-all-gather now, not after some runs
+    with torch.device("meta"):  # shapes only: no memory, no random numbers drawn
+        shapes = task.build_model()
+    for precision in config.precisions:  # refuse now, not after some runs have trained
         lab_train.fp8_all_gather_for(config, precision)
+        lab_train.require_fp8_layers(shapes, precision)
     if resume:
         saved = json.loads(config_path.read_text())
         if saved["data"]["sha256"] != data_info["sha256"]:

@@ -64,6 +64,7 @@ __all__ = [
     "fp8_all_gather_for",
     "gpt_task",
     "lr_at",
+    "require_fp8_layers",
     "train_run",
 ]
 
@@ -150,13 +151,44 @@ def precision_context(precision: str) -> contextlib.AbstractContextManager[Any]:
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
+def require_fp8_layers(model: nn.Module, precision: str) -> None:
+    """Raise ``LabError`` when ``precision`` is an FP8 recipe that can take none of
+    ``model``'s Linear layers: such a run would train entirely in bf16 under the
+    recipe's name. The message gives each shape rule the layers broke (the recipe's
+    ``unsupported_reason``) and which layers broke it. Some layers left in high precision
+    are fine: the report counts them (FP8 linears k/n)."""
+    name = recipe_of(precision)
+    if name is None:
+        return
+    recipe = fp8train.Recipe.from_name(name)
+    broken: dict[str, list[str]] = {}  # reason -> the layers it stops, in model order
+    linears = 0
+    for layer, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            linears += 1
+            reason = recipe.unsupported_reason(m.in_features, m.out_features)
+            if reason is None:
+                return
+            broken.setdefault(reason, []).append(layer)
+    if not linears:
+        return
+    rules = "; ".join(f"{reason} ({', '.join(layers)})" for reason, layers in broken.items())
+    raise LabError(
+        f"precision {precision} would run no FP8: recipe {name} can take none of the "
+        f"model's {linears} Linear layers: {rules}; choose --d-model (and so every layer "
+        f"width) a multiple of {recipe.min_multiple}"
+    )
+
+
 def apply_precision(model: nn.Module, precision: str, kernels: str = "eager") -> nn.Module:
     """Swap the Linear layers for the recipe's FP8 layers; fp32 and bf16 leave the model
     as it is. Layers whose shape the recipe cannot take stay in high precision (the
-    library logs which); the run records how many were converted."""
+    library logs which; the run records how many were converted), but a recipe that
+    converts no layer at all is a ``LabError`` (``require_fp8_layers``)."""
     recipe = recipe_of(precision)
     if recipe is None:
         return model
+    require_fp8_layers(model, precision)
     try:
         return fp8train.convert(model, recipe, kernels=kernels)  # type: ignore[arg-type]
     except (ValueError, TypeError) as e:  # the library's API errors say what to fix
