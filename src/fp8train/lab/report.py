@@ -278,22 +278,40 @@ def markdown(results: dict[str, Any]) -> str:
 
 def health_sections(results: dict[str, Any], out: Path) -> str:
     """One health section per monitored FP8 run (first seed): a per-layer heatmap PNG and
-    the table and warnings from ``fp8train.lab.health``."""
-    from fp8train.lab.health import write_health
+    the table and warnings from ``fp8train.lab.health``. Every heatmap of the run uses the
+    same colour scale per quantity (fitted over all the logs), so one colour means one
+    value in every file."""
+    from fp8train.lab.health import heatmap_scales, read_log, write_health
 
     seed = results["seeds"][0] if results.get("seeds") else 0
-    parts = []
-    for precision in results["runs"]:
-        log = out / "monitor" / f"{precision}-seed{seed}.jsonl"
-        if log.exists() and log.stat().st_size:
-            parts.append(
-                write_health(
-                    log,
-                    out,
-                    name=f"health_{precision}.png",
-                    title=f"Health: {precision} (seed {seed})",
-                )
+    logs = {
+        precision: log
+        for precision in results["runs"]
+        if (log := out / "monitor" / f"{precision}-seed{seed}.jsonl").exists()
+        and log.stat().st_size
+    }
+    if not logs:
+        return ""
+    scales = heatmap_scales(*(read_log(log) for log in logs.values()))
+    intro = (
+        "Every heatmap below uses the same colour scale per quantity, fitted over the "
+        f"monitored runs of this comparison ({', '.join(logs)}): underflow from "
+        f"{scales.underflow_min_pct:g}% (and 0) to {scales.underflow_max_pct:.3g}% on a log "
+        f"scale, SQNR from {scales.sqnr_lo_db:.1f} to {scales.sqnr_hi_db:.1f} dB. "
+        "Operands ending in `.t` are the transposed operand re-quantised along its other "
+        "axis for a backward GEMM (see each section)."
+    )
+    parts = [intro]
+    for precision, log in logs.items():
+        parts.append(
+            write_health(
+                log,
+                out,
+                name=f"health_{precision}.png",
+                title=f"Health: {precision} (seed {seed})",
+                scales=scales,
             )
+        )
     return "\n\n".join(parts)
 
 
