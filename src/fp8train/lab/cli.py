@@ -19,6 +19,7 @@ import gc
 import json
 import os
 import sys
+import textwrap
 import time
 import warnings
 from collections.abc import Sequence
@@ -40,6 +41,17 @@ __all__ = ["build_parser", "main"]
 
 PROG = "fp8train"
 RUNS_DIR = Path("runs")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's help layout, but a line breaks only between words: argparse's default
+    splits a word longer than the column (a comma-separated list of precisions) and at
+    hyphens (``--no-fp8-all-gather``, ``+fp8act``); a name cut in two cannot be copied.
+    A word longer than the whole column overflows it instead."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        text = self._whitespace_matcher.sub(" ", text).strip()  # as argparse does
+        return textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -124,35 +136,41 @@ def _field(flag: str) -> str:
     return flag[2:].replace("-", "_")
 
 
+# Raw text (kept as written), so every line fits 80 columns.
 _EXAMPLES = """examples:
-  fp8train compare                                  every precision, about 10 minutes
+  fp8train compare                  every precision, about 10 minutes
   fp8train compare --precisions bf16,tensorwise,int8 --seeds 3
-  fp8train compare --task digits                    the classifier on scikit-learn's digits
+  fp8train compare --task digits    the classifier on scikit-learn's digits
   fp8train train --precision rowwise --steps 100 --data notes.txt
   fp8train compare --resume --out runs/20260101-120000
-  torchrun --nproc-per-node 2 -m fp8train train --dist fsdp2 --precision tensorwise
+  torchrun --nproc-per-node 2 -m fp8train train --dist fsdp2 \\
+      --precision tensorwise
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
         epilog=_EXAMPLES,
-        description="FP8 training lab: train a small model under fp32, bf16 and each FP8 "
+        description="FP8 training lab: train a small model under fp32, bf16 and each FP8\n"
         "recipe with identical seeds and data, and report the differences.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     compare = commands.add_parser(
-        "compare", help="train every precision and write results.json, loss_curves.png, report.md"
+        "compare",
+        help="train every precision and write results.json, loss_curves.png, report.md",
+        formatter_class=_HelpFormatter,
     )
     compare.add_argument(
         "--precisions",
         metavar="LIST",
-        help=f"comma-separated, from {','.join(PRECISIONS)} (default: all); "
+        help=f"comma-separated, from {', '.join(PRECISIONS)} (default: all); "
         "<recipe>+fp8act adds FP8 storage of the LayerNorm, GELU and attention inputs",
     )
-    train = commands.add_parser("train", help="train one precision, same outputs as compare")
+    train = commands.add_parser(
+        "train", help="train one precision, same outputs as compare", formatter_class=_HelpFormatter
+    )
     train.add_argument(
         "--precision",
         metavar="P",
@@ -182,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
     formats = commands.add_parser(
-        "formats", help="print every number format's limits; --plot DIR draws why FP8 trains"
+        "formats",
+        help="print every number format's limits; --plot DIR draws why FP8 trains",
+        formatter_class=_HelpFormatter,
     )
     formats.add_argument(
         "--plot",
@@ -308,7 +328,7 @@ def _join_process_group(config: LabConfig, out: Path | None, resume: bool) -> Pa
         raise LabError(str(e)) from e
     parts = info.world_size * config.micro_batches
     if config.batch % parts:
-        over = f"{info.world_size} ranks" + (
+        over = ("1 rank" if info.world_size == 1 else f"{info.world_size} ranks") + (
             f" x {config.micro_batches} micro-batches" if config.micro_batches > 1 else ""
         )
         raise LabError(

@@ -4,9 +4,10 @@ Runs are paired: for one seed, every precision starts from the same weights and 
 the same batches, so the per-seed gap ``100 * (loss_p - loss_bf16) / loss_bf16`` holds
 no seed-to-seed noise from initialisation or data order, only what the arithmetic
 changes (and how chaotic training amplifies it). Over ``seeds`` such gaps we report
-the mean and its standard error. A verdict claims a difference only when the mean gap
-exceeds ``CLAIM_SE`` standard errors; with one seed there is no standard error, and
-the fp32-vs-bf16 gap of that seed is the noise floor instead.
+the mean and its standard error. A verdict words the gap as strongly as its size in
+noise units allows (``fp8train.lab.verdicts``): standard errors with several seeds;
+with one seed there is no standard error, and the fp32-vs-bf16 gap of that seed is the
+noise floor instead.
 
 With ``config.dist`` every rank runs ``run_all`` (under torchrun, in a process group the
 CLI has joined); every rank trains, and only the main rank writes files and shows
@@ -31,13 +32,11 @@ from fp8train import distributed as fd
 from fp8train.lab import train as lab_train
 from fp8train.lab.config import LabConfig, LabError
 from fp8train.lab.data import load_corpus, load_digits
+from fp8train.lab.verdicts import CLAIM_SE, verdict
 from fp8train.matmul import bf16_gemm_is_native
 
 __all__ = ["CLAIM_SE", "SCHEMA_VERSION", "run_all", "summarize", "verdict", "versions"]
 
-# A gap is called a difference only beyond this many standard errors (about 95%
-# two-sided for a normal mean); never below one, as the issue demands.
-CLAIM_SE = 2.0
 # Bumped when results.json changes shape.
 SCHEMA_VERSION = 1
 
@@ -327,54 +326,3 @@ def _mean_curves(recs: list[dict[str, Any]]) -> dict[str, list[float | None]]:
             for vals in zip(*(r["curves"][key] for r in recs), strict=False)
         ]
     return out
-
-
-def verdict(precision: str, run: dict[str, Any], floor: dict[str, Any] | None, seeds: int) -> str:
-    """One line judging ``precision`` against bf16, claiming no difference the noise
-    cannot support."""
-    if run["diverged"]:
-        return "diverged: the final validation loss is not finite"
-    if precision == "bf16":
-        return "reference: every gap is measured against this run"
-    gap, se = run["val_loss_gap_vs_bf16_pct"], run["val_loss_gap_vs_bf16_se_pct"]
-    if gap is None:
-        return "no verdict: bf16 was not run, so there is no reference"
-    skipped = (
-        f"; {run['skipped_steps']} steps skipped by the loss scaler" if run["skipped_steps"] else ""
-    )
-    if seeds >= 2 and se is not None:
-        if abs(gap) <= CLAIM_SE * se:
-            line = (
-                f"indistinguishable from bf16: gap {gap:+.2f}% is within {CLAIM_SE:g} standard "
-                f"errors (SE {se:.2f}%, {seeds} paired seeds)"
-            )
-        else:
-            word = "worse" if gap > 0 else "better"
-            line = (
-                f"{word} than bf16: validation loss {gap:+.2f}% (SE {se:.2f}%, "
-                f"{gap / se:+.1f} SE over {seeds} paired seeds)"
-            )
-        return line + skipped
-    # One seed: no standard error. The fp32-vs-bf16 gap of the same seed is the floor.
-    if precision == "fp32":
-        return (
-            f"noise floor: fp32 differs from bf16 by {gap:+.2f}% (one seed, no standard "
-            f"error; use --seeds N for one)" + skipped
-        )
-    floor_gap = floor["fp32_vs_bf16_gap_pct"] if floor else None
-    if floor_gap is None:
-        return (
-            f"no verdict: gap {gap:+.2f}% from one seed has no standard error and fp32 was "
-            f"not run for a noise floor; use --seeds N or add fp32" + skipped
-        )
-    if abs(gap) <= abs(floor_gap):
-        return (
-            f"no difference shown: gap {gap:+.2f}% is within the fp32-vs-bf16 noise floor "
-            f"({abs(floor_gap):.2f}%; one seed, no standard error)" + skipped
-        )
-    word = "worse" if gap > 0 else "better"
-    return (
-        f"possibly {word} than bf16: gap {gap:+.2f}% exceeds the fp32-vs-bf16 noise floor "
-        f"({abs(floor_gap):.2f}%), but one seed has no standard error; confirm with "
-        f"--seeds N" + skipped
-    )

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fp8train.lab.verdicts import plural
+
 __all__ = [
     "HEATMAP",
     "HeatmapScales",
@@ -298,10 +300,9 @@ def health_markdown(
     observed = sorted({r["step"] for r in layer_recs})
     layers, roles = _layers_and_roles(layer_recs) if layer_recs else ([], [])
     lines.append(
-        f"From the training monitor: {len(observed)} observed step"
-        f"{'s' if len(observed) != 1 else ''}"
+        f"From the training monitor: {plural(len(observed), 'observed step')}"
         + (f" ({observed[0]} to {observed[-1]})" if observed else "")
-        + f", {len(layers)} FP8 layers, {len(warns)} warning{'s' if len(warns) != 1 else ''}. "
+        + f", {plural(len(layers), 'FP8 layer')}, {plural(len(warns), 'warning')}. "
         "Underflow: nonzero values flushed to zero; overflow: values at or beyond the "
         "format's max before saturation (clipped: would round past max, lost to "
         "saturation); SQNR: signal to quantisation noise of the cast; staleness (delayed "
@@ -313,7 +314,7 @@ def health_markdown(
         lines.append(
             f"Last observed step {last['step']}: loss {_g(last.get('loss'), '.4f')}, "
             f"gradient norm {_g(last.get('grad_norm'))}, loss scale "
-            f"{_g(last.get('loss_scale'))}, {last.get('skipped_total', 0)} skipped steps."
+            f"{_g(last.get('loss_scale'))}, {plural(last.get('skipped_total', 0), 'skipped step')}."
         )
     lines.append("")
     if heatmap is not None and layer_recs:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fp8train.lab.config import PRECISIONS, LabError, stores_fp8_activations
+from fp8train.lab.verdicts import plural, thresholds_text
 
 __all__ = ["markdown", "plot_curves", "require_plotting", "write_report"]
 
@@ -161,21 +162,23 @@ def markdown(results: dict[str, Any]) -> str:
     seeds = results["seeds"]
     digits = results["task"] == "digits"
     title = (
-        f"# fp8train lab: {results['task']}, {len(runs)} precisions, "
-        f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}"
+        f"# fp8train lab: {results['task']}, {plural(len(runs), 'precision')}, "
+        f"{plural(len(seeds), 'seed')}"
     )
     lines = [title, ""]
     if digits:
         lines.append(
             f"Linear(64, {cfg['d_model']})-ReLU-Linear({cfg['d_model']}, 10) on scikit-learn's "
-            f"digits ({data['train_examples']} train, {data['test_examples']} test images, "
-            f"sha256 `{data['sha256'][:16]}`), {cfg['steps']} steps of {cfg['batch']} images."
+            f"digits ({data['train_examples']} train, {plural(data['test_examples'], 'test image')}"
+            f", sha256 `{data['sha256'][:16]}`), {plural(cfg['steps'], 'step')} of "
+            f"{plural(cfg['batch'], 'image')}."
         )
     else:
         lines.append(
-            f"Byte-level GPT (d_model {cfg['d_model']}, {cfg['layers']} layers, {cfg['heads']} "
-            f"heads, context {cfg['seq']}), {cfg['steps']} steps of {cfg['batch']} x "
-            f"{cfg['seq']} bytes, on `{data['source']}` ({data['files']} files, "
+            f"Byte-level GPT (d_model {cfg['d_model']}, {plural(cfg['layers'], 'layer')}, "
+            f"{plural(cfg['heads'], 'head')}, context {cfg['seq']}), "
+            f"{plural(cfg['steps'], 'step')} of {cfg['batch']} x "
+            f"{cfg['seq']} bytes, on `{data['source']}` ({plural(data['files'], 'file')}, "
             f"{data['bytes']:,} bytes, last {cfg['val_fraction']:.0%} held out, sha256 "
             f"`{data['sha256'][:16]}`)."
         )
@@ -183,8 +186,9 @@ def markdown(results: dict[str, Any]) -> str:
         (
             f"Seeds {', '.join(map(str, seeds))}, paired: every precision starts from the same "
             f"weights and sees the same batches. fp8train {ver['fp8train']}, torch "
-            f"{ver['torch']}, Python {ver['python']}, {ver['platform']}, {ver['cpu_count']} "
-            f"CPUs; {results['wall_time_s']:.0f} s in all{_load_note(results)}."
+            f"{ver['torch']}, Python {ver['python']}, {ver['platform']}, "
+            f"{plural(ver['cpu_count'], 'CPU')}; {results['wall_time_s']:.0f} s in all"
+            f"{_load_note(results)}."
         ),
         "",
     ]
@@ -193,7 +197,7 @@ def markdown(results: dict[str, Any]) -> str:
         gathered = ", ".join(dist["fp8_all_gather"]) or "none"
         lines += [
             (
-                f"Data-parallel: {dist['mode']} over {dist['world_size']} ranks "
+                f"Data-parallel: {dist['mode']} over {plural(dist['world_size'], 'rank')} "
                 f"({dist['backend']}), each training on its {cfg['batch'] // dist['world_size']} "
                 f"rows of every batch; FP8 weight all-gather: {gathered}. Step times include "
                 "the communication; saved for backward is not measured."
@@ -241,10 +245,7 @@ def markdown(results: dict[str, Any]) -> str:
     else:
         lines.append("Noise floor: not measured (run fp32 and bf16 together).")
     lines += [
-        (
-            "A difference is claimed only beyond 2 standard errors of the mean paired gap; "
-            "with one seed, only beyond the fp32-vs-bf16 gap and even then as unconfirmed."
-        ),
+        thresholds_text(),
         (
             "Step times are CPU wall times with FP8 arithmetic emulated, not a forecast of "
             "GPU speed."
@@ -261,7 +262,8 @@ def markdown(results: dict[str, Any]) -> str:
             )
             + " Saved for backward: bytes of the tensors autograd keeps for one step, "
             "each storage once, parameters excluded. The curves validate on "
-            f"{cfg['eval_windows']} fixed windows; final val loss on {cfg['final_eval_windows']}. "
+            f"{plural(cfg['eval_windows'], 'fixed window')}; final val loss on "
+            f"{cfg['final_eval_windows']}. "
             "FP8 linears: layers converted / all "
             "Linear layers (a recipe leaves a layer whose shape it cannot take in high "
             "precision)."
