@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 
-from fp8train.kernels import bytes_from_bits_faster
 from fp8train.matmul import bf16_gemm_is_native
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -107,8 +106,8 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "processor": platform.processor() or None,
         "cpu_model": _cpu_model(),
-        # A VM may name its CPU only "AMD EPYC"; family and model tell the generation
-        # apart (AMD: family 23 model 1 is Zen 1, 25/1 Zen 3, 25/17 Zen 4).
+        # A VM may name its CPU only by vendor and product line; the family and model
+        # numbers tell its generation apart.
         "cpu_family": _cpuinfo_field("cpu family"),
         "cpu_model_number": _cpuinfo_field("model"),
         "cpu_count": os.cpu_count(),
@@ -120,8 +119,6 @@ def machine() -> dict[str, Any]:
         # fp8train's emulation multiplies in fp32 (fp8train.matmul.gemm_dtype).
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "bf16_gemm_native": bf16_gemm_is_native("cpu"),
-        # How compiled kernels make FP8 bytes here, measured (fp8train.kernels).
-        "fp8_bytes_from_bits": bytes_from_bits_faster(),
         # Other jobs on a shared machine inflate times; the load says how busy it was.
         "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
@@ -214,8 +211,9 @@ def keep_freed_memory() -> bool:
     ``GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647``.
 
     Why: by default every block of 32 MiB or more is a fresh mmap, and a kernel writing
-    its output there pays a page fault per 4 KiB page (on this VM: 11 ms for 32 MiB,
-    against 0.7 ms into memory already touched), which would be timed as the kernel's.
+    its output there pays a page fault per 4 KiB page (many times the cost of writing
+    into memory already touched; cast.py's ``first_touch`` measures it), which would be
+    timed as the kernel's.
     """
     import ctypes
     import ctypes.util

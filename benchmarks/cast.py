@@ -4,9 +4,9 @@ For a 64 MiB fp32 tensor (4096 x 4096) and a 64 MiB bf16 tensor (4096 x 8192), t
 ``quantize(x, ScaleSpec(E4M3, ...))`` at each granularity -- tensorwise, rowwise,
 blockwise 1x128, blockwise 128x128, MX 1x32 -- and ``dst.copy_(src)`` of 64 MiB in the
 same run, through both kernel sets: ``eager`` (``fp8train.quantize``, the reference
-pipeline) and ``compiled`` (``fp8train.kernels.Kernels("compiled").quantize_current``,
-amax + scale + cast fused by inductor, row count dynamic, last dimension static, see
-``fp8train/kernels.py``). Reports GB/s counting bytes read plus bytes written (see
+pipeline) and ``compiled`` (``Kernels("compiled").quantize_current`` from
+``fp8train._kernels``, amax + scale + cast fused by inductor, row count dynamic, last
+dimension static). Reports GB/s counting bytes read plus bytes written (see
 ``_common.BANDWIDTH_CONVENTION``): memcpy moves 2 x 64 MiB; a cast is credited with one
 read of its input plus one write of its FP8 payload and fp32 scales. The fraction of
 memcpy says how far the cast is from a single streaming pass; each row's memcpy is timed
@@ -31,7 +31,17 @@ By default a block of 32 MiB or more -- the bf16 input's payload -- is a fresh m
 every call, and its page faults are timed as the kernel's; memcpy writes into a buffer
 already touched. The second run compares like with like; both are recorded.
 
-Run: ``python benchmarks/cast.py`` (writes ``benchmarks/results/cast-<date>.json``).
+Byte routes (``--routes``, also part of a full run): the compiled kernels can make FP8
+bytes by torch's conversion (the default) or from fp32 bit fields, their int32 codes
+turned into bytes directly or through fp32, and restore a saved payload by conversion or
+from int32 words (``fp8train._kernels.ByteRoutes``). Every route gives the same bits;
+which is faster depends on the CPU (inductor has no vector code for a bit view, and
+vectorises some conversions only on some instruction sets), so this measures them here,
+interleaved, and says which wins: the value to pass as ``Kernels("compiled",
+payload_bytes=..., code_bytes=..., restore_from_words=...)`` on this machine.
+
+Run: ``python benchmarks/cast.py`` (writes ``benchmarks/results/cast-<date>.json``);
+``python benchmarks/cast.py --routes`` times only the byte routes (a minute or less).
 """
 
 from __future__ import annotations
@@ -60,9 +70,9 @@ from _common import (
     write_results,
 )
 
-from fp8train import E4M3, Granularity, ScaleSpec, quantize
-from fp8train.cast import fp8_payload
-from fp8train.kernels import Kernels, bytes_from_bits_faster
+from fp8train import E4M3, E5M2, Granularity, ScaleSpec, quantize
+from fp8train._kernels import ByteRoutes, Kernels
+from fp8train._kernels.encoders import fp8_payload
 from fp8train.scaling import compute_amax, multiply_by_scale, scale_from_amax
 
 MIB = 2**20
@@ -91,7 +101,7 @@ def rowwise_in_one_loop(x: torch.Tensor, spec: ScaleSpec) -> tuple[torch.Tensor,
     makes for a plain (M, 1) scale, stops it fusing the amax and cast loops; torch 2.13)."""
     amax = compute_amax(x, spec)
     scaled = multiply_by_scale(x, scale_from_amax(amax, spec), spec)
-    payload = fp8_payload(scaled, spec.fmt, clamp=False, from_bits=bytes_from_bits_faster())
+    payload = fp8_payload(scaled, spec.fmt, clamp=False)
     scale = scale_from_amax(amax, spec).expand(-1, 16).contiguous()[:, :1]
     return amax, scale, payload
 
@@ -193,6 +203,101 @@ def bench_input(
     return rows
 
 
+# The byte routes timed: how payloads are made (restores are timed separately).
+PAYLOAD_ROUTES = {
+    "convert": ByteRoutes(),
+    "bit_fields": ByteRoutes(payload_bytes="bit_fields"),
+    "bit_fields via_fp32": ByteRoutes(payload_bytes="bit_fields", code_bytes="via_fp32"),
+}
+# The lab GPT's MLP input at its default size (each route and case compiles a graph of
+# its own, so the list is short).
+ROUTE_SHAPES = ((2048, 512),)
+
+
+def _kernels_with(routes: ByteRoutes) -> Kernels:
+    return Kernels(
+        "compiled",
+        payload_bytes=routes.payload_bytes,
+        code_bytes=routes.code_bytes,
+        restore_from_words=routes.restore_from_words,
+    )
+
+
+def bench_byte_routes(warmup: int, repeats: int) -> dict[str, Any]:
+    """Each byte route's compiled kernel, the routes' runs interleaved, checked bitwise
+    equal before timing: a tensorwise E4M3 and a rowwise E5M2 cast of a bf16 tensor,
+    payload alone and payload with an fp32 operand; and the restore of an E4M3 payload
+    to bf16, by conversion and from int32 words. Returns the rows and, per case, the
+    fastest route."""
+    rows: list[dict[str, Any]] = []
+    faster: dict[str, str] = {}
+    specs = {
+        "e4m3 tensorwise": ScaleSpec(fmt=E4M3, granularity=G.TENSOR),
+        "e5m2 rowwise": ScaleSpec(fmt=E5M2, granularity=G.ROW),
+    }
+    kernel_sets = {name: _kernels_with(r) for name, r in PAYLOAD_ROUTES.items()}
+    for shape in ROUTE_SHAPES:
+        x = torch.randn(shape).to(torch.bfloat16)
+        for (label, spec), work in itertools.product(specs.items(), (None, torch.float32)):
+            fns = {
+                name: functools.partial(k.quantize_current, x, spec, work)
+                for name, k in kernel_sets.items()
+            }
+            outs = {name: fn()[2] for name, fn in fns.items()}  # compiles each
+            first = next(iter(outs.values()))
+            assert first is not None
+            for name, out in outs.items():  # the same bytes by every route
+                assert out is not None and torch.equal(
+                    out.view(torch.uint8), first.view(torch.uint8)
+                ), name
+            timings = time_interleaved(list(fns.values()), warmup=warmup, repeats=repeats)
+            case = f"{shape[0]}x{shape[1]} bf16 {label}, payload" + (
+                "" if work is None else " + fp32 operand"
+            )
+            for name, t in zip(fns, timings, strict=True):
+                rows.append({"case": case, "route": name, **t})
+            faster[case] = min(zip(fns, timings, strict=True), key=lambda p: p[1]["median_s"])[0]
+        spec = specs["e4m3 tensorwise"]
+        q = quantize(x, spec)
+        restores = {
+            name: functools.partial(
+                _kernels_with(ByteRoutes(restore_from_words=words)).payload_to_operand,
+                q.data,
+                q.scale,
+                spec,
+                torch.bfloat16,
+            )
+            for name, words in (("convert", False), ("from_words", True))
+        }
+        outs = {name: fn() for name, fn in restores.items()}
+        assert torch.equal(outs["convert"], outs["from_words"])
+        timings = time_interleaved(list(restores.values()), warmup=warmup, repeats=repeats)
+        case = f"{shape[0]}x{shape[1]} e4m3 payload restored to bf16"
+        for name, t in zip(restores, timings, strict=True):
+            rows.append({"case": case, "route": name, **t})
+        faster[case] = min(zip(restores, timings, strict=True), key=lambda p: p[1]["median_s"])[0]
+    return {"rows": rows, "faster": faster}
+
+
+def report_byte_routes(routes: dict[str, Any]) -> None:
+    print("\nbyte routes of the compiled kernels (the same bits by each; fastest per case)")
+    print(
+        format_table(
+            ["case", "route", "median ms", "min ms", "fastest"],
+            [
+                [
+                    r["case"],
+                    r["route"],
+                    r["median_s"] * 1e3,
+                    r["min_s"] * 1e3,
+                    "*" if routes["faster"][r["case"]] == r["route"] else "",
+                ]
+                for r in routes["rows"]
+            ],
+        )
+    )
+
+
 def first_touch_cost(nbytes: int, warmup: int, repeats: int) -> dict[str, float]:
     """Seconds to write ``nbytes`` into a new allocation against into a reused one (a new
     allocation is fresh pages with the default allocator, reused heap with freed memory
@@ -211,9 +316,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs; median reported")
     parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
+    parser.add_argument(
+        "--routes", action="store_true", help="time only the compiled kernels' byte routes"
+    )
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
+    byte_routes = bench_byte_routes(args.warmup, args.repeats)
+    report_byte_routes(byte_routes)
+    if args.routes:
+        if not args.no_write:
+            path = write_results(
+                "cast-routes",
+                {
+                    "benchmark": "cast --routes",
+                    "what": "the compiled kernels' byte routes (fp8train._kernels.ByteRoutes), "
+                    "interleaved; the same bits by each",
+                    "warmup": args.warmup,
+                    "repeats": args.repeats,
+                    "byte_routes": byte_routes,
+                },
+            )
+            print(f"wrote {path}")
+        return 0
     phases: list[dict[str, Any]] = []
     for allocator in ("default", "freed memory kept"):
         if allocator != "default" and not keep_freed_memory():
@@ -261,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                 "warmup": args.warmup,
                 "repeats": args.repeats,
                 "phases": phases,
+                "byte_routes": byte_routes,
             },
         )
         print(f"wrote {path}")

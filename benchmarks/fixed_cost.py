@@ -47,7 +47,7 @@ import _common
 from train_step import BATCH, SHAPE, with_fp32_gemms
 
 import fp8train
-from fp8train.kernels import Kernels
+from fp8train._kernels import Kernels
 from fp8train.lab.gpt import GPT
 from fp8train.matmul import bf16_gemm_is_native
 from fp8train.recipes import Recipe
@@ -123,7 +123,8 @@ def step_times(precisions: list[str], baseline: str, steps: int, warmup: int) ->
 def timing_pieces(acc: dict[str, float]) -> Iterator[None]:
     """Wrap the FP8 layer's forward, backward, scaled_mm calls and compiled kernel calls
     in timers adding to ``acc`` (seconds); restored on exit."""
-    from fp8train import autograd, kernels
+    from fp8train import autograd
+    from fp8train._kernels import capture
 
     def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -140,18 +141,18 @@ def timing_pieces(acc: dict[str, float]) -> Iterator[None]:
         autograd.scaled_mm,
         fn_cls.__dict__["forward"],
         fn_cls.__dict__["backward"],
-        kernels._StandaloneCompiled.__call__,
+        capture._StandaloneCompiled.__call__,
     )
     autograd.scaled_mm = timed("scaled_mm", autograd.scaled_mm)
     fn_cls.forward = staticmethod(timed("forward", saved[1].__func__))
     fn_cls.backward = staticmethod(timed("backward", saved[2].__func__))
-    kernels._StandaloneCompiled.__call__ = timed("kernel calls", saved[3])
+    capture._StandaloneCompiled.__call__ = timed("kernel calls", saved[3])
     try:
         yield
     finally:
         autograd.scaled_mm = saved[0]
         fn_cls.forward, fn_cls.backward = saved[1], saved[2]
-        kernels._StandaloneCompiled.__call__ = saved[3]
+        capture._StandaloneCompiled.__call__ = saved[3]
 
 
 def pieces(steps: int, warmup: int) -> dict[str, Any]:

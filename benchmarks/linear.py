@@ -11,8 +11,8 @@ have hardware and in fp32 where they do not, fp8train.matmul.gemm_dtype); and
 a few rows against the emulation on the same rows (it can be orders of magnitude
 slower, see below). The four layers run interleaved
 (A B C D A B C D ...), and so do the three GEMMs, so that a change in machine load hits
-all of them alike (run one after another, the 1024 FP8 layer came out 1.7-1.9x bf16 in
-two runs on a 2-core Zen 4 whose interleaved profile gave 1.0x). Ratios are given to bf16 and
+all of them alike (run one after another, drifting load made the FP8 layer look much
+slower than an interleaved run did). Ratios are given to bf16 and
 to fp32: on a CPU without bf16 GEMM hardware a bf16 layer is 3x (AVX-512 without bf16
 instructions) to tens of times (AVX2) slower than fp32, and fp32 is the baseline that
 means something there.
@@ -104,7 +104,7 @@ def main() -> None:
         timings = _common.time_interleaved(list(gemms.values()), warmup=2, repeats=args.repeats)
         entry.update({label: t["median_s"] for label, t in zip(gemms, timings, strict=False)})
         # CPU torch._scaled_mm can be three orders of magnitude slower than a bf16 GEMM
-        # (oneDNN's FP8 path on a Sapphire Rapids CPU: 50 s for 2048x1024x1024), so it is
+        # (oneDNN's FP8 path on some CPUs: the results files say where), so it is
         # timed once, on the first --scaled-mm-tokens rows, against the emulation on the
         # same rows.
         # Both granularities CPU torch._scaled_mm takes (block and MX scales it does not,

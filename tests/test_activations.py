@@ -170,3 +170,11 @@ def test_errors() -> None:
     storage = Fp8SavedActivations("tensorwise")
     with storage, pytest.raises(RuntimeError, match="already active"):
         storage.__enter__()
+
+
+def test_kernels_default_to_auto_which_compiles_here() -> None:
+    """The default kernel set is "auto": compiled on this machine's CPU."""
+    kernels = Fp8SavedActivations("tensorwise").kernels
+    assert kernels.mode == "auto" and kernels.resolved("cpu") == "compiled"
+    with pytest.raises(ValueError, match="'auto', 'eager' or 'compiled'"):
+        Fp8SavedActivations("tensorwise", kernels="fast")  # type: ignore[arg-type]

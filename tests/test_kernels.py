@@ -4,14 +4,17 @@ compiled alike (bitwise: the arithmetic is the same op for op)."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
+import inspect
+import logging
+import pickle
 
 import pytest
 import torch
 from torch import nn
 
 import fp8train
-from fp8train.kernels import Kernels, cast_with_operand
+from fp8train._kernels import ByteRoutes, Kernels, capture, cast_with_operand, encoders, fused
+from fp8train._kernels import auto as auto_module
 from fp8train.nn import fp8_layers
 from fp8train.scaling import (
     Granularity,
@@ -125,109 +128,155 @@ def test_given_scale_saturates(name: str) -> None:
         assert_bitwise_equal(payload, reference, f"{kernels.mode} {name} given scale")
 
 
-def test_byte_route_probe_is_measured_once_per_machine(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+BYTE_ROUTES = {
+    "conversion": ByteRoutes(),
+    "bit-fields": ByteRoutes(payload_bytes="bit_fields"),
+    "bit-fields-via-fp32": ByteRoutes(payload_bytes="bit_fields", code_bytes="via_fp32"),
+}
+
+
+@pytest.mark.parametrize("route", list(BYTE_ROUTES))
+def test_compiled_payload_bytes_by_every_route_equal_the_reference(
+    route: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """bytes_from_bits_faster measures once and keeps the answer on disk for later
-    processes; another CPU, thread count or torch (the key), a corrupt memo or an
-    unwritable cache directory each mean measuring again, never a wrong or failed
-    answer."""
-    import json
-
-    from fp8train import kernels
-
-    probe = kernels.bytes_from_bits_faster.__wrapped__  # past the per-process cache
-    memo = tmp_path / "inductor" / "fp8train" / "memo.json"
-    monkeypatch.setattr(kernels, "_probe_memo_path", lambda: memo)
-    timings = {True: 1.0, False: 2.0}  # bit fields faster
-    measured = []
-
-    def fake_timing() -> dict[bool, float]:
-        measured.append(dict(timings))
-        return dict(timings)
-
-    monkeypatch.setattr(kernels, "_time_byte_routes", fake_timing)
-    assert probe() is True and len(measured) == 1
-    stored = json.loads(memo.read_text())
-    assert stored["bytes_from_bits"] is True and stored["key"] == kernels._probe_memo_key()
-
-    timings.update({True: 3.0})  # a new measurement would now say "conversion"
-    assert probe() is True and len(measured) == 1, "the memo was not read"
-
-    real_key = kernels._probe_memo_key()
-    monkeypatch.setattr(kernels, "_probe_memo_key", lambda: {**real_key, "threads": -1})
-    assert probe() is False and len(measured) == 2, "another machine's memo was used"
-    assert json.loads(memo.read_text())["key"]["threads"] == -1
-
-    memo.write_text("{not json")
-    assert probe() is False and len(measured) == 3
-    memo.write_text('["a list"]')
-    assert probe() is False and len(measured) == 4
-
-    blocked = tmp_path / "a-file"
-    blocked.write_text("")
-    monkeypatch.setattr(kernels, "_probe_memo_path", lambda: blocked / "memo.json")
-    assert probe() is False and len(measured) == 5
-
-
-def test_byte_route_memo_key_survives_json() -> None:
-    """The memo's key compares equal after a JSON round trip (else it never hits), and
-    names this CPU."""
-    import json
-
-    from fp8train.kernels import _probe_memo_key
-
-    key = _probe_memo_key()
-    assert json.loads(json.dumps(key)) == key
-    assert key["torch"] == torch.__version__ and key["threads"] == torch.get_num_threads()
-
-
-@pytest.mark.parametrize("from_bits", [True, False], ids=["bit-fields", "conversion"])
-def test_compiled_payload_bytes_by_either_route_equal_the_reference(
-    from_bits: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Compiled CPU kernels make FP8 bytes from fp32 bit fields or by torch's conversion,
-    whichever fp8train.kernels.bytes_from_bits_faster measured faster on this CPU. Both
-    (forced here, whatever this CPU is) give the reference pipeline's payload: alone and
-    beside an operand, without the clamp (own-amax scales) and with it (a scale 8x too
-    large, so products saturate); and the route forced is the one traced."""
-    import sys
-
-    from fp8train import kernels
-
-    cast_module = sys.modules["fp8train.cast"]
-    monkeypatch.setattr(kernels, "bytes_from_bits_faster", lambda: from_bits)
+    """Compiled CPU kernels make FP8 bytes by torch's conversion (the default) or from
+    fp32 bit fields, their int32 codes turned into bytes directly or through fp32: which
+    is faster depends on the CPU (benchmarks/cast.py measures it). Every route (forced
+    here, whatever this CPU is) gives the reference pipeline's payload: alone and beside
+    an operand, without the clamp (own-amax scales) and with it (a scale 8x too large,
+    so products saturate); and the route asked for is the one traced."""
+    routes = BYTE_ROUTES[route]
     bit_field_calls = []
     for fn_name in ("fp8_codes", "fp8_grid_bytes"):
-        real = getattr(cast_module, fn_name)
+        real = getattr(encoders, fn_name)
 
         def spy(*args, real=real, **kwargs):  # type: ignore[no-untyped-def]
-            bit_field_calls.append(real.__name__)
+            bit_field_calls.append((real.__name__, kwargs["code_bytes"]))
             return real(*args, **kwargs)
 
-        monkeypatch.setattr(cast_module, fn_name, spy)
-    # graphs traced afresh for this route
-    current = kernels._StandaloneCompiled(kernels.quantize_current)
-    given = kernels._StandaloneCompiled(kernels.quantize_given)
+        monkeypatch.setattr(encoders, fn_name, spy)
+    # graphs traced afresh (the spies see the tracing)
+    current = capture._StandaloneCompiled(fused.quantize_current)
+    given = capture._StandaloneCompiled(fused.quantize_given)
     gen = torch.Generator().manual_seed(3)
-    # Both formats and input dtypes; the granularities share this code (compiling more
-    # pairs cost about 18 s each on 2 cores).
+    # Both formats and input dtypes; the granularities share this code (each pair
+    # compiles several graphs, seconds each on a small CPU).
     for name, dtype in (("e4m3-tensor", torch.bfloat16), ("e5m2-row", torch.float32)):
         spec = OWN_AMAX_SPECS[name]
         x = (torch.randn(130, 256, generator=gen) * torch.logspace(-8, 3, 256)).to(dtype)
         reference = fp8train.quantize(x, spec)
-        what = f"{'bit fields' if from_bits else 'conversion'} {name} {dtype}"
+        what = f"{route} {name} {dtype}"
         for work in (None, torch.float32):
-            _, _, payload, _ = current(x, spec, work, True)
+            _, _, payload, _ = current(x, spec, work, True, routes)
             assert_bitwise_equal(payload, reference.data, f"{what} payload, operand {work}")
         big = reference.scale * 8
         saturated = apply_scale_and_cast(x, big, spec)
         assert bool((saturated.float().abs() == spec.fmt.max).any()), f"{what}: none saturated"
         for work in (None, torch.float32):
-            _, _, payload, _ = given(x, big, spec, work, True)
+            _, _, payload, _ = given(x, big, spec, work, True, routes)
             assert_bitwise_equal(payload, saturated, f"{what} saturated, operand {work}")
-    assert bool(bit_field_calls) is from_bits, f"traced {bit_field_calls or 'no bit fields'}"
-    assert from_bits is False or set(bit_field_calls) == {"fp8_codes", "fp8_grid_bytes"}
+    traced = {fn for fn, _ in bit_field_calls}
+    if routes.payload_bytes == "convert":
+        assert not bit_field_calls, f"traced {traced}"
+    else:
+        assert traced == {"fp8_codes", "fp8_grid_bytes"}, traced
+        assert {cb for _, cb in bit_field_calls} == {routes.code_bytes}
+
+
+def test_eager_kernels_take_every_byte_route_with_the_same_bits() -> None:
+    """The routes are arguments of the kernel set, eager as compiled: each gives the
+    default's payload and restored operand."""
+    spec = OWN_AMAX_SPECS["e4m3-row"]
+    x = torch.randn(64, 128) * torch.logspace(-3, 3, 128)
+    default = Kernels("eager")
+    amax, scale, payload, operand = default.quantize_current(x, spec, torch.float32)
+    assert payload is not None
+    restored = default.payload_to_operand(payload, scale, spec, torch.bfloat16)
+    for route, routes in BYTE_ROUTES.items():
+        for words in (False, True):
+            kernels = Kernels(
+                "eager",
+                payload_bytes=routes.payload_bytes,
+                code_bytes=routes.code_bytes,
+                restore_from_words=words,
+            )
+            got = kernels.quantize_current(x, spec, torch.float32)
+            assert_nested_bitwise_equal(got, (amax, scale, payload, operand), f"{route}")
+            assert_bitwise_equal(
+                kernels.payload_to_operand(payload, scale, spec, torch.bfloat16),
+                restored,
+                f"{route} words={words} restored",
+            )
+
+
+def test_byte_routes_are_part_of_the_graph_key() -> None:
+    """Each route is a constant of its own graph: the same call with other routes
+    compiles another graph instead of reusing one traced for a different route."""
+    compiled = capture._StandaloneCompiled(fused.cast_with_operand)
+    spec = SPECS["e4m3-row"]
+    x = torch.randn(32, 64)
+    scale = scale_from_amax(compute_amax(x, spec), spec)
+    for routes in (ByteRoutes(), ByteRoutes(payload_bytes="bit_fields")):
+        compiled(x, scale, spec, None, True, True, routes)
+    assert len(compiled.graphs) == 2
+
+
+def test_kernel_options_are_validated_and_kept_by_copies() -> None:
+    with pytest.raises(ValueError, match="'convert' or 'bit_fields'"):
+        Kernels("compiled", payload_bytes="bits")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'direct' or 'via_fp32'"):
+        Kernels("eager", payload_bytes="bit_fields", code_bytes="fp32")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="only applies with payload_bytes='bit_fields'"):
+        Kernels("eager", code_bytes="via_fp32")
+    with pytest.raises(TypeError, match="bool"):
+        Kernels("eager", restore_from_words="yes")  # type: ignore[arg-type]
+    kernels = Kernels("compiled", payload_bytes="bit_fields", restore_from_words=True)
+    for clone in (copy.deepcopy(kernels), pickle.loads(pickle.dumps(kernels))):
+        assert clone.mode == "compiled" and clone.routes == kernels.routes
+    assert "bit_fields" in repr(kernels) and repr(Kernels("auto")) == "Kernels('auto')"
+
+
+def test_auto_resolves_to_compiled_here(caplog: pytest.LogCaptureFixture) -> None:
+    """This machine has standalone_compile and a C++ compiler: "auto" is "compiled" on
+    the CPU, and says so once."""
+    assert auto_module.compile_blocker("cpu") is None
+    auto_module.resolve_auto.cache_clear()
+    with caplog.at_level(logging.INFO, logger="fp8train"):
+        assert Kernels("auto").resolved("cpu") == "compiled"
+        assert Kernels("auto").resolved(torch.device("cpu")) == "compiled"
+    lines = [r.getMessage() for r in caplog.records if r.name == "fp8train"]
+    assert len(lines) == 1 and "chose 'compiled' on cpu" in lines[0], lines
+    assert Kernels("eager").resolved("cpu") == "eager"
+
+
+def test_auto_falls_back_to_eager_and_logs_why(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where the device cannot compile, "auto" runs the eager kernels (the same bits)
+    and logs the reason once per process."""
+    monkeypatch.setattr(auto_module, "compile_blocker", lambda device_type: "no compiler here")
+    auto_module.resolve_auto.cache_clear()
+    compiled_fns = []
+    monkeypatch.setattr(
+        "fp8train._kernels.kernel_set.compiled", lambda fn: compiled_fns.append(fn) or fn
+    )
+    try:
+        with caplog.at_level(logging.INFO, logger="fp8train"):
+            kernels = Kernels("auto")
+            spec = SPECS["e4m3-row"]
+            x = torch.randn(16, 32)
+            got = kernels.quantize_current(x, spec, torch.float32)
+            kernels.quantize_current(x, spec, None)
+            assert kernels.resolved("cpu") == "eager"
+        assert_nested_bitwise_equal(
+            got, Kernels("eager").quantize_current(x, spec, torch.float32), "auto as eager"
+        )
+        assert not compiled_fns, "auto compiled although the device cannot"
+        lines = [r.getMessage() for r in caplog.records if r.name == "fp8train"]
+        assert lines == ["fp8train: kernels='auto' chose 'eager' on cpu: no compiler here"]
+        assert all(r.levelno == logging.INFO for r in caplog.records if r.name == "fp8train")
+    finally:
+        auto_module.resolve_auto.cache_clear()  # later tests see the real capability
 
 
 def test_operand_is_optional() -> None:
@@ -258,6 +307,16 @@ def test_operand_without_payload_has_the_same_bits(name: str, dtype: torch.dtype
             assert no_payload is None, f"{kernels.mode} {name}: payload made anyway"
 
 
+# The kernel methods a layer may call with a choice of payloads, and that argument.
+KEEP_ARGUMENTS = {
+    "cast_with_operand": "keep_payload",
+    "quantize_current": "keep_payload",
+    "quantize_given": "keep_payload",
+    "quantize_many": "keep_payloads",
+    "prepare_gemm_operands": "keep_payloads",
+}
+
+
 @pytest.mark.parametrize("recipe", [r for r in fp8train.RECIPE_NAMES if not r.startswith("int8")])
 def test_layer_skipping_payloads_matches_keeping_them(recipe: str) -> None:
     """Without an observer the layer makes FP8 payloads only for what backward stores
@@ -267,25 +326,29 @@ def test_layer_skipping_payloads_matches_keeping_them(recipe: str) -> None:
     Eager kernels: which payloads a layer asks for is decided outside the kernels, and
     the compiled kernels without a payload are checked bit for bit against eager above
     (test_operand_without_payload_has_the_same_bits); compiling both variants of every
-    recipe here took 8-40 s a recipe on a 2-core AVX2 CPU (2026-12-01)."""
+    recipe here would cost many seconds a recipe on a small CPU."""
     base = nn.Sequential(nn.Linear(128, 256), nn.GELU(), nn.Linear(256, 128))
     models = {
         keep: fp8train.convert(copy.deepcopy(base), recipe, kernels="eager")
         for keep in (True, False)
     }
-    calls: list[tuple[tuple[str, ...], tuple[bool, ...]]] = []
+    calls: list[tuple[bool, ...]] = []  # the keep flags of every kernel call
     for _, layer in fp8_layers(models[True]):
         layer.fp8_state.observer = lambda *args: None
     for _, layer in fp8_layers(models[False]):
         state = layer.fp8_state
         state.kernels = copy.copy(state.kernels)
-        prepare = state.kernels.prepare_gemm_operands
+        for method, arg in KEEP_ARGUMENTS.items():
+            real = getattr(state.kernels, method)
 
-        def spy(sources, specs, *rest, prepare=prepare):  # type: ignore[no-untyped-def]
-            calls.append((tuple(s.fmt.name for s in specs), rest[3]))  # keep_payloads
-            return prepare(sources, specs, *rest)
+            def spy(*args, real=real, arg=arg, **kwargs):  # type: ignore[no-untyped-def]
+                bound = inspect.signature(real).bind(*args, **kwargs)
+                bound.apply_defaults()
+                keep = bound.arguments[arg]
+                calls.append(keep if isinstance(keep, tuple) else (keep,))
+                return real(*args, **kwargs)
 
-        state.kernels.prepare_gemm_operands = spy
+            setattr(state.kernels, method, spy)
     x = torch.randn(3, 50, 128)
     results = {}
     for keep, model in models.items():
@@ -298,7 +361,7 @@ def test_layer_skipping_payloads_matches_keeping_them(recipe: str) -> None:
     for a, b in zip(results[True], results[False], strict=True):
         assert_bitwise_equal(b, a, f"{recipe} output/grad")
     assert calls, "the fused kernels were not called"
-    assert any(not all(keeps) for _, keeps in calls), f"{recipe}: every payload was made"
+    assert any(not all(keeps) for keeps in calls), f"{recipe}: every payload was made"
 
 
 def test_unknown_kernel_mode_raises() -> None:
@@ -329,7 +392,7 @@ def test_bias_grad_is_an_fp32_column_sum(dtype: torch.dtype, rows: int) -> None:
 def test_one_call_for_many_operands_matches_one_call_each() -> None:
     """quantize_many / restore_many (one compiled call per GEMM step) give the bits of
     quantize_current / payload_to_operand called per operand, eager and compiled."""
-    from fp8train.kernels import payload_to_operand, quantize_current
+    from fp8train._kernels import payload_to_operand, quantize_current
 
     specs = (
         SPECS["e4m3-tensor-pow2"],
@@ -367,20 +430,18 @@ def test_one_call_for_many_operands_matches_one_call_each() -> None:
 @pytest.mark.parametrize(
     "name", ["e4m3-tensor-pow2", "e5m2-tensor", "e4m3-row", "e4m3-block1x128", "e4m3-mx"]
 )
-def test_compiled_restore_reads_payload_words_with_the_eager_bits(
-    name: str, words: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_compiled_restore_reads_payload_words_with_the_eager_bits(name: str, words: bool) -> None:
     """Compiled, payload_to_operand reads an FP8 payload as int32 words
-    (fp8train.cast.fp8_word_values) where the CPU has no AVX-512, and converts it with
-    inductor's code where it has; both (forced here, whatever this CPU is) give the eager
-    restore's bits for every code (NaN and inf included), for a last dimension that is
-    no multiple of 4 (read byte by byte), and for a payload starting at an odd byte of
-    its storage (copied first)."""
-    from fp8train import kernels
-    from fp8train.kernels import payload_to_operand
+    (fp8train._kernels.encoders.fp8_word_values) with ``restore_from_words`` (faster
+    where inductor converts FP8 bytes in scalar code), and converts it with inductor's
+    code by default; both (forced here, whatever this CPU is) give the eager restore's
+    bits for every code (NaN and inf included), for a last dimension that is no multiple
+    of 4 (read byte by byte), and for a payload starting at an odd byte of its storage
+    (copied first)."""
+    from fp8train._kernels import payload_to_operand
 
-    monkeypatch.setattr(kernels, "_WORD_RESTORES_ON_CPU", words)
-    compiled = kernels._StandaloneCompiled(payload_to_operand)  # graphs traced afresh
+    compiled = capture._StandaloneCompiled(payload_to_operand)  # graphs traced afresh
+    routes = ByteRoutes(restore_from_words=words)
 
     spec = SPECS[name]
     assert spec.fmt.torch_dtype is not None
@@ -400,7 +461,7 @@ def test_compiled_restore_reads_payload_words_with_the_eager_bits(
         scale = scale_from_amax(compute_amax(x, spec), spec)
         for dtype in (torch.float32, torch.bfloat16):
             assert_bitwise_equal(
-                compiled(p, scale, spec, dtype),
+                compiled(p, scale, spec, dtype, routes),
                 payload_to_operand(p, scale, spec, dtype),
                 f"{name} {what} {dtype}",
             )
@@ -411,7 +472,7 @@ def test_gemm_step_in_one_call_matches_the_separate_kernels() -> None:
     separate kernels: a saved payload dequantised then re-quantised along the other axis,
     a plain tensor quantised, saved payloads restored, and one finiteness flag that is
     False as soon as any operand holds NaN/inf."""
-    from fp8train.kernels import payload_to_operand, quantize_current
+    from fp8train._kernels import payload_to_operand, quantize_current
 
     row, col = SPECS["e4m3-block1x128"], SPECS["e4m3-block1x128"].transposed()
     x = torch.randn(130, 256).bfloat16()
@@ -460,7 +521,7 @@ def test_delayed_scale_from_the_window_in_the_kernel_call(algo: str) -> None:
     scale computed beforehand from history.reduced() and passed in, eager and compiled,
     with the ring part full and wrapped alike."""
     from fp8train import AmaxHistory
-    from fp8train.kernels import quantize_given
+    from fp8train._kernels import quantize_given
 
     spec = SPECS["e5m2-tensor"]
     dy = torch.randn(70, 96).bfloat16()
@@ -500,12 +561,11 @@ def test_compiled_graphs_follow_the_row_count(spec_names: tuple[str, str]) -> No
     own (equal counts at tracing do not tie them); where tracing had to assume something
     of the rows (whole 32- or 128-row blocks) or needed them concrete, a row count
     outside that gets a graph of its own, never a wrong result. Every call gives the
-    eager bits, through make_fx + standalone_compile and through dynamo."""
-    from fp8train.kernels import _compiled, _StandaloneCompiled, prepare_gemm_operands
+    eager bits."""
+    from fp8train._kernels import prepare_gemm_operands
 
-    standalone = _compiled(prepare_gemm_operands, "standalone")
-    dynamo = _compiled(prepare_gemm_operands, "dynamo")
-    assert isinstance(standalone, _StandaloneCompiled)
+    standalone = capture.compiled(prepare_gemm_operands)  # shared by every kernel set
+    assert isinstance(standalone, capture._StandaloneCompiled)
     before = sum(len(g) for g in standalone.graphs.values())
     for rows in ((256, 256), (96, 256), (130, 64), (256, 256), (1, 96)):
         args = _prepare_args(spec_names, rows)
@@ -513,7 +573,6 @@ def test_compiled_graphs_follow_the_row_count(spec_names: tuple[str, str]) -> No
         assert_nested_bitwise_equal(
             standalone(*args), expected, f"standalone {spec_names} {rows} rows"
         )
-        assert_nested_bitwise_equal(dynamo(*args), expected, f"dynamo {spec_names} {rows} rows")
     made = sum(len(g) for g in standalone.graphs.values()) - before
     # 1 row specialises (its own key); the other pairs share one graph unless tracing
     # constrained the rows; the second (256, 256) never compiles again.

@@ -386,3 +386,24 @@ def test_history_config_mismatch_raises() -> None:
     short = fp8train.convert(Net(), dataclasses.replace(Recipe.from_name("delayed"), history_len=4))
     with pytest.raises(ValueError, match=r"length=16.*length=4"):
         load_recipe_state_dict(short, recipe_state_dict(delayed))
+
+
+def test_convert_defaults_to_the_compiled_kernels_here(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a ``kernels`` argument, convert (and Fp8Linear) take "auto", which on this
+    machine (standalone_compile and a C++ compiler) runs the compiled kernels; the choice
+    is made on first use, so a layer built on the meta device resolves nothing."""
+    from fp8train._kernels import kernel_set
+
+    on_meta = Fp8Linear(64, 64, recipe="tensorwise", device="meta")
+    assert on_meta.fp8_state.kernels.mode == "auto"
+    model = fp8train.convert(nn.Sequential(nn.Linear(64, 32)), "tensorwise")
+    kernels = model[0].fp8_state.kernels
+    assert kernels.mode == "auto" and kernels.resolved("cpu") == "compiled"
+    compiled_fns: list[str] = []
+    real = kernel_set.compiled
+    monkeypatch.setattr(
+        kernel_set, "compiled", lambda fn: compiled_fns.append(fn.__name__) or real(fn)
+    )
+    x = torch.randn(8, 64, requires_grad=True)
+    model(x).square().mean().backward()
+    assert "prepare_gemm_operands" in compiled_fns, compiled_fns

@@ -10,7 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from fp8train import E4M3, E5M2, INT8, Format, Granularity, ScaledTensor, ScaleSpec, quantize
+from fp8train import (
+    E4M3,
+    E5M2,
+    INT8,
+    RECIPE_NAMES,
+    Format,
+    Granularity,
+    Recipe,
+    ScaledTensor,
+    ScaleSpec,
+    quantize,
+)
 from fp8train.cast import cast
 from fp8train.testing import assert_bitwise_equal, sqnr
 
@@ -240,7 +251,7 @@ def test_payload_derived_from_operand_is_the_payload(name: str, pow2: bool) -> N
     """A ScaledTensor built from its operand alone (as the fused kernels leave it when
     nothing stores the FP8 bytes) derives ``data`` bit for bit, also from an fp32
     operand rounded once (non-power-of-two scales), and transposes the same way."""
-    from fp8train.kernels import cast_with_operand
+    from fp8train._kernels import cast_with_operand
 
     spec = ScaleSpec(fmt=E5M2) if name == "e5m2-tensor" else SPECS[name]
     spec = replace(spec, power_of_two=pow2)
@@ -254,6 +265,46 @@ def test_payload_derived_from_operand_is_the_payload(name: str, pow2: bool) -> N
     assert_bitwise_equal(lazy.t().data, q.data.t(), f"{name} transposed payload")
     assert_bitwise_equal(lazy.data, q.data, f"{name} derived payload")
     assert_bitwise_equal(lazy.dequantize(work), q.dequantize(work), f"{name} operand")
+
+
+@pytest.mark.parametrize("recipe", RECIPE_NAMES)
+def test_reference_data_and_dequantize_equal_the_kernels_bitwise(recipe: str) -> None:
+    """ScaledTensor computes ``data`` (from an operand) and ``dequantize`` with the
+    reference pipeline's steps only, and gets the fused kernels' bits for every spec of
+    every recipe: the payload, the payload derived from the kernels' operand, and the
+    operand. (The kernels round to nearest; a stochastic spec is checked with nearest
+    rounding, as the layers send stochastic casts to the reference instead.)"""
+    from fp8train._kernels import Kernels
+
+    kernels = Kernels("eager")  # compiled == eager bitwise: tests/test_kernels.py
+    r = Recipe.from_name(recipe)
+    gen = torch.Generator().manual_seed(5)
+    for role in ("input", "weight", "grad_output"):
+        spec = replace(getattr(r, role), rounding="nearest")
+        for dtype in (torch.float32, torch.bfloat16):
+            x = (torch.randn(160, 256, generator=gen) * torch.logspace(-6, 4, 256)).to(dtype)
+            work = torch.bfloat16 if spec.scales_are_power_of_two else torch.float32
+            what = f"{recipe} {role} {dtype}"
+            _, scale, payload, operand = kernels.quantize_current(x, spec, work)
+            assert payload is not None and operand is not None
+            reference = quantize(x, spec)
+            assert_bitwise_equal(scale, reference.scale, f"{what} scale")
+            assert_bitwise_equal(payload, reference.data, f"{what} payload")
+            lazy = ScaledTensor(None, scale, spec, x.dtype, operand)
+            assert_bitwise_equal(lazy.data, payload, f"{what} payload derived from the operand")
+            held = ScaledTensor(payload, scale, spec, x.dtype)
+            for dt in (work, torch.float32, torch.bfloat16):
+                assert_bitwise_equal(
+                    held.dequantize(dt),
+                    kernels.payload_to_operand(payload, scale, spec, dt),
+                    f"{what} dequantize to {dt}",
+                )
+            assert_bitwise_equal(held.dequantize(work), operand, f"{what} operand")
+            big = scale * 4  # a given scale too large: some products saturate
+            sat_payload, sat_operand = kernels.cast_with_operand(x, big, spec, work)
+            assert sat_payload is not None and sat_operand is not None
+            sat = ScaledTensor(None, big, spec, x.dtype, sat_operand)
+            assert_bitwise_equal(sat.data, sat_payload, f"{what} saturated payload derived")
 
 
 def test_scaled_tensor_needs_payload_or_operand() -> None:

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from fp8train.kernels import KernelMode, Kernels
+from fp8train._kernels import KernelChoice, Kernels
 from fp8train.recipes import Recipe, RecipeName
 from fp8train.scaling import ScaleSpec
 
@@ -105,10 +105,10 @@ class Fp8SavedActivations:
 
     ``recipe``: a :class:`~fp8train.Recipe` or its name; its ``input`` spec sets the format
     and scale granularity. ``min_numel``: smaller tensors are stored as they are (norm
-    statistics, scales). ``kernels``: ``"eager"`` or ``"compiled"``, as for ``convert``;
-    both give the same bits. ``observer``: called with every tensor actually kept for
-    backward (payloads and scales of stored activations, the tensor itself otherwise), so
-    a memory meter sees what is held.
+    statistics, scales). ``kernels``: ``"auto"`` (the default), ``"eager"`` or
+    ``"compiled"``, as for ``convert``; all give the same bits. ``observer``: called with
+    every tensor actually kept for backward (payloads and scales of stored activations,
+    the tensor itself otherwise), so a memory meter sees what is held.
 
     Reusable: each ``with`` block installs the hooks afresh. Counters (``stored``,
     ``stored_bytes``, ``original_bytes``, ``kept_nonfinite``) accumulate across blocks.
@@ -119,7 +119,7 @@ class Fp8SavedActivations:
         recipe: Recipe | RecipeName | str,
         *,
         min_numel: int = 4096,
-        kernels: KernelMode = "eager",
+        kernels: KernelChoice = "auto",
         observer: Callable[[torch.Tensor], object] | None = None,
     ) -> None:
         self.recipe = Recipe.from_name(recipe)
@@ -182,6 +182,7 @@ class Fp8SavedActivations:
             return seen[1]
         x2d = t.detach().reshape(-1, t.shape[-1])  # (M, K): scales run along the last dim
         amax, scale, payload, _ = self.kernels.quantize_current(x2d, self.spec, None)
+        assert payload is not None  # no operand asked for: the payload is always made
         if not bool(torch.isfinite(amax).all()):
             self.kept_nonfinite += 1
             self._observe(t)

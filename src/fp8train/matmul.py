@@ -15,11 +15,10 @@ Two backends compute the same arithmetic:
 
   The bf16 GEMM is only the faster route where bf16 GEMMs have hardware behind them
   (:func:`bf16_gemm_is_native`). On a CPU without it PyTorch multiplies bf16 matrices
-  in a generic fallback (AVX2 only, as a 2-core AMD EPYC Zen 3 here, 2026-12-01: 1-3
-  GFLOP/s against about 170 for fp32; 2048x512 @ 512x512 took 821 ms against 6.2 ms) or,
-  with AVX-512 but no bf16 instructions (an Ice Lake Xeon, 2026-12-03), converts to fp32
-  inside oneDNN at a third of fp32's speed, so there the emulation multiplies the same
-  exact operands in fp32 (:func:`gemm_dtype`):
+  in a generic fallback (AVX2 only: orders of magnitude slower than fp32) or, with
+  AVX-512 but no bf16 instructions, converts to fp32 inside oneDNN (slower than fp32
+  itself; benchmarks/linear.py measures both), so there the emulation multiplies the
+  same exact operands in fp32 (:func:`gemm_dtype`):
   the products are exact either way and both accumulate in fp32, so only the summation
   order can differ, and on such a CPU it is what ``torch._scaled_mm`` computes, bit
   for bit.
@@ -52,13 +51,12 @@ _OUT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
 @functools.cache
 def bf16_gemm_is_native(device_type: str) -> bool:
     """Whether bf16 GEMMs on ``device_type`` run faster than fp32 ones: on x86 CPUs only
-    with bf16 dot-product instructions (AVX512_BF16, as Zen 4 and Cooper Lake have) or
-    AMX tiles (Sapphire Rapids and later). oneDNN also takes bf16 GEMMs on plain
-    AVX-512 (PyTorch's ``_is_mkldnn_bf16_supported()`` is True there) but converts to
-    fp32 and multiplies in fp32: on a 2-core Ice Lake Xeon here (2026-12-03) a 2048x128
-    @ 128x512 bf16 GEMM took 4.7 ms against 1.6 ms in fp32, 2.9-4.0x slower across the
-    lab's shapes. Off x86, PyTorch's oneDNN probe decides (on Arm it asks for the BF16
-    extension); AVX2-only CPUs fall back to scalar loops. Always true off the CPU, where
+    with bf16 dot-product instructions (AVX512_BF16) or AMX tiles. oneDNN also takes
+    bf16 GEMMs on plain AVX-512 (PyTorch's ``_is_mkldnn_bf16_supported()`` is True
+    there) but converts to fp32 and multiplies in fp32, several times slower than an
+    fp32 GEMM (benchmarks/linear.py times both). Off x86, PyTorch's oneDNN probe
+    decides (on Arm it asks for the BF16 extension); AVX2-only CPUs fall back to scalar
+    loops. Always true off the CPU, where
     the emulation only runs the layouts ``torch._scaled_mm`` lacks."""
     if device_type != "cpu":
         return True
@@ -84,8 +82,9 @@ def gemm_dtype(out_dtype: torch.dtype, power_of_two: bool, device_type: str) -> 
 
 def autocast_off(device_type: str) -> contextlib.AbstractContextManager[object]:
     """A context with autocast off for ``device_type``; entered only where it is on
-    (creating and entering ``torch.autocast`` costs about 10 us, three times per layer
-    step, while the FP8 backward and most GEMM calls run with it off already)."""
+    (creating and entering ``torch.autocast`` costs about as much as a small kernel,
+    three times per layer step, while the FP8 backward and most GEMM calls run with it
+    off already)."""
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()

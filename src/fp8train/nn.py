@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fp8train._kernels import KernelChoice, Kernels, shared_kernels
 from fp8train.autograd import LayerState, fp8_linear
-from fp8train.kernels import KernelMode, Kernels, shared_kernels
 from fp8train.recipes import Recipe, RecipeName
 
 __all__ = ["Fp8Linear", "convert", "fp8_layers", "load_recipe_state_dict", "recipe_state_dict"]
@@ -35,7 +35,7 @@ class Fp8Linear(nn.Linear):
     """``nn.Linear`` whose three GEMMs run under an FP8 recipe.
 
     Same parameters, same ``state_dict`` keys as ``nn.Linear``; ``fp8_state`` holds the
-    delayed-scaling histories and non-finite counters.
+    delayed-scaling histories and non-finite counters. ``kernels``: as for :func:`convert`.
     """
 
     def __init__(
@@ -46,7 +46,7 @@ class Fp8Linear(nn.Linear):
         *,
         recipe: Recipe | str,
         name: str = "",
-        kernels: KernelMode = "eager",
+        kernels: KernelChoice = "auto",
         device: Any = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -65,7 +65,7 @@ class Fp8Linear(nn.Linear):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, recipe: Recipe, name: str, kernels: KernelMode = "eager"
+        cls, linear: nn.Linear, recipe: Recipe, name: str, kernels: KernelChoice = "auto"
     ) -> Fp8Linear:
         """Wrap ``linear``'s own Parameters (built on meta: no second weight allocation)."""
         with torch.device("meta"):
@@ -111,7 +111,7 @@ def convert(
     skip: str | Iterable[str] = (),
     skip_first_last: bool = False,
     min_features: int = 0,
-    kernels: KernelMode = "eager",
+    kernels: KernelChoice = "auto",
 ) -> nn.Module:
     """Swap ``nn.Linear`` layers of ``model`` for :class:`Fp8Linear` in place; return it.
 
@@ -122,10 +122,13 @@ def convert(
     nothing from FP8); and the recipe can take its shape (else one log line says why).
 
     ``kernels``: ``"eager"`` runs the quantisation with plain PyTorch ops; ``"compiled"``
-    runs the same functions through ``torch.compile`` (fused into one pass per operand,
-    several times faster on the CPU, a few seconds of compilation on first use). Both
-    give bitwise-identical results, except the bias gradient: an fp32 column sum, added
-    in another order (:func:`fp8train.kernels.bias_grad`).
+    runs the same functions compiled by inductor (fused into one pass per operand,
+    several times faster on the CPU, a few seconds of compilation per new shape on first
+    use); ``"auto"`` (the default) picks ``"compiled"`` where this torch and the
+    device can compile (CPU: inductor finds a C++ compiler; CUDA: triton), else
+    ``"eager"``, on first use per device type, and logs its choice and why once (logger
+    ``"fp8train"``, INFO). All give bitwise-identical results, except the bias gradient:
+    an fp32 column sum, added in another order.
     """
     Kernels(kernels)  # validate before touching the model
     recipe = Recipe.from_name(recipe)

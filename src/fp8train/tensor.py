@@ -6,14 +6,15 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from fp8train.cast import cast_finite
 from fp8train.formats import Format
-from fp8train.kernels import cast_with_operand, payload_to_operand
 from fp8train.scaling import (
     Granularity,
     ScaleSpec,
     apply_scale_and_cast,
     check_finite_amax,
     compute_amax,
+    multiply_by_scale,
     scale_from_amax,
 )
 
@@ -33,9 +34,11 @@ class ScaledTensor:
 
     Built with ``payload=None`` (by the fused kernels, when nothing stores the FP8
     bytes: the emulated GEMM reads only ``operand``), ``data`` is made from ``operand``
-    on first access: ``cast(operand * scale)`` gives back the exact payload, because
-    ``operand`` is the payload times ``1 / scale`` rounded at most once in fp32 (exact
-    for power-of-two scales), far inside half an FP8 step.
+    on first access: ``cast(operand * scale)`` (nearest, the spec's saturation) gives
+    back the exact payload, because ``operand`` is the payload times ``1 / scale``
+    rounded at most once in fp32 (exact for power-of-two scales), far inside half an
+    FP8 step. This module is the reference: it computes with the reference pipeline's
+    steps only, and the kernels are tested bitwise against it.
     """
 
     payload: torch.Tensor | None
@@ -53,9 +56,10 @@ class ScaledTensor:
         """The payload (derived from ``operand`` and cached if built without one)."""
         if self.payload is None:
             assert self.operand is not None  # __post_init__
-            # The fused kernels' own cast, eager: the bits they would have written.
-            payload, _ = cast_with_operand(_as_matrix(self.operand), self.scale, self.spec, None)
-            assert payload is not None  # no operand asked for: the payload is always made
+            # Nearest rounding whatever the spec's: the operand already lies on the grid
+            # (times 1 / scale), so rounding only undoes the fp32 product's error.
+            scaled = multiply_by_scale(_as_matrix(self.operand), self.scale, self.spec)
+            payload = cast_finite(scaled, self.fmt, saturate=self.spec.saturate)
             object.__setattr__(self, "payload", payload.reshape(self.operand.shape))
         assert self.payload is not None
         return self.payload
@@ -93,11 +97,11 @@ class ScaledTensor:
         """
         if self.operand is not None and self.operand.dtype == (dtype or self.orig_dtype):
             return self.operand.reshape(self.shape)
-        # One dequantisation formula for the whole library: the fused kernels' own.
-        out = payload_to_operand(
-            _as_matrix(self.data), self.scale, self.spec, dtype or self.orig_dtype
-        )
-        return out.reshape(self.shape)
+        # One dequantisation formula for the whole library (the fused kernels compute
+        # the same product, and tests/test_tensor.py checks them bitwise against it).
+        reciprocal = self.scale.reciprocal()
+        values = multiply_by_scale(_as_matrix(self.data), reciprocal, self.spec)
+        return values.to(dtype or self.orig_dtype).reshape(self.shape)
 
     def t(self) -> ScaledTensor:
         """Transpose of a 2-D scaled tensor (payload and scale grid transposed; no
@@ -117,7 +121,7 @@ class ScaledTensor:
 
 
 def _as_matrix(t: torch.Tensor) -> torch.Tensor:
-    """The 2-D view the kernels work on: ``(-1, last dim)``, a scalar as ``(1, 1)``."""
+    """The 2-D view scales apply to: ``(-1, last dim)``, a scalar as ``(1, 1)``."""
     return t.reshape(-1, t.shape[-1]) if t.dim() else t.reshape(1, 1)
 
 
