@@ -419,10 +419,11 @@ class LossScaler:
     def update(self) -> None:
         """End the iteration: apply the scale rule and forget per-optimizer state.
 
-        Dynamic mode: if any optimizer saw a non-finite gradient, scale *= backoff_factor
-        (floored at min_scale) and the growth tracker resets; otherwise the tracker counts
-        up, and on reaching growth_interval the scale *= growth_factor (capped at
-        max_scale) and the tracker resets. Static mode only forgets the iteration.
+        Dynamic mode: if any optimizer saw a non-finite gradient,
+        ``scale *= backoff_factor`` (floored at min_scale) and the growth tracker resets;
+        otherwise the tracker counts up, and on reaching growth_interval
+        ``scale *= growth_factor`` (capped at max_scale) and the tracker resets. Static
+        mode only forgets the iteration.
 
         Raises:
             RuntimeError: no optimizer was unscaled or stepped since the last update().
@@ -478,13 +479,13 @@ class LossScaler:
         """Restore everything state_dict() saved, configuration included, exactly.
 
         The loaded configuration replaces this scaler's, with ``init_scale`` set to the
-        saved scale (which is validated as an ``init_scale``).
+        saved scale (which is validated as an ``init_scale``). Load between update() and
+        the next scale(): mid-iteration, gradients were scaled by the old scale.
 
         Raises:
             ValueError: unknown version, missing or unexpected keys, or invalid values.
             TypeError: a value of the wrong type (e.g. a float growth_interval).
-            RuntimeError: called in the middle of an iteration (after unscale_/step,
-                before update()), where gradients were scaled by the old scale.
+            RuntimeError: called mid-iteration (after ``unscale_``/``step``, before ``update``).
         """
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict from state_dict(), got {type(state).__name__}")

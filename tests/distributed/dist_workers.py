@@ -22,6 +22,7 @@ from torch import nn
 
 import fp8train
 from fp8train import distributed as fd
+from fp8train.distributed.wrap import unwrap
 from fp8train.nn import fp8_layers
 from fp8train.tensor import ScaledTensor
 
@@ -56,7 +57,10 @@ class Net(nn.Module):
 
 def make_model(recipe: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return fp8train.convert(Net(), recipe)
+    # Eager kernels: with compiled ones every rank process compiles its own kernels, on
+    # CPUs shared by the ranks, past the ranks' deadline. The compiled kernels are
+    # checked bitwise against the eager ones by their own tests.
+    return fp8train.convert(Net(), recipe, kernels="eager")
 
 
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
@@ -83,7 +87,7 @@ def histories(model: nn.Module) -> dict[str, Any]:
             r: None if h.window is None else h.window.clone()
             for r, h in layer.fp8_state.histories.items()
         }
-        for name, layer in fp8_layers(fd._unwrap(model))
+        for name, layer in fp8_layers(unwrap(model))
     }
 
 
@@ -211,7 +215,7 @@ def train_compare(cases: list[tuple[str, str, bool]], steps: int) -> dict[str, A
                 gathered[state.name] = (
                     qt.data.clone(),
                     qt.scale.clone(),
-                    qt is getattr(t, "fp8_gathered", None),
+                    isinstance(t, fd.Fp8GatheredWeight) and qt is t.fp8_gathered,
                 )
 
         for _, layer in fp8_layers(model):

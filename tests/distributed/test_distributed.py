@@ -26,6 +26,7 @@ Runs are single-threaded (ranks and references) so that CPU GEMMs reduce in one 
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ from torch import nn
 
 from fp8train import RECIPE_NAMES, Recipe, quantize
 from fp8train import distributed as fd
+from fp8train.distributed.process_group import max_over_ranks
+from fp8train.distributed.wrap import unwrap
+from fp8train.loss_scaler import LossScalerConfig
 from fp8train.nn import fp8_layers
 from fp8train.testing import assert_bitwise_equal
 
@@ -165,6 +169,40 @@ def test_setup_rejects_bad_options(one_rank_group: None) -> None:
         fd.setup(ddp, "fsdp2")
 
 
+def test_layer_hooks_on_one_rank(one_rank_group: None) -> None:
+    hooks = fd.Fp8LayerHooks()
+    amax = torch.tensor([3.0, math.nan])
+    assert hooks.reduce_amax(amax) is amax  # one rank: nothing to agree with, no collective
+    full = torch.randn(8, 16)
+    assert hooks.gathered(full) is None
+    scaled, grid = quantize(full, Recipe.from_name("tensorwise").weight), full.abs().amax()
+    got = hooks.gathered(fd.Fp8GatheredWeight(scaled, grid))
+    assert got is not None and got[0] is scaled and got[1] is grid
+
+
+def test_max_over_ranks_makes_every_non_finite_inf(one_rank_group: None) -> None:
+    # A MAX reduction's NaN handling is backend-defined; inf wins on every backend.
+    got = max_over_ranks(torch.tensor([1.0, math.nan, -math.inf], dtype=torch.bfloat16), None)
+    assert got.dtype == torch.float32
+    assert got.tolist() == [1.0, math.inf, math.inf]  # -inf too: any non-finite is inf
+
+
+def test_distributed_loss_scaler_from_config() -> None:
+    config = LossScalerConfig("static", init_scale=8.0)
+    scaler = fd.DistributedLossScaler.from_config(config, process_group=None)
+    assert isinstance(scaler, fd.DistributedLossScaler) and scaler.config == config
+
+
+@pytest.mark.parametrize(("mode", "recipe"), [("ddp", "delayed"), ("fsdp2", "tensorwise")])
+def test_setup_gives_every_fp8_layer_one_hooks_object(
+    one_rank_group: None, mode: str, recipe: str
+) -> None:
+    model = fd.setup(w.make_model(recipe), mode, fp8_all_gather=mode == "fsdp2")
+    states = [layer.fp8_state for _, layer in fp8_layers(unwrap(model))]
+    assert states and isinstance(states[0].distributed, fd.Fp8LayerHooks)
+    assert all(s.distributed is states[0].distributed for s in states)
+
+
 @pytest.mark.parametrize("recipe", AG_RECIPES)
 def test_one_rank_fsdp2_fp8_all_gather_is_bitwise_the_plain_model(
     one_rank_group: None, single_thread: None, recipe: str
@@ -176,7 +214,9 @@ def test_one_rank_fsdp2_fp8_all_gather_is_bitwise_the_plain_model(
     used = []
     for _, layer in fp8_layers(model):
         layer.fp8_state.observer = lambda s, role, t, qt: (
-            used.append(qt is getattr(t, "fp8_gathered", None)) if role == "weight" else None
+            used.append(isinstance(t, fd.Fp8GatheredWeight) and qt is t.fp8_gathered)
+            if role == "weight"
+            else None
         )
     model = fd.setup(model, "fsdp2", fp8_all_gather=True)
     opt = w.make_optimizer(model)
