@@ -12,7 +12,7 @@ from fp8train._kernels import fused
 from fp8train._kernels.auto import KernelChoice, KernelMode, resolve_auto
 from fp8train._kernels.capture import compiled, standalone_compile_available
 from fp8train._kernels.encoders import CodeBytes
-from fp8train._kernels.fused import Quantized, Saved
+from fp8train._kernels.fused import GemmOperands, Quantized, Saved
 from fp8train._kernels.routes import ByteRoutes, PayloadBytes
 from fp8train.scaling import ScaleSpec, compute_amax
 
@@ -32,9 +32,9 @@ class Kernels:
 
     The keywords choose how CPU kernels make and read FP8 bytes (:class:`ByteRoutes`;
     the same bits by every route, and the defaults are torch's own conversions). Which
-    route is faster depends on the CPU, so they are options with one default, measured
-    by ``benchmarks/cast.py``; they matter to compiled code, eager each integer
-    operation is a pass of its own.
+    route is faster depends on the CPU, so they are options with one default, and
+    ``benchmarks/cast.py --routes`` measures which wins. They are meant for compiled
+    code: run eagerly, each integer operation of a bit-field route is a pass of its own.
     """
 
     def __init__(
@@ -145,12 +145,7 @@ class Kernels:
         amax_windows: tuple[torch.Tensor | None, ...],
         saved: tuple[Saved, ...],
         keep_payloads: tuple[bool, ...] = (),
-    ) -> tuple[
-        tuple[torch.Tensor, ...],
-        tuple[Quantized, ...],
-        torch.Tensor | None,
-        tuple[torch.Tensor, ...],
-    ]:
+    ) -> GemmOperands:
         """:func:`fp8train._kernels.fused.prepare_gemm_operands`: ``(dequantised,
         quantized, all_finite, restored)``."""
         fn = self._on(fused.prepare_gemm_operands, _device_of((*sources, *saved)))
