@@ -579,3 +579,25 @@ def test_compiled_graphs_follow_the_row_count(spec_names: tuple[str, str]) -> No
     assert 2 <= made <= 4, f"{made} graphs compiled for 4 distinct pairs of row counts"
     if spec_names[0] == "e5m2-tensor":
         assert made == 2, "a tensorwise/rowwise step should take any row count"
+
+
+@pytest.mark.parametrize("module", ["formats", "_bits", "cast", "scaling", "history", "tensor"])
+def test_the_reference_layer_imports_nothing_from_the_speed_layer(module: str) -> None:
+    """The dependency arrows point down: the reference modules import neither
+    fp8train._kernels nor its re-export fp8train.kernels (the kernels are tested against
+    them, so they must not be built from the kernels)."""
+    import ast
+    import importlib
+
+    source = importlib.import_module(f"fp8train.{module}").__file__
+    assert source is not None
+    with open(source, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module is not None:
+            imported |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    speed = {m for m in imported if m.startswith(("fp8train._kernels", "fp8train.kernels"))}
+    assert not speed, f"fp8train.{module} imports {sorted(speed)}"
