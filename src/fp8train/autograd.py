@@ -2,15 +2,21 @@
 
 Shapes: ``x (..., K)`` is viewed as ``x2d (M, K)``; ``W (N, K)``; ``dy (M, N)``.
 
-* output      ``y  = x2d . W^T``  -- a: input (M, K),        b: weight^T (K, N)
-* grad_input  ``dx = dy . W``     -- a: grad_output (M, N),  b: weight (N, K), contracts N
+* output      ``y  = x2d . W^T``  -- a: input (M, K),         b: weight^T (K, N)
+* grad_input  ``dx = dy . W``     -- a: grad_output (M, N),   b: weight (N, K), contracts N
 * grad_weight ``dW = dy^T . x2d`` -- a: grad_output^T (N, M), b: input (M, K), contracts M
 
-Every operand passes through :func:`_quantize_gemm_operands` (tensor, spec, role). When the
-backward GEMM contracts the other axis of a tensor than the forward did (row, 1x128 and
-MX scales), that tensor is quantised again along the new axis:
+Why three GEMMs, each written out: every GEMM contracts its own axis, and a scale
+(per row, per 1x128 tile, per MX block) belongs to the axis it was taken along. Each
+operand is therefore quantised for the GEMM that reads it, by one helper
+(:meth:`_Step.quantize`: tensor, spec, role), right before that GEMM. Where a backward
+GEMM contracts the other axis of a tensor than the forward did, that tensor is
+quantised again along the new axis (role ``"weight.t"``, ``"input.t"``,
+``"grad_output.t"``), unless its scales do not depend on the axis (one per tensor, or
+square tiles) and the forward's quantisation is reused as is:
 
-* the weight from the high-precision master weight (exact: no double rounding);
+* the weight is re-quantised from the high-precision master weight (exact: no double
+  rounding);
 * the input from what was saved for backward. With ``save_fp8_activations`` that is the
   forward's FP8 payload, dequantised and re-quantised: with power-of-two scales an FP8
   value re-scaled by a power of two is again an FP8 value unless it drops into the
@@ -19,9 +25,14 @@ MX scales), that tensor is quantised again along the new axis:
   ``save_fp8_activations=False`` saves the input in the compute dtype and avoids it.
 
 A non-finite operand (NaN/inf: a bad input, or a loss-scale overflow in ``dy``) never
-produces a scale and never enters an amax history: that GEMM runs in high precision,
-so the NaN/inf propagates to the output or gradient where the loss scaler sees it, and
-the layer reports it by name.
+produces a scale and never enters an amax history: the GEMM that reads it runs in high
+precision, so the NaN/inf propagates to the output or gradient where the loss scaler
+sees it, and the layer reports it by name. A step (the forward, or the backward) records
+its delayed-scaling amaxes only once every amax it took is known to be finite, so a bad
+tensor leaves no half-updated state behind.
+
+Data-parallel wrappers meet the layer through :class:`DistributedHooks`
+(``LayerState.distributed``), implemented by :mod:`fp8train.distributed`.
 """
 
 from __future__ import annotations
@@ -29,12 +40,12 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
+from fp8train._kernels import Kernels, shared_kernels
 from fp8train.history import AmaxHistory
-from fp8train.kernels import Kernels, Saved, shared_kernels
 from fp8train.matmul import autocast_off, gemm_dtype, scaled_mm
 from fp8train.recipes import Recipe
 from fp8train.scaling import (
@@ -45,7 +56,7 @@ from fp8train.scaling import (
 )
 from fp8train.tensor import ScaledTensor
 
-__all__ = ["LayerState", "NonFiniteWarning", "fp8_linear"]
+__all__ = ["DistributedHooks", "LayerState", "NonFiniteWarning", "fp8_linear"]
 
 log = logging.getLogger("fp8train")
 
@@ -57,10 +68,28 @@ class NonFiniteWarning(RuntimeWarning):
     """A layer met NaN/inf in an operand; no scale or history was updated."""
 
 
+class DistributedHooks(Protocol):
+    """How a data-parallel wrapper meets an FP8 layer (fp8train.distributed implements it)."""
+
+    def reduce_amax(self, amax: torch.Tensor) -> torch.Tensor:
+        """The max of ``amax`` over the ranks, so that every rank records the same delayed
+        history (and a NaN/inf on one rank is seen by all). Called for every operand that
+        has an amax history, before its amax is checked and recorded."""
+        ...
+
+    def gathered(self, weight: torch.Tensor) -> tuple[ScaledTensor, torch.Tensor] | None:
+        """``(quantised weight, the amax its scales came from)`` if FSDP2 already
+        all-gathered ``weight`` in FP8 (cast with ``recipe.weight``, its delayed history
+        recorded before the gather), else None."""
+        ...
+
+
 class LayerState:
     """Per-layer recipe state: the layer's name, delayed-scaling histories, counters.
 
     Owned by the module; updated during forward and backward, no extra call needed.
+    ``distributed``: set by a data-parallel wrapper (:class:`DistributedHooks`); None on
+    one process.
     """
 
     ROLES = ("input", "weight", "grad_output")
@@ -76,9 +105,7 @@ class LayerState:
             }
         self.nonfinite: dict[str, int] = {r: 0 for r in self.ROLES}
         self.observer: Observer | None = None
-        # Set by fp8train.distributed.setup: maps a local amax to the max over ranks, so
-        # every rank records the same amax and the delayed-scaling histories stay identical.
-        self.amax_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.distributed: DistributedHooks | None = None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -116,6 +143,13 @@ def _reusable_transposed(spec: ScaleSpec) -> bool:
     return g is Granularity.TENSOR or (g is Granularity.BLOCK and spec.block[0] == spec.block[1])
 
 
+def _scale(amax: torch.Tensor, spec: ScaleSpec, history: AmaxHistory | None) -> torch.Tensor:
+    """The scale of an operand whose amax (finite) is ``amax``: from ``amax`` itself for
+    current scaling and on delayed scaling's first step, else from the history's window of
+    *earlier* amaxes. Records nothing."""
+    return scale_from_amax(amax if history is None or history.empty else history.reduced(), spec)
+
+
 def operand_scale(
     amax: torch.Tensor, spec: ScaleSpec, role: str, state: LayerState
 ) -> torch.Tensor:
@@ -125,26 +159,10 @@ def operand_scale(
     (``amax`` itself on the very first step), then ``amax`` is recorded.
     """
     history = state.histories.get(role)
-    if history is None:
-        return scale_from_amax(amax, spec)
-    scale_amax = amax if history.empty else history.reduced()
-    history.record(amax)
-    return scale_from_amax(scale_amax, spec)
-
-
-# --- FSDP2 FP8 all-gather hook (fp8train.distributed) -----------------------------------
-def _gathered(t: torch.Tensor) -> ScaledTensor | None:
-    """The FP8 quantisation an FSDP2 FP8 all-gather attached to an unsharded weight."""
-    return getattr(t, "fp8_gathered", None)
-
-
-def _operand_amax(t: torch.Tensor, spec: ScaleSpec, kernels: Kernels) -> torch.Tensor:
-    """The operand's amax; a gathered weight reports the amax its scales came from."""
-    amax: torch.Tensor | None = getattr(t, "fp8_gathered_amax", None)
-    return kernels.amax(t, spec) if amax is None else amax
-
-
-# --- end hook ----------------------------------------------------------------------------
+    scale = _scale(amax, spec, history)
+    if history is not None:
+        history.record(amax)
+    return scale
 
 
 def _work_dtype(out_dtype: torch.dtype, device: torch.device, *specs: ScaleSpec) -> torch.dtype:
@@ -153,139 +171,123 @@ def _work_dtype(out_dtype: torch.dtype, device: torch.device, *specs: ScaleSpec)
     return gemm_dtype(out_dtype, all(s.scales_are_power_of_two for s in specs), device.type)
 
 
-# One GEMM operand to quantise: (tensor, spec, role, dtype of its GEMM operand or None).
-# The tensor may be a saved FP8 payload (kernels.Saved) standing for its dequantised
-# values: the kernels dequantise and re-quantise it in one call.
-Operand = tuple["torch.Tensor | Saved", ScaleSpec, str, "torch.dtype | None"]
+class _Quantized(NamedTuple):
+    """One operand quantised by :meth:`_Step.quantize`, waiting for :meth:`_Step.commit`."""
+
+    role: str
+    tensor: torch.Tensor
+    scaled: ScaledTensor
+    record: torch.Tensor | None  # the amax its delayed history records, if it has one
 
 
-def _dequantised(src: torch.Tensor | Saved, kernels: Kernels) -> torch.Tensor:
-    return src if isinstance(src, torch.Tensor) else kernels.payload_to_operand(*src)
+class _Step:
+    """The operands of one layer step (the forward, or the backward), quantised one by
+    one right before their GEMM by :meth:`quantize`, and what the step changes in the
+    layer's state, done by :meth:`commit` once every amax of the step was finite.
 
-
-def _quantize_gemm_operands(
-    state: LayerState,
-    kernels: Kernels,
-    operands: list[Operand],
-    restore: tuple[Saved, ...] = (),
-    stored: tuple[str, ...] = (),
-) -> tuple[list[ScaledTensor] | None, list[torch.Tensor]]:
-    """Quantise the operands of one layer step: amax -> scale -> cast; None (reported)
-    if any operand holds NaN/inf. Also returns the GEMM operands of the saved payloads
-    in ``restore`` (valid either way).
-
-    Every amax is checked before any history records or any result is kept, so a bad
-    input leaves no half-updated state behind. One fused kernel call runs amax, scale and
-    cast of every current-scaling operand, amax, scale (from its history's window) and
-    cast of every delayed one, and the restores, and reports whether every amax is finite
-    (on NaN/inf its output is discarded unseen). Delayed scaling's first step (the scale
-    is the amax itself), stochastic rounding and FSDP2-gathered weights take their own
-    path. Each result also carries its GEMM operand in the operand's dtype.
-
-    FP8 payloads are made only for the roles in ``stored`` (kept for backward), for an
-    observer, and off the CPU (where ``torch._scaled_mm`` reads them); the CPU's
-    emulated GEMM reads only the operands, and any other ``ScaledTensor.data`` is
-    derived from its operand when first read (the same bits).
+    Why deferred: a delayed history must not record one operand's amax when another of
+    the same step turns out NaN/inf (the step is bad, and a later step must see the
+    histories as they were); the observer likewise sees a step's operands only when all
+    are finite, and otherwise only the bad ones (with ``None``).
     """
-    # Only the weight (never a Saved payload) can arrive FP8-gathered.
-    gathered = [
-        _gathered(t) if role == "weight" else None  # type: ignore[arg-type]
-        for t, _, role, _ in operands
-    ]
-    # Fused: current scaling, and delayed scaling once its history holds an amax (the
-    # scale is known before the cast, so amax and cast share one pass over the tensor;
-    # the kernel call also reduces the history's window to that scale).
-    windows: dict[int, torch.Tensor] = {}
-    fused_idx = []
-    for i, (_, spec, role, _) in enumerate(operands):
-        if gathered[i] is not None or spec.rounding != "nearest":
-            continue
+
+    def __init__(self, state: LayerState, kernels: Kernels) -> None:
+        self.state = state
+        self.kernels = kernels
+        self.finite = True
+        self.done: list[_Quantized] = []
+
+    def quantize(
+        self,
+        t: torch.Tensor,
+        spec: ScaleSpec,
+        role: str,
+        work: torch.dtype,
+        keep_payload: bool,
+    ) -> ScaledTensor | None:
+        """``t`` (2-D, high precision) quantised with ``spec`` for a GEMM that reads it
+        in ``work``; None (reported by role) if ``t`` holds NaN/inf.
+
+        amax -> scale -> cast. Current scaling takes amax, scale and cast in one fused
+        kernel call, and so does delayed scaling once its history holds an amax (the
+        scale comes from the window, so the cast needs no amax first); delayed scaling's
+        first step and stochastic rounding take the amax, check it, then scale and cast
+        (stochastic rounding stays eager: its random stream must be the eager one). The
+        fused call's outputs are discarded unseen if the amax is not finite.
+
+        ``keep_payload``: whether backward keeps the FP8 payload. Payloads are made for
+        that, for an observer, and off the CPU (where ``torch._scaled_mm`` reads them);
+        the CPU's emulated GEMM reads only the operand, and any other
+        ``ScaledTensor.data`` is derived from it when first read (the same bits).
+        """
+        state, kernels = self.state, self.kernels
+        keep = keep_payload or state.observer is not None or not t.is_cpu
         history = state.histories.get(role)
-        if history is None:
-            fused_idx.append(i)
-        elif not history.empty:
-            windows[i] = history.to_reduce()
-            fused_idx.append(i)
-    sources = [t for t, _, _, _ in operands]
-    fused: dict[int, tuple[Any, ...]] = {}
-    fused_finite = True
-    restored: list[torch.Tensor] = []
-    if fused_idx or restore:
-        keep_all = state.observer is not None or any(
-            not (t if isinstance(t, torch.Tensor) else t[0]).is_cpu for t in sources
-        )
-        keeps = tuple(keep_all or operands[i][2] in stored for i in fused_idx)
-        dequantised, outs, finite, restored_t = kernels.prepare_gemm_operands(
-            tuple(sources[i] for i in fused_idx),
-            tuple(operands[i][1] for i in fused_idx),
-            tuple(operands[i][3] for i in fused_idx),
-            tuple(windows.get(i) for i in fused_idx),
-            restore,
-            keeps,
-        )
-        restored = list(restored_t)
-        fused = dict(zip(fused_idx, outs, strict=False))
-        it = iter(dequantised)
-        for i in fused_idx:
-            if not isinstance(sources[i], torch.Tensor):
-                sources[i] = next(it)
-        fused_finite = finite is None or bool(finite)
-    # Saved payloads outside the fused call (delayed or stochastic scaling) get their
-    # high-precision values here.
-    hp = [_dequantised(s, kernels) for s in sources]
-
-    pending: list[tuple[torch.Tensor, ScaleSpec, str, Any, torch.Tensor, ScaledTensor | None]] = []
-    checked = set(fused)  # amaxes the fused call's flag vouches for
-    for i, ((_, spec, role, work), t) in enumerate(zip(operands, hp, strict=False)):
-        if gathered[i] is not None:
-            # FSDP2 FP8 all-gather: already cast (and recorded) before the gather.
-            pending.append((t, spec, role, work, _operand_amax(t, spec, kernels), gathered[i]))
-            continue
-        if i in fused:
-            amax, scale, payload, fused_operand = fused[i]
-            q: ScaledTensor | None = ScaledTensor(payload, scale, spec, t.dtype, fused_operand)
-        else:
-            amax, q = kernels.amax(t, spec), None
-        if state.amax_reduce is not None and role in state.histories:
-            # Distributed: the max over ranks, before the check, so that all ranks
-            # record (or skip on NaN/inf) the same values.
-            amax = state.amax_reduce(amax)
-            checked.discard(i)
-        pending.append((t, spec, role, work, amax, q))
-
-    # The fused operands were checked by one flag; the others one by one. Only on
-    # failure is each amax looked at, to name the bad tensors.
-    ok = fused_finite and all(
-        bool(torch.isfinite(p[4]).all()) for i, p in enumerate(pending) if i not in checked
-    )
-    if not ok:
-        reported: set[tuple[int, str]] = set()
-        for t, _, role, _, amax, _ in pending:
-            key = (id(t), role.split(".")[0])  # dy and dy^T: one tensor, reported once
-            if not bool(torch.isfinite(amax).all()) and key not in reported:
-                reported.add(key)
-                state.report_nonfinite(key[1], t.shape)
-                if state.observer is not None:
-                    state.observer(state, role, t, None)
-        return None, restored
-
-    results = []
-    for i, (t, spec, role, work, amax, q) in enumerate(pending):
-        if i in windows:
-            state.histories[role].record(amax)  # its scale came from the history
-        if q is None:
-            scale = operand_scale(amax, spec, role, state)  # records delayed history
-            operand: torch.Tensor | None
-            if spec.rounding == "nearest":
-                payload, operand = kernels.cast_with_operand(t, scale, spec, work)
+        hooks = state.distributed
+        gathered = hooks.gathered(t) if hooks is not None and role == "weight" else None
+        q: ScaledTensor | None = None
+        if gathered is not None:
+            # FSDP2 all-gathered the weight in FP8: cast, and its amax reduced over the
+            # ranks and recorded, before the gather. Only the check is left.
+            q, amax = gathered
+            history = None
+        elif spec.rounding == "nearest" and (history is None or not history.empty):
+            # A delayed history's scale is known before the cast: the kernel takes the
+            # amax alongside it (for the check and the record).
+            if history is None:
+                amax, scale, payload, operand = kernels.quantize_current(t, spec, work, keep)
             else:
-                # Stochastic rounding stays eager: its random stream must be the eager one.
+                given = scale_from_amax(history.reduced(), spec)
+                amax, scale, payload, operand = kernels.quantize_given(t, given, spec, work, keep)
+            q = ScaledTensor(payload, scale, spec, t.dtype, operand)
+        else:
+            amax = kernels.amax(t, spec)
+        if hooks is not None and history is not None:
+            # The max over ranks, before the check, so that all ranks record (or skip on
+            # NaN/inf) the same values.
+            amax = hooks.reduce_amax(amax)
+
+        if not bool(torch.isfinite(amax).all()):
+            self.finite = False
+            state.report_nonfinite(role.split(".")[0], t.shape)
+            if state.observer is not None:
+                state.observer(state, role, t, None)
+            return None
+
+        if q is None:  # scaled only now that the amax is known finite
+            scale = _scale(amax, spec, history)
+            if spec.rounding == "nearest":
+                payload, operand = kernels.cast_with_operand(t, scale, spec, work, keep)
+            else:
                 payload, operand = apply_scale_and_cast(t, scale, spec), None
             q = ScaledTensor(payload, scale, spec, t.dtype, operand)
-        if state.observer is not None:
-            state.observer(state, role, t, q)
-        results.append(q)
-    return results, restored
+        self.done.append(_Quantized(role, t, q, amax if history is not None else None))
+        return q
+
+    def commit(self) -> None:
+        """If every amax of the step was finite: record the delayed histories and show
+        each operand to the observer, in the order they were quantised."""
+        if not self.finite:
+            return
+        state = self.state
+        for role, t, q, amax in self.done:
+            if amax is not None:
+                state.histories[role].record(amax)
+            if state.observer is not None:
+                state.observer(state, role, t, q)
+
+
+def _saved_input(
+    ctx: Any, x_saved: torch.Tensor, x_scale: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """The input ``(M, K)`` in ``dtype`` from what the forward saved: its FP8 payload
+    dequantised, or its compute-dtype copy."""
+    if ctx.fp8_saved:
+        x: torch.Tensor = ctx.kernels.payload_to_operand(
+            x_saved, x_scale, ctx.state.recipe.input, dtype
+        )
+        return x
+    return x_saved.to(dtype)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -308,23 +310,20 @@ class _Fp8Linear(torch.autograd.Function):
         recipe = state.recipe
         out_dtype = _compute_dtype(x)
         in_shape = x.shape
+        # What backward keeps in FP8 (so only these payloads are made): x, if the recipe
+        # saves activations in FP8; W, if the grad_input GEMM reuses it as is.
+        keep_x = recipe.save_fp8_activations and recipe.fp8_wgrad
+        keep_w = _reusable_transposed(recipe.weight) and recipe.fp8_dgrad
+        step = _Step(state, kernels)
         with autocast_off(x.device.type):
             x2d = x.reshape(-1, in_shape[-1])  # (M, K)
             work = _work_dtype(out_dtype, x.device, recipe.input, recipe.weight)
-            # What backward keeps in FP8 (so only these payloads are made): x, if the
-            # recipe saves activations in FP8; W, if the grad_input GEMM reuses it as is.
-            keep_x = recipe.save_fp8_activations and recipe.fp8_wgrad
-            keep_w = _reusable_transposed(recipe.weight) and recipe.fp8_dgrad
-            stored = (("input",) if keep_x else ()) + (("weight",) if keep_w else ())
-            quantized, _ = _quantize_gemm_operands(
-                state,
-                kernels,
-                [(x2d, recipe.input, "input", work), (weight, recipe.weight, "weight", work)],
-                stored=stored,
-            )
-            qx, qw = quantized if quantized is not None else (None, None)
+
+            # output = x . W^T : (M, K) @ (K, N) -> (M, N); both contract K, the bias is
+            # added before the output's rounding
+            qx = step.quantize(x2d, recipe.input, "input", work, keep_payload=keep_x)
+            qw = step.quantize(weight, recipe.weight, "weight", work, keep_payload=keep_w)
             if qx is not None and qw is not None:
-                # (M, K) @ (K, N) -> (M, N), bias added before the output rounding
                 y = scaled_mm(qx, qw.t(), bias=bias, out_dtype=out_dtype)
             else:
                 y = torch.nn.functional.linear(
@@ -332,22 +331,25 @@ class _Fp8Linear(torch.autograd.Function):
                     weight.to(out_dtype),
                     None if bias is None else bias.to(out_dtype),
                 )
+            step.commit()
 
+        # After a NaN/inf in x or W (reported above) backward runs both GEMMs in high
+        # precision: no FP8 copy is saved, and x and W are not checked a second time.
+        fp8_forward = qx is not None and qw is not None
         # What backward needs of x: its FP8 payload (1 byte/element) or the compute-dtype copy.
-        fp8_saved = keep_x and qx is not None
-        if fp8_saved:
-            assert qx is not None
+        fp8_saved = keep_x and fp8_forward
+        if qx is not None and fp8_saved:
             x_saved, x_scale = qx.data, qx.scale
         else:
             x_saved, x_scale = x2d.to(out_dtype), None
         # The weight: reuse its FP8 copy when the grad_input GEMM can, else keep only the
         # master weight (a Parameter: saving it costs no memory) and re-quantise.
-        w_reuse = keep_w and qw is not None
-        w_fp8 = qw.data if w_reuse and qw is not None else None
-        w_scale = qw.scale if w_reuse and qw is not None else None
+        w_fp8 = w_scale = None
+        if qw is not None and keep_w and fp8_forward:
+            w_fp8, w_scale = qw.data, qw.scale
         ctx.save_for_backward(x_saved, x_scale, weight, w_fp8, w_scale)
         ctx.fp8_saved = fp8_saved
-        ctx.fp8_forward = quantized is not None  # False: x or W held NaN/inf (reported)
+        ctx.fp8_forward = fp8_forward
         ctx.state = state
         ctx.kernels = kernels
         ctx.in_shape = in_shape
@@ -360,65 +362,42 @@ class _Fp8Linear(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x_saved, x_scale, weight, w_fp8, w_scale = ctx.saved_tensors
         state: LayerState = ctx.state
+        kernels: Kernels = ctx.kernels
         recipe = state.recipe
         gdtype = dy.dtype
-        dy2d = dy.reshape(-1, dy.shape[-1])  # (M, N)
-
-        # x as backward has it: the saved FP8 payload (dequantised by the kernels, in the
-        # same call that re-quantises it) or the compute-dtype copy.
-        x_src: torch.Tensor | Saved = (
-            (x_saved, x_scale, recipe.input, gdtype) if ctx.fp8_saved else x_saved.to(gdtype)
-        )
-
         work_d = _work_dtype(gdtype, dy.device, recipe.grad_output, recipe.weight)
         work_w = _work_dtype(gdtype, dy.device, recipe.grad_output, recipe.input)
         fp8_dgrad = ctx.needs_input_grad[0] and recipe.fp8_dgrad
         fp8_wgrad = ctx.needs_input_grad[1] and recipe.fp8_wgrad
+        step = _Step(state, kernels)
         with autocast_off(dy.device.type):
-            # Every operand the two backward GEMMs quantise, in one kernel call: dy, and
-            # along the other axis where the recipe's scales change with it, the weight,
-            # dy^T and the input; the same call restores the saved FP8 copies reused as
-            # they are. A NaN/inf in any of them runs both GEMMs in high precision (it
-            # would reach the gradients either way).
-            ops: list[Operand] = []
+            dy2d = dy.reshape(-1, dy.shape[-1])  # (M, N)
+            # dy is an operand of both GEMMs: quantised once along N, the axis grad_input
+            # contracts (grad_weight reuses it where its scales do not depend on the axis).
+            qdy = None
             if fp8_dgrad or fp8_wgrad:
-                ops.append((dy2d, recipe.grad_output, "grad_output", work_d))
-            # After a non-finite x or W (reported by the forward) both GEMMs stay in high
-            # precision, and the bad tensor is not checked (and counted) a second time.
-            if fp8_dgrad and w_fp8 is None and ctx.fp8_forward:
-                ops.append((weight, recipe.weight.transposed(), "weight.t", work_d))
-            if fp8_wgrad and not _reusable_transposed(recipe.grad_output):
-                ops.append((dy2d, recipe.grad_output.transposed(), "grad_output.t", work_w))
-            x_reused = ctx.fp8_saved and _reusable_transposed(recipe.input)
-            if fp8_wgrad and not x_reused and ctx.fp8_forward:
-                ops.append((x_src, recipe.input.transposed(), "input.t", work_w))
-            restore_w = fp8_dgrad and w_fp8 is not None
-            restore_x = fp8_wgrad and x_reused
-            saved: list[Saved] = []
-            if restore_w:
-                saved.append((w_fp8, w_scale, recipe.weight, work_d))
-            if restore_x:
-                saved.append((x_saved, x_scale, recipe.input, work_w))
-            quantized, restored = (
-                _quantize_gemm_operands(state, ctx.kernels, ops, tuple(saved))
-                if ops
-                else (None, [])
-            )
-            q = dict(zip((role for _, _, role, _ in ops), quantized or [], strict=False))
-            qw_d = q.get("weight.t")
-            qx_w = q.get("input.t")
-            if quantized is not None and restore_w:
-                qw_d = ScaledTensor(w_fp8, w_scale, recipe.weight, weight.dtype, restored.pop(0))
-            if quantized is not None and restore_x:
-                qx_w = ScaledTensor(x_saved, x_scale, recipe.input, gdtype, restored.pop(0))
-            qdy = q.get("grad_output")
-            qdy_w = qdy if _reusable_transposed(recipe.grad_output) else q.get("grad_output.t")
+                qdy = step.quantize(
+                    dy2d, recipe.grad_output, "grad_output", work_d, keep_payload=False
+                )
+            # A GEMM whose dy is NaN/inf runs in high precision, and so does each GEMM
+            # reading x or W after the forward found either one NaN/inf.
 
             # grad_input = dy . W : (M, N) @ (N, K) -> (M, K)
             dx = None
             if ctx.needs_input_grad[0]:
-                if fp8_dgrad and qdy is not None and qw_d is not None:
-                    dx = scaled_mm(qdy, qw_d, out_dtype=gdtype)
+                qw = None
+                if fp8_dgrad and qdy is not None and w_fp8 is not None:
+                    # The forward's FP8 weight, reused as is (its scales span both axes).
+                    operand = kernels.payload_to_operand(w_fp8, w_scale, recipe.weight, work_d)
+                    qw = ScaledTensor(w_fp8, w_scale, recipe.weight, weight.dtype, operand)
+                elif fp8_dgrad and qdy is not None and ctx.fp8_forward:
+                    # Re-quantised from the master weight along N, the axis this GEMM
+                    # contracts.
+                    qw = step.quantize(
+                        weight, recipe.weight.transposed(), "weight.t", work_d, keep_payload=False
+                    )
+                if qdy is not None and qw is not None:
+                    dx = scaled_mm(qdy, qw, out_dtype=gdtype)
                 else:
                     dx = dy2d @ weight.to(gdtype)
                 dx = dx.reshape(ctx.in_shape).to(ctx.x_dtype)
@@ -426,15 +405,44 @@ class _Fp8Linear(torch.autograd.Function):
             # grad_weight = dy^T . x : (N, M) @ (M, K) -> (N, K)
             dw = None
             if ctx.needs_input_grad[1]:
-                if fp8_wgrad and qdy_w is not None and qx_w is not None:
-                    dw = scaled_mm(qdy_w.t(), qx_w, out_dtype=gdtype)
+                x_hp: torch.Tensor | None = None  # x as saved, in the gradient dtype
+                qdy_t = qx = None
+                if fp8_wgrad and qdy is not None:
+                    # dy along M, the axis this GEMM contracts. dy^T and dy are one tensor:
+                    # NaN/inf in it was found (and reported once) above.
+                    if _reusable_transposed(recipe.grad_output):
+                        qdy_t = qdy
+                    else:
+                        qdy_t = step.quantize(
+                            dy2d,
+                            recipe.grad_output.transposed(),
+                            "grad_output.t",
+                            work_w,
+                            keep_payload=False,
+                        )
+                    if ctx.fp8_saved and _reusable_transposed(recipe.input):
+                        # The forward's FP8 input, reused as is.
+                        operand = kernels.payload_to_operand(x_saved, x_scale, recipe.input, work_w)
+                        qx = ScaledTensor(x_saved, x_scale, recipe.input, gdtype, operand)
+                    elif ctx.fp8_forward:
+                        # Re-quantised along M from what the forward saved.
+                        x_hp = _saved_input(ctx, x_saved, x_scale, gdtype)
+                        qx = step.quantize(
+                            x_hp, recipe.input.transposed(), "input.t", work_w, keep_payload=False
+                        )
+                if qdy_t is not None and qx is not None:
+                    dw = scaled_mm(qdy_t.t(), qx, out_dtype=gdtype)
                 else:
-                    dw = dy2d.t() @ _dequantised(x_src, ctx.kernels)
+                    if x_hp is None:
+                        x_hp = _saved_input(ctx, x_saved, x_scale, gdtype)
+                    dw = dy2d.t() @ x_hp
                 dw = dw.to(weight.dtype)
+            # Every amax of the backward is known finite (or the step is bad): record.
+            step.commit()
 
             db = None
             if ctx.has_bias and ctx.needs_input_grad[2]:
-                db = ctx.kernels.bias_grad(dy2d, ctx.bias_dtype)
+                db = kernels.bias_grad(dy2d, ctx.bias_dtype)
         return dx, dw, db, None, None
 
 
@@ -476,8 +484,8 @@ def fp8_linear(
 # or an amax history is used. The layer then runs outside the graph with the compiled
 # kernels whatever its own setting (the same bits). Left to dynamo, with the eager
 # kernels, the break fell at that check inside the autograd function, which dynamo
-# recompiled per layer shape and dtype, and the lab GPT d128 tensorwise step ran at
-# 1.88x bf16's (against 1.21-1.26x uncompiled). Fp8Linear crosses the break as a module
+# then recompiled per layer shape and dtype: slower than not compiling at all
+# (benchmarks/train_step.py measures it). Fp8Linear crosses the break as a module
 # (fp8train/nn.py), so that the frame dynamo compiles around it guards no weight shape.
 def _fp8_linear_with_compiled_kernels(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, state: LayerState
