@@ -11,33 +11,25 @@ gradients are not finite; the count is reported. With ``micro_batches`` N each b
 runs as N equal micro-batches whose gradients and losses are averaged before the step
 (gradient accumulation): what N data-parallel ranks compute.
 
-A run checkpoints atomically (temporary file, then ``os.replace``) every
-``ckpt_every`` steps and at its end; a checkpoint holds the model, the optimiser, the
-loss scaler, every random state, the data position and the history, so a resumed run
-continues bit for bit where the uninterrupted one would be.
+A run checkpoints every ``ckpt_every`` steps and at its end; a checkpoint holds the
+model, the optimiser, the loss scaler, every random state, the data position and the
+history, so a resumed run continues bit for bit where the uninterrupted one would be.
 
-Distributed (``config.dist``, under torchrun; the caller has joined the process group):
-every rank runs this same loop. The model is converted, then made data-parallel with
-``fp8train.distributed.setup`` (DDP, or FSDP2 with FP8 weight all-gather where the
-recipe allows it), and the optimiser is built after that (FSDP2 swaps the Parameters).
-Every rank draws the same global batch from the same generator and trains on its
-``batch_shard``; the logged train loss is the mean over ranks, i.e. the global batch's.
-Validation runs on every rank (FSDP2's all-gathers and delayed scaling's amax
-all-reduces are collectives) over the whole validation set, so each rank gets the same
-numbers. The loss scaler is a ``DistributedLossScaler`` (one skip decision for all
-ranks). Checkpoints are ``torch.distributed.checkpoint`` folders written by every rank
-(see ``save_dist_checkpoint``). The numerics monitor runs on the main rank only: its
-activation and gradient statistics describe that rank's part of the batch. Saved bytes
-for backward are not measured (under FSDP2 the unsharded weights would count as saved).
+One process or data-parallel under torchrun (``config.dist``): the loop is the same,
+and what differs (wrapping the model, the loss scaler, this process's rows of the
+batch, the mean loss over ranks, the checkpoint format, which process writes) lives in
+``fp8train.lab.world``. Distributed, every rank runs this loop; validation runs on
+every rank (FSDP2's all-gathers and delayed scaling's amax all-reduces are collectives)
+over the whole validation set, so each rank gets the same numbers; the numerics monitor
+runs on the main rank only, and its activation and gradient statistics describe that
+rank's part of the batch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
-import shutil
 import statistics
 import time
 import warnings
@@ -49,13 +41,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 import fp8train
-from fp8train import distributed as fd
 from fp8train.lab.config import LabConfig, LabError, from_dict, recipe_of, stores_fp8_activations
 from fp8train.lab.data import Corpus, Digits, eval_windows, sample_windows
 from fp8train.lab.gpt import GPT
+from fp8train.lab.world import CHECKPOINT_FORMAT, World, fp8_all_gather_for, world_for
 
 __all__ = [
     "SavedTensorBytes",
@@ -68,8 +59,6 @@ __all__ = [
     "train_run",
 ]
 
-# Bumped when the checkpoint layout changes; older checkpoints are refused, not misread.
-CHECKPOINT_FORMAT = 1
 # Validation forward passes run in chunks of this many windows to bound memory.
 _EVAL_CHUNK = 64
 
@@ -195,47 +184,6 @@ def apply_precision(model: nn.Module, precision: str, kernels: str = "eager") ->
         raise LabError(f"fp8train.convert(model, {recipe!r}) refused the model: {e}") from e
 
 
-def make_loss_scaler(precision: str, *, distributed: bool = False) -> fp8train.LossScaler | None:
-    """Dynamic loss scaling for the FP8 recipes (E5M2 gradients underflow without it);
-    None for fp32 and bf16, whose exponent range matches fp32's. ``distributed``: the
-    variant whose skip decision is all-reduced, so that every rank skips together."""
-    if recipe_of(precision) is None:
-        return None
-    if distributed:
-        return fd.DistributedLossScaler(mode="dynamic")
-    return fp8train.LossScaler(mode="dynamic")
-
-
-def fp8_all_gather_for(config: LabConfig, precision: str) -> bool:
-    """Whether a ``config.dist`` run of ``precision`` all-gathers its weights in FP8.
-
-    Only FSDP2 gathers weights, and only the FP8 recipes have FP8 weights. ``None``
-    (the default) turns it on for every recipe whose weight scales allow it (the
-    library decides: see ``fp8train.distributed``); it changes the bytes on the wire,
-    not the numbers. ``True`` makes an unsupported recipe a ``LabError``.
-    """
-    recipe = recipe_of(precision)
-    if config.dist != "fsdp2" or config.fp8_all_gather is False or recipe is None:
-        return False
-    reason = fd.fp8_all_gather_unsupported_reason(fp8train.Recipe.from_name(recipe))
-    if reason is not None and config.fp8_all_gather:
-        raise LabError(
-            f"--fp8-all-gather: recipe {precision} cannot all-gather FP8 weights: {reason}; "
-            "drop --fp8-all-gather (the default uses it wherever the recipe allows)"
-        )
-    return reason is None
-
-
-def distribute(model: nn.Module, precision: str, config: LabConfig) -> tuple[nn.Module, bool]:
-    """The converted ``model`` made data-parallel over the current process group
-    (``config.dist``), and whether its weights are all-gathered in FP8."""
-    fp8_ag = fp8_all_gather_for(config, precision)
-    try:
-        return fd.setup(model, config.dist or "", fp8_all_gather=fp8_ag), fp8_ag
-    except ValueError as e:  # the library's API errors say what to fix
-        raise LabError(f"fp8train.distributed.setup refused the {precision} model: {e}") from e
-
-
 def _fp8train_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -316,90 +264,6 @@ def make_optimizer(model: nn.Module, config: LabConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
 
 
-# ---------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically: a crash leaves either the old checkpoint or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def save_dist_checkpoint(
-    folder: Path,
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: fp8train.LossScaler | None,
-    extra: dict[str, Any],
-) -> None:
-    """Every rank writes its shards to ``folder/step-N`` (``torch.distributed.checkpoint``);
-    then the main rank points ``folder/latest`` at it (``os.replace``) and removes the
-    older ones. A crash mid-write leaves ``latest`` naming the previous complete one."""
-    name = f"step-{step:06d}"
-    if fd.is_main():
-        folder.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(folder / name, ignore_errors=True)  # left by a crash at this step
-    torch.distributed.barrier()  # nobody writes into the folder before it is clean
-    fd.save_checkpoint(folder / name, model, optimizer, loss_scaler=scaler, extra=extra)
-    if fd.is_main():
-        tmp = folder / "latest.tmp"
-        tmp.write_text(name + "\n")
-        os.replace(tmp, folder / "latest")
-        for old in folder.glob("step-*"):
-            if old.name != name:
-                shutil.rmtree(old)
-    torch.distributed.barrier()  # nobody reads latest before it is written
-
-
-def latest_dist_checkpoint(folder: Path) -> Path | None:
-    """The checkpoint ``folder/latest`` names, or None when there is none yet."""
-    pointer = folder / "latest"
-    return folder / pointer.read_text().strip() if pointer.exists() else None
-
-
-def load_dist_checkpoint(
-    path: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scaler: fp8train.LossScaler | None,
-) -> dict[str, Any]:
-    """Restore a ``save_dist_checkpoint`` checkpoint on every rank (resharded if the
-    number of ranks changed); return the run state saved with it."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    try:
-        # A rank's grad_output amaxes scale with 1 / its rows (the loss is a mean);
-        # rescale_grad_histories corrects the delayed-scaling histories for a resume on
-        # another number of ranks (nothing changes on the same number).
-        state = fd.load_checkpoint(
-            path, model, optimizer, loss_scaler=scaler, rescale_grad_histories=True
-        )
-    except (CheckpointException, ValueError) as e:  # not a lost peer: that propagates
-        raise LabError(f"cannot read checkpoint {path}: {e}") from e
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise LabError(
-            f"checkpoint {path} has format {state.get('format')}, this fp8train reads "
-            f"{CHECKPOINT_FORMAT}; start a new run"
-        )
-    return state
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise LabError(f"cannot read checkpoint {path}: {e}") from e
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise LabError(
-            f"checkpoint {path} has format {state.get('format')}, this fp8train reads "
-            f"{CHECKPOINT_FORMAT}; start a new run"
-        )
-    return state
-
-
 # ----------------------------------------------------------------------------- loop
 
 
@@ -432,10 +296,10 @@ def train_run(
 
     ``stop_at`` ends the run after that step with a checkpoint, as an interruption
     would; ``on_step(step, train_loss, val_loss_or_None)`` reports progress.
-    With ``config.dist`` every rank calls this (see the module docstring) and
+    With ``config.dist`` every rank calls this (see ``fp8train.lab.world``) and
     ``checkpoint`` is a folder of distributed checkpoints.
     """
-    distributed = config.dist is not None
+    world = world_for(config)
     # Model, optimiser and scaler are built the same way for a fresh and a resumed run;
     # a resumed run then overwrites all their state from the checkpoint.
     random.seed(seed)
@@ -446,66 +310,25 @@ def train_run(
     fp8_linears = sum(isinstance(m, fp8train.Fp8Linear) for m in linears)
     # ``model`` runs the steps: ``net`` itself, sharded in place by FSDP2, or its DDP
     # wrapper. The optimiser comes after: FSDP2 replaces the Parameters.
-    model, fp8_all_gather = distribute(net, precision, config) if distributed else (net, False)
+    model, fp8_all_gather = world.wrap(net, precision)
     optimizer = make_optimizer(model, config)
-    scaler = make_loss_scaler(precision, distributed=distributed)
+    scaler = world.loss_scaler(precision)
     data_gen = torch.Generator().manual_seed(seed)  # batch order: the same for every precision
     history = _new_history()
     step = 0  # optimiser steps done
 
-    resume_from = latest_dist_checkpoint(checkpoint) if distributed else checkpoint
-    if resume_from is not None and resume_from.exists():
-        if distributed:  # restores model, optimiser and scaler in place
-            state = load_dist_checkpoint(resume_from, model, optimizer, scaler)
-        else:
-            state = load_checkpoint(checkpoint)
+    def same_run(state: dict[str, Any]) -> None:
         if (state["precision"], state["seed"]) != (precision, seed):
             raise LabError(f"checkpoint {checkpoint} is for another run; remove it to restart")
         if from_dict(state["config"]) != config:
             raise LabError(f"checkpoint {checkpoint} was made with another config")
-        if not distributed:
-            model.load_state_dict(state["model"])
-            if state["recipe_state"] is not None:
-                fp8train.load_recipe_state_dict(model, state["recipe_state"])
-            optimizer.load_state_dict(state["optimizer"])
-            if scaler is not None and state["scaler"] is not None:
-                scaler.load_state_dict(state["scaler"])
+
+    state = world.load(checkpoint, model, optimizer, scaler, same_run)
+    if state is not None:  # resume: every random state, the history, the step count
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         data_gen.set_state(state["rng"]["data"])
-        history = state["history"]
-        step = state["step"]
-
-    def checkpoint_now() -> None:
-        run_state = {
-            "format": CHECKPOINT_FORMAT,
-            "precision": precision,
-            "seed": seed,
-            "config": asdict(config),
-            "step": step,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "python": random.getstate(),
-                "data": data_gen.get_state(),
-            },
-            "history": history,
-        }
-        if distributed:  # model, optimiser, recipe state and scaler: the library's DCP
-            save_dist_checkpoint(checkpoint, step, model, optimizer, scaler, run_state)
-            return
-        save_checkpoint(
-            checkpoint,
-            {
-                **run_state,
-                "model": model.state_dict(),
-                # Amax histories and counters of the FP8 layers, outside state_dict().
-                "recipe_state": (
-                    fp8train.recipe_state_dict(model) if recipe_of(precision) else None
-                ),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-            },
-        )
+        history, step = state["history"], state["step"]
 
     def validate(final: bool) -> dict[str, float]:
         model.eval()
@@ -515,22 +338,9 @@ def train_run(
         return metrics
 
     if step == 0:  # the untrained model's loss anchors the curves
-        metrics = validate(final=False)
-        history["val_step"].append(0)
-        history["val_loss"].append(metrics["val_loss"])
-        history["val_metrics"].append(metrics)
+        _log_validation(history, 0, validate(final=False))
 
-    # The numerics health monitor (FP8 runs): per-layer records and culprit-naming
-    # warnings in <out>/monitor/<precision>-seed<N>.jsonl, appended across resumes.
-    # Distributed: the main rank only (the monitor runs no collective, so the other
-    # ranks need not take part), on its rows of the batch.
-    monitor = None
-    if recipe_of(precision) is not None and config.monitor_every > 0 and fd.is_main():
-        log = checkpoint.parent.parent / "monitor" / f"{precision}-seed{seed}.jsonl"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        monitor = fp8train.Monitor(net, every=config.monitor_every, jsonl=log, start=step)
-        monitor.attach()
-
+    monitor = _start_monitor(net, precision, seed, config, checkpoint, step, world)
     # "<recipe>+fp8act": the model's saved activations go to FP8 (the loss stays outside).
     storage = None
     if stores_fp8_activations(precision):
@@ -545,58 +355,27 @@ def train_run(
             group["lr"] = lr_at(step, config)
         t0 = time.perf_counter()
         x, y = task.sample_batch(data_gen)  # the global batch, the same on every rank
-        if distributed:
-            x, y = fd.batch_shard(x), fd.batch_shard(y)  # this rank's rows
+        x, y = world.shard(x), world.shard(y)  # this process's rows of it
 
         # Step 1 also counts the bytes saved for backward (of one micro-batch); the hooks
         # return every tensor unchanged, so the step's numerics are untouched.
-        meter = SavedTensorBytes(model.parameters()) if step == 0 and not distributed else None
-        if storage is not None:
-            storage.observer = meter.pack if meter is not None else None
-        parts = []  # each micro-batch's loss; its gradients add up in .grad
-        for i, (x_part, y_part) in enumerate(
-            zip(x.chunk(config.micro_batches), y.chunk(config.micro_batches), strict=False)
-        ):
-            counting = meter is not None and i == 0
-            hooks = (
-                torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack)
-                if counting and meter is not None
-                else contextlib.nullcontext()
-            )
-            if storage is not None and not counting:
-                storage.observer = None
-            with hooks:
-                with precision_context(precision):
-                    with storage if storage is not None else contextlib.nullcontext():
-                        out = model(x_part)
-                    part = task.loss(out, y_part)
-                if scaler is not None:
-                    scaler.scale(part).backward()  # type: ignore[no-untyped-call]
-                else:
-                    part.backward()  # type: ignore[no-untyped-call]
-            parts.append(part.detach())
-        loss = parts[0]
-        if len(parts) > 1:
-            # The mean over micro-batches of gradients and losses, as a data-parallel
-            # all-reduce takes it over ranks (dividing by a power of two is exact).
-            for p in model.parameters():
-                if p.grad is not None:
-                    p.grad.div_(len(parts))
-            loss = sum(parts[1:], parts[0]) / len(parts)
+        meter = None
+        if step == 0 and world.measures_saved_bytes:
+            meter = SavedTensorBytes(model.parameters())
+        loss = _forward_backward(
+            model, task, precision, x, y, config.micro_batches, scaler, storage, meter
+        )
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         if meter is not None:
             history["saved_activation_bytes"] = meter.total
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        if isinstance(grad_norm, DTensor):  # FSDP2: the norm over every rank's shards
-            grad_norm = grad_norm.full_tensor()
+        grad_norm = world.grad_norm(model, config.grad_clip)
         if scaler is not None:
             scaler.step(optimizer)  # skipped when the gradients are not finite
             scaler.update()
         else:
             optimizer.step()
-        # Distributed: the mean of the ranks' mean losses, the global batch's loss.
-        train_loss = fd.mean_over_ranks(loss) if distributed else loss.item()
+        train_loss = world.mean(loss)  # the global batch's loss
         observed = monitor is not None and monitor.observing
         if monitor is not None:
             # The lab reports health warnings in report.md (and the JSONL), not as
@@ -621,17 +400,26 @@ def train_run(
         history["train_loss"].append(train_loss)
         val_loss = None
         if step % config.eval_every == 0 or step == config.steps:
-            metrics = validate(final=False)
-            val_loss = metrics["val_loss"]
-            history["val_step"].append(step)
-            history["val_loss"].append(val_loss)
-            history["val_metrics"].append(metrics)
+            val_loss = _log_validation(history, step, validate(final=False))
         if step == config.steps:
             history["final"] = validate(final=True)
         if on_step is not None:
             on_step(step, train_loss, val_loss)
         if step % config.ckpt_every == 0 or step == config.steps or step == stop_at:
-            checkpoint_now()
+            run_state = {
+                "format": CHECKPOINT_FORMAT,
+                "precision": precision,
+                "seed": seed,
+                "config": asdict(config),
+                "step": step,
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "python": random.getstate(),
+                    "data": data_gen.get_state(),
+                },
+                "history": history,
+            }
+            world.save(checkpoint, run_state, model, optimizer, scaler)
 
     if monitor is not None:
         monitor.close()
@@ -639,6 +427,85 @@ def train_run(
     record["converted_linears"] = f"{fp8_linears}/{len(linears)}"
     record["fp8_all_gather"] = fp8_all_gather
     return record
+
+
+def _log_validation(history: dict[str, Any], step: int, metrics: dict[str, float]) -> float:
+    """Append a validation's metrics at ``step`` to the history; return its loss."""
+    history["val_step"].append(step)
+    history["val_loss"].append(metrics["val_loss"])
+    history["val_metrics"].append(metrics)
+    return metrics["val_loss"]
+
+
+def _forward_backward(
+    model: nn.Module,
+    task: Task,
+    precision: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    micro_batches: int,
+    scaler: fp8train.LossScaler | None,
+    storage: fp8train.Fp8SavedActivations | None,
+    meter: SavedTensorBytes | None,
+) -> torch.Tensor:
+    """Forward and backward of one batch as ``micro_batches`` equal parts whose gradients
+    add up in ``.grad`` and are then averaged; return the batch's loss (detached). With
+    ``meter``, the first part's saved-for-backward bytes are counted."""
+    if storage is not None:
+        storage.observer = meter.pack if meter is not None else None
+    parts = []  # each micro-batch's loss
+    for i, (x_part, y_part) in enumerate(
+        zip(x.chunk(micro_batches), y.chunk(micro_batches), strict=False)
+    ):
+        counting = meter is not None and i == 0
+        hooks = (
+            torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack)
+            if counting and meter is not None
+            else contextlib.nullcontext()
+        )
+        if storage is not None and not counting:
+            storage.observer = None
+        with hooks:
+            with precision_context(precision):
+                with storage if storage is not None else contextlib.nullcontext():
+                    out = model(x_part)
+                part = task.loss(out, y_part)
+            if scaler is not None:
+                scaler.scale(part).backward()  # type: ignore[no-untyped-call]
+            else:
+                part.backward()  # type: ignore[no-untyped-call]
+        parts.append(part.detach())
+    loss = parts[0]
+    if len(parts) > 1:
+        # The mean over micro-batches of gradients and losses, as a data-parallel
+        # all-reduce takes it over ranks (dividing by a power of two is exact).
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.div_(len(parts))
+        loss = sum(parts[1:], parts[0]) / len(parts)
+    return loss
+
+
+def _start_monitor(
+    net: nn.Module,
+    precision: str,
+    seed: int,
+    config: LabConfig,
+    checkpoint: Path,
+    step: int,
+    world: World,
+) -> fp8train.Monitor | None:
+    """The numerics health monitor of an FP8 run: per-layer records and culprit-naming
+    warnings in <out>/monitor/<precision>-seed<N>.jsonl, appended across resumes.
+    Distributed: the main rank only (the monitor runs no collective, so the other ranks
+    need not take part), on its rows of the batch."""
+    if recipe_of(precision) is None or config.monitor_every <= 0 or not world.is_main:
+        return None
+    log = checkpoint.parent.parent / "monitor" / f"{precision}-seed{seed}.jsonl"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    monitor = fp8train.Monitor(net, every=config.monitor_every, jsonl=log, start=step)
+    monitor.attach()
+    return monitor
 
 
 def _record(
