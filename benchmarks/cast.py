@@ -163,10 +163,8 @@ def bench_input(
                 # Delayed scaling's kernel: the scale given (here x's own, so the same
                 # bytes) and the amax taken in the same call; it clamps, as a scale from
                 # earlier steps may saturate.
-                delayed = functools.partial(
-                    compiled.quantize_many, (x,), (spec,), (None,), (q.scale,)
-                )
-                _, _, payload, _ = delayed()[0]
+                delayed = functools.partial(compiled.quantize_given, x, q.scale, spec, None)
+                _, _, payload, _ = delayed()
                 assert torch.equal(payload.view(torch.uint8), q.data.view(torch.uint8)), label
                 parts["delayed_kernel_s"] = time_interleaved(
                     [delayed, functools.partial(dst.copy_, src)], warmup=warmup, repeats=repeats

@@ -228,16 +228,22 @@ def gap_penalty(repeats: int) -> dict[str, Any]:
         torch.set_num_threads(threads)
     out[f"eager add_ 1 MiB, {threads} threads"] = after_python(lambda: y.add_(0.0), repeats)
     # The rowwise backward of fc2 (512 -> 128) at 2048 tokens, as _Fp8Linear.backward
-    # calls it: dy by rows and by columns, the weight and the saved input by columns.
+    # calls its kernels: dy by rows and by columns, the weight and the saved input by
+    # columns, one call each.
     r = Recipe.from_name("rowwise")
     dy = torch.randn(2048, 128).bfloat16()
     weight = torch.randn(128, 512)
     x = torch.randn(2048, 512).bfloat16()
     specs = (r.grad_output, r.weight.transposed(), r.grad_output.transposed(), r.input.transposed())
-    args = ((dy, weight, dy, x), specs, (torch.float32,) * 4, (None,) * 4, (), (False,) * 4)
+    operands = tuple(zip((dy, weight, dy, x), specs, strict=True))
     kernels = Kernels("compiled")
-    out["compiled rowwise backward call, fc2 at 2048 tokens"] = after_python(
-        lambda: kernels.prepare_gemm_operands(*args), repeats
+
+    def backward_calls() -> None:
+        for t, spec in operands:
+            kernels.quantize_current(t, spec, torch.float32, False)
+
+    out["compiled rowwise backward calls, fc2 at 2048 tokens"] = after_python(
+        backward_calls, repeats
     )
     return out
 

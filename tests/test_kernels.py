@@ -124,7 +124,7 @@ def test_given_scale_saturates(name: str) -> None:
     reference = apply_scale_and_cast(x, scale, spec)
     assert bool((reference.float().abs() == spec.fmt.max).any()), "nothing saturated"
     for kernels in (Kernels("eager"), COMPILED):
-        _, _, payload, _ = kernels.quantize_many((x,), (spec,), (None,), (scale,))[0]
+        _, _, payload, _ = kernels.quantize_given(x, scale, spec, None)
         assert_bitwise_equal(payload, reference, f"{kernels.mode} {name} given scale")
 
 
@@ -312,8 +312,6 @@ KEEP_ARGUMENTS = {
     "cast_with_operand": "keep_payload",
     "quantize_current": "keep_payload",
     "quantize_given": "keep_payload",
-    "quantize_many": "keep_payloads",
-    "prepare_gemm_operands": "keep_payloads",
 }
 
 
@@ -389,43 +387,6 @@ def test_bias_grad_is_an_fp32_column_sum(dtype: torch.dtype, rows: int) -> None:
         )
 
 
-def test_one_call_for_many_operands_matches_one_call_each() -> None:
-    """quantize_many / restore_many (one compiled call per GEMM step) give the bits of
-    quantize_current / payload_to_operand called per operand, eager and compiled."""
-    from fp8train._kernels import payload_to_operand, quantize_current
-
-    specs = (
-        SPECS["e4m3-tensor-pow2"],
-        SPECS["e4m3-block1x128"],
-        SPECS["e4m3-mx"],
-        SPECS["e4m3-col"],
-    )
-    tensors = (
-        torch.randn(70, 200),
-        torch.randn(130, 96).bfloat16(),
-        torch.randn(33, 64),
-        torch.randn(5, 40),
-    )
-    works = (torch.bfloat16, torch.bfloat16, None, torch.bfloat16)
-    expected = [quantize_current(t, s, w) for t, s, w in zip(tensors, specs, works, strict=False)]
-    for kernels in (Kernels("eager"), COMPILED):
-        got = kernels.quantize_many(tensors, specs, works)
-        for i, (g, e) in enumerate(zip(got, expected, strict=False)):
-            for part, a, b in zip(("amax", "scale", "payload", "operand"), g, e, strict=False):
-                if b is None:
-                    assert a is None
-                else:
-                    assert_bitwise_equal(a, b, f"{kernels.mode} operand {i} {part}")
-        payloads = tuple(e[2] for e in expected)
-        scales = tuple(e[1] for e in expected)
-        dtypes = (torch.bfloat16, torch.float32, torch.bfloat16, torch.float32)
-        restored = kernels.restore_many(payloads, scales, specs, dtypes)
-        for i, (p, s, sp, d, r) in enumerate(
-            zip(payloads, scales, specs, dtypes, restored, strict=False)
-        ):
-            assert_bitwise_equal(r, payload_to_operand(p, s, sp, d), f"{kernels.mode} restored {i}")
-
-
 @pytest.mark.parametrize("words", [True, False], ids=["words", "inductor-conversion"])
 @pytest.mark.parametrize(
     "name", ["e4m3-tensor-pow2", "e5m2-tensor", "e4m3-row", "e4m3-block1x128", "e4m3-mx"]
@@ -467,89 +428,24 @@ def test_compiled_restore_reads_payload_words_with_the_eager_bits(name: str, wor
             )
 
 
-def test_gemm_step_in_one_call_matches_the_separate_kernels() -> None:
-    """prepare_gemm_operands (a backward step in one compiled call) gives the bits of the
-    separate kernels: a saved payload dequantised then re-quantised along the other axis,
-    a plain tensor quantised, saved payloads restored, and one finiteness flag that is
-    False as soon as any operand holds NaN/inf."""
-    from fp8train._kernels import payload_to_operand, quantize_current
-
-    row, col = SPECS["e4m3-block1x128"], SPECS["e4m3-block1x128"].transposed()
-    x = torch.randn(130, 256).bfloat16()
-    _, x_scale, x_payload, _ = quantize_current(x, row, None)
-    dy = torch.randn(130, 96).bfloat16()
-    w = torch.randn(96, 256)
-    _, w_scale, w_payload, _ = quantize_current(w, SPECS["e4m3-block128"], None)
-    saved_x = (x_payload, x_scale, row, torch.bfloat16)
-    saved_w = (w_payload, w_scale, SPECS["e4m3-block128"], torch.bfloat16)
-    x_hp = payload_to_operand(*saved_x)
-    expected = [
-        quantize_current(dy, SPECS["e5m2-tensor"], torch.bfloat16),
-        quantize_current(x_hp, col, torch.bfloat16),
-    ]
-    for kernels in (Kernels("eager"), COMPILED):
-        dequantised, got, finite, restored = kernels.prepare_gemm_operands(
-            (dy, saved_x),
-            (SPECS["e5m2-tensor"], col),
-            (torch.bfloat16, torch.bfloat16),
-            (None, None),
-            (saved_w,),
-        )
-        assert bool(finite) is True
-        assert_bitwise_equal(dequantised[0], x_hp, f"{kernels.mode} dequantised x")
-        for i, (g, e) in enumerate(zip(got, expected, strict=False)):
-            for part, a, b in zip(("amax", "scale", "payload", "operand"), g, e, strict=False):
-                assert_bitwise_equal(a, b, f"{kernels.mode} operand {i} {part}")
-        assert_bitwise_equal(
-            restored[0], payload_to_operand(*saved_w), f"{kernels.mode} restored weight"
-        )
-        bad = dy.clone()
-        bad[7, 3] = float("nan")
-        _, _, finite, _ = kernels.prepare_gemm_operands(
-            (bad, saved_x),
-            (SPECS["e5m2-tensor"], col),
-            (torch.bfloat16, torch.bfloat16),
-            (None, None),
-            (),
-        )
-        assert bool(finite) is False, kernels.mode
+def _two_operands(
+    tensors: tuple[torch.Tensor, ...],
+    specs: tuple[ScaleSpec, ...],
+    works: tuple[torch.dtype, ...],
+    keeps: tuple[bool, ...],
+) -> tuple[object, ...]:
+    """Two operands quantised in one traced function, with row counts of their own."""
+    return tuple(
+        fused.quantize_current(t, s, w, k)
+        for t, s, w, k in zip(tensors, specs, works, keeps, strict=True)
+    )
 
 
-@pytest.mark.parametrize("algo", ["max", "most_recent"])
-def test_delayed_scale_from_the_window_in_the_kernel_call(algo: str) -> None:
-    """A delayed-scaling window handed to prepare_gemm_operands gives the bits of the
-    scale computed beforehand from history.reduced() and passed in, eager and compiled,
-    with the ring part full and wrapped alike."""
-    from fp8train import AmaxHistory
-    from fp8train._kernels import quantize_given
-
-    spec = SPECS["e5m2-tensor"]
-    dy = torch.randn(70, 96).bfloat16()
-    history = AmaxHistory(length=4, algo=algo)  # type: ignore[arg-type]
-    for n, amax in enumerate([3.0, 40.0, 0.5, 7.0, 2.0, 0.25], start=1):
-        history.record(torch.tensor(amax))
-        expected = quantize_given(
-            dy, scale_from_amax(history.reduced(), spec), spec, torch.bfloat16, False
-        )
-        for kernels in (Kernels("eager"), COMPILED):
-            _, got, finite, _ = kernels.prepare_gemm_operands(
-                (dy,), (spec,), (torch.bfloat16,), (history.to_reduce(),), (), (False,)
-            )
-            assert bool(finite)
-            for part, a, b in zip(
-                ("amax", "scale", "payload", "operand"), got[0], expected, strict=False
-            ):
-                if b is None:
-                    assert a is None
-                else:
-                    assert_bitwise_equal(a, b, f"{kernels.mode} {algo} record {n} {part}")
-
-
-def _prepare_args(spec_names: tuple[str, str], rows: tuple[int, int]) -> tuple[object, ...]:
+def _two_operand_args(spec_names: tuple[str, str], rows: tuple[int, int]) -> tuple[object, ...]:
     specs = tuple(SPECS[n] for n in spec_names)
     torch.manual_seed(sum(rows))
     tensors = (torch.randn(rows[0], 96).bfloat16() * 3, torch.randn(rows[1], 64))
-    return (tensors, specs, (torch.bfloat16, torch.float32), (None, None), (), (False, True))
+    return (tensors, specs, (torch.bfloat16, torch.float32), (False, True))
 
 
 @pytest.mark.parametrize(
@@ -562,14 +458,12 @@ def test_compiled_graphs_follow_the_row_count(spec_names: tuple[str, str]) -> No
     of the rows (whole 32- or 128-row blocks) or needed them concrete, a row count
     outside that gets a graph of its own, never a wrong result. Every call gives the
     eager bits."""
-    from fp8train._kernels import prepare_gemm_operands
-
-    standalone = capture.compiled(prepare_gemm_operands)  # shared by every kernel set
+    standalone = capture.compiled(_two_operands)  # one wrapper per function
     assert isinstance(standalone, capture._StandaloneCompiled)
     before = sum(len(g) for g in standalone.graphs.values())
     for rows in ((256, 256), (96, 256), (130, 64), (256, 256), (1, 96)):
-        args = _prepare_args(spec_names, rows)
-        expected = prepare_gemm_operands(*args)
+        args = _two_operand_args(spec_names, rows)
+        expected = _two_operands(*args)
         assert_nested_bitwise_equal(
             standalone(*args), expected, f"standalone {spec_names} {rows} rows"
         )

@@ -142,7 +142,7 @@ def test_compiled_model_breaks_only_at_fp8_layers_and_compiles_their_kernels(
 ) -> None:
     """Under torch.compile(model) every graph break is an FP8 layer's own boundary (not
     its host-side finite check inside the autograd function), and every layer quantises
-    with the compiled kernels although convert() left them eager -- also past dynamo's
+    with the compiled kernels although convert() was told to keep them eager -- also past dynamo's
     recompile limit (lowered to 2 here), with more layer widths than that."""
     nn_module = importlib.import_module("fp8train.nn")
     torch.manual_seed(0)
@@ -161,7 +161,7 @@ def test_compiled_model_breaks_only_at_fp8_layers_and_compiles_their_kernels(
 
 
 def _run_past_the_recompile_limit(monkeypatch: pytest.MonkeyPatch, nn_module: ModuleType) -> None:
-    model = fp8train.convert(_Stack([32, 48, 64, 80, 32]), "rowwise")
+    model = fp8train.convert(_Stack([32, 48, 64, 80, 32]), "rowwise", kernels="eager")
     layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
     assert len(layers) == 4 and all(m.fp8_state.kernels.mode == "eager" for m in layers)
     modes: list[str] = []

@@ -16,16 +16,12 @@ package; everything here is tested bitwise against it.
 from fp8train._kernels.auto import KernelChoice, KernelMode, compile_blocker, resolve_auto
 from fp8train._kernels.fused import (
     Quantized,
-    Saved,
     bias_grad,
     cast_with_operand,
     grid_arithmetic,
     payload_to_operand,
-    prepare_gemm_operands,
     quantize_current,
     quantize_given,
-    quantize_many,
-    restore_many,
 )
 from fp8train._kernels.kernel_set import Kernels, shared_kernels
 from fp8train._kernels.routes import DEFAULT_ROUTES, ByteRoutes, PayloadBytes
@@ -38,17 +34,13 @@ __all__ = [
     "Kernels",
     "PayloadBytes",
     "Quantized",
-    "Saved",
     "bias_grad",
     "cast_with_operand",
     "compile_blocker",
     "grid_arithmetic",
     "payload_to_operand",
-    "prepare_gemm_operands",
     "quantize_current",
     "quantize_given",
-    "quantize_many",
     "resolve_auto",
-    "restore_many",
     "shared_kernels",
 ]

@@ -41,31 +41,17 @@ from fp8train.scaling import (
 )
 
 __all__ = [
-    "GemmOperands",
     "Quantized",
-    "Saved",
     "bias_grad",
     "cast_with_operand",
     "grid_arithmetic",
     "payload_to_operand",
-    "prepare_gemm_operands",
     "quantize_current",
     "quantize_given",
-    "quantize_many",
-    "restore_many",
 ]
 
 # One quantised operand: (amax, scale, payload or None, operand or None).
 Quantized = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
-
-# What prepare_gemm_operands returns: (dequantised, quantized, all_finite, restored).
-GemmOperands = tuple[
-    tuple[torch.Tensor, ...], tuple[Quantized, ...], torch.Tensor | None, tuple[torch.Tensor, ...]
-]
-
-# A saved FP8 payload standing for the high-precision tensor it dequantises to:
-# (payload, scale, spec, dtype), the arguments of payload_to_operand.
-Saved = tuple[torch.Tensor, torch.Tensor, ScaleSpec, torch.dtype]
 
 
 def grid_arithmetic(spec: ScaleSpec) -> bool:
@@ -204,82 +190,3 @@ def bias_grad(dy2d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     difference by fp32 summation's error.
     """
     return dy2d.sum(0, dtype=torch.float32).to(dtype)
-
-
-def quantize_many(
-    tensors: tuple[torch.Tensor, ...],
-    specs: tuple[ScaleSpec, ...],
-    works: tuple[torch.dtype | None, ...],
-    scales: tuple[torch.Tensor | None, ...] = (),
-    keep_payloads: tuple[bool, ...] = (),
-    routes: ByteRoutes = DEFAULT_ROUTES,
-) -> tuple[Quantized, ...]:
-    """:func:`quantize_current` of every operand of a GEMM in one call (or
-    :func:`quantize_given` where ``scales`` holds a scale): compiled, that is one dispatch
-    instead of one per operand (each dispatch's Python costs about as much as quantising
-    a small activation). ``keep_payloads``: per operand, as in :func:`cast_with_operand`
-    (default: keep every payload)."""
-    given = scales or (None,) * len(tensors)
-    keeps = keep_payloads or (True,) * len(tensors)
-    return tuple(
-        quantize_current(t, s, w, k, routes) if g is None else quantize_given(t, g, s, w, k, routes)
-        for t, s, w, g, k in zip(tensors, specs, works, given, keeps, strict=False)
-    )
-
-
-def restore_many(
-    payloads: tuple[torch.Tensor, ...],
-    scales: tuple[torch.Tensor, ...],
-    specs: tuple[ScaleSpec, ...],
-    dtypes: tuple[torch.dtype, ...],
-    routes: ByteRoutes = DEFAULT_ROUTES,
-) -> tuple[torch.Tensor, ...]:
-    """:func:`payload_to_operand` of several saved payloads in one call."""
-    return tuple(
-        payload_to_operand(p, s, sp, d, routes)
-        for p, s, sp, d in zip(payloads, scales, specs, dtypes, strict=False)
-    )
-
-
-def prepare_gemm_operands(
-    sources: tuple[torch.Tensor | Saved, ...],
-    specs: tuple[ScaleSpec, ...],
-    works: tuple[torch.dtype | None, ...],
-    amax_windows: tuple[torch.Tensor | None, ...],
-    saved: tuple[Saved, ...],
-    keep_payloads: tuple[bool, ...] = (),
-    routes: ByteRoutes = DEFAULT_ROUTES,
-) -> tuple[
-    tuple[torch.Tensor, ...], tuple[Quantized, ...], torch.Tensor | None, tuple[torch.Tensor, ...]
-]:
-    """Everything one GEMM step needs from the kernels, in one call:
-    ``(dequantised, quantized, all_finite, restored)``.
-
-    * ``sources``: the tensors to quantise (:func:`quantize_many` with ``specs`` and
-      ``works``). A :data:`Saved` payload is dequantised first (its high-precision
-      values come back in ``dequantised``, in order), so re-quantising a saved
-      activation along another axis is one call, not two. ``keep_payloads``: as in
-      :func:`quantize_many`.
-    * ``amax_windows``: per source, None for current scaling, or a delayed-scaling
-      window (:meth:`fp8train.AmaxHistory.to_reduce`): the scale is then
-      ``scale_from_amax`` of its max over dim 0, computed in this call (eager, that
-      scale is several small ops per operand).
-    * ``all_finite``: one bool tensor, whether every amax is finite (None without
-      sources); the caller checks it once instead of once per operand.
-    * ``restored``: :func:`payload_to_operand` of each ``saved`` payload.
-    """
-    hps = tuple(
-        s if isinstance(s, torch.Tensor) else payload_to_operand(*s, routes) for s in sources
-    )
-    scales = tuple(
-        None if w is None else scale_from_amax(w.amax(dim=0), spec)
-        for w, spec in zip(amax_windows, specs, strict=False)
-    )
-    quantized = quantize_many(hps, specs, works, scales, keep_payloads, routes)
-    finite = (
-        torch.stack([torch.isfinite(q[0]).all() for q in quantized]).all() if quantized else None
-    )
-    dequantised = tuple(
-        h for s, h in zip(sources, hps, strict=False) if not isinstance(s, torch.Tensor)
-    )
-    return dequantised, quantized, finite, tuple(payload_to_operand(*s, routes) for s in saved)

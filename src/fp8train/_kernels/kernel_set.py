@@ -12,7 +12,7 @@ from fp8train._kernels import fused
 from fp8train._kernels.auto import KernelChoice, KernelMode, resolve_auto
 from fp8train._kernels.capture import compiled, standalone_compile_available
 from fp8train._kernels.encoders import CodeBytes
-from fp8train._kernels.fused import GemmOperands, Quantized, Saved
+from fp8train._kernels.fused import Quantized
 from fp8train._kernels.routes import ByteRoutes, PayloadBytes
 from fp8train.scaling import ScaleSpec, compute_amax
 
@@ -114,43 +114,6 @@ class Kernels:
         fn = self._on(fused.quantize_given, x2d.device)
         return fn(x2d, scale, spec, operand_dtype, keep_payload, self.routes)
 
-    def quantize_many(
-        self,
-        tensors: tuple[torch.Tensor, ...],
-        specs: tuple[ScaleSpec, ...],
-        works: tuple[torch.dtype | None, ...],
-        scales: tuple[torch.Tensor | None, ...] = (),
-        keep_payloads: tuple[bool, ...] = (),
-    ) -> tuple[Quantized, ...]:
-        """:func:`fp8train._kernels.fused.quantize_many`."""
-        fn = self._on(fused.quantize_many, _device_of(tensors))
-        return fn(tensors, specs, works, scales, keep_payloads, self.routes)
-
-    def restore_many(
-        self,
-        payloads: tuple[torch.Tensor, ...],
-        scales: tuple[torch.Tensor, ...],
-        specs: tuple[ScaleSpec, ...],
-        dtypes: tuple[torch.dtype, ...],
-    ) -> tuple[torch.Tensor, ...]:
-        """:func:`fp8train._kernels.fused.restore_many`."""
-        fn = self._on(fused.restore_many, _device_of(payloads))
-        return fn(payloads, scales, specs, dtypes, self.routes)
-
-    def prepare_gemm_operands(
-        self,
-        sources: tuple[torch.Tensor | Saved, ...],
-        specs: tuple[ScaleSpec, ...],
-        works: tuple[torch.dtype | None, ...],
-        amax_windows: tuple[torch.Tensor | None, ...],
-        saved: tuple[Saved, ...],
-        keep_payloads: tuple[bool, ...] = (),
-    ) -> GemmOperands:
-        """:func:`fp8train._kernels.fused.prepare_gemm_operands`: ``(dequantised,
-        quantized, all_finite, restored)``."""
-        fn = self._on(fused.prepare_gemm_operands, _device_of((*sources, *saved)))
-        return fn(sources, specs, works, amax_windows, saved, keep_payloads, self.routes)
-
     def bias_grad(self, dy2d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """:func:`fp8train._kernels.fused.bias_grad`: the fp32 column sum of ``dy2d``."""
         return self._on(fused.bias_grad, dy2d.device)(dy2d, dtype)
@@ -170,15 +133,6 @@ def _rebuild(mode: KernelChoice, routes: ByteRoutes) -> Kernels:
         code_bytes=routes.code_bytes,
         restore_from_words=routes.restore_from_words,
     )
-
-
-def _device_of(items: tuple[Any, ...]) -> torch.device:
-    """The device of the first tensor in ``items`` (a tensor or a :data:`Saved` tuple);
-    the CPU if there is none."""
-    for item in items:
-        t = item if isinstance(item, torch.Tensor) else item[0]
-        return t.device
-    return torch.device("cpu")
 
 
 @functools.cache
