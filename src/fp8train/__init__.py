@@ -5,7 +5,7 @@ from fp8train.activations import Fp8SavedActivations
 from fp8train.cast import cast, round_to_grid
 from fp8train.formats import E2M1, E4M3, E5M2, E8M0, INT8, Format
 from fp8train.history import AmaxHistory
-from fp8train.loss_scaler import LossScaler
+from fp8train.loss_scaler import LossScaler, LossScalerConfig
 from fp8train.matmul import scaled_mm
 from fp8train.monitor import HealthWarning, Monitor, Thresholds
 from fp8train.nn import Fp8Linear, convert, load_recipe_state_dict, recipe_state_dict
@@ -29,6 +29,7 @@ __all__ = [
     "Granularity",
     "HealthWarning",
     "LossScaler",
+    "LossScalerConfig",
     "Monitor",
     "NonFiniteAmaxError",
     "Recipe",

@@ -142,7 +142,7 @@ def _build_transposed(spec: ScaleSpec) -> ScaleSpec:
     return replace(spec, axis=0 if spec.axis == -1 else -1, block=spec.block[::-1])
 
 
-# Cached: every backward asks for it, and building a validated spec costs ~10 us.
+# Cached: every backward asks for it, and building a validated spec is not free.
 _transposed = functools.lru_cache(maxsize=256)(_build_transposed)
 
 

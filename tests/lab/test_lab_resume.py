@@ -104,8 +104,8 @@ def test_resume_fp8_recipe_is_bitwise_identical(
     # Recipe state (amax history) and the loss scaler must come back exactly too. Eager
     # kernels: what resuming restores does not depend on them (tests/test_kernels.py
     # checks the compiled ones bit for bit against eager), and compiling every recipe's
-    # kernels afresh for three runs cost up to 130 s a recipe late in a full test session
-    # on a 2-core AVX2 CPU (2026-12-01). The smoke test runs the compiled default.
+    # kernels afresh for three runs costs minutes on a small CPU. The smoke test runs the
+    # compiled default.
     run_split(run_cli, text_dir, tmp_path / "full", recipe, None, kernels="eager")
     run_split(run_cli, text_dir, tmp_path / "split", recipe, 4, kernels="eager")
     assert_same_runs(tmp_path / "full", tmp_path / "split", [recipe])

@@ -123,8 +123,8 @@ class LabConfig:
     # faster on a CPU, bitwise the same results as "eager", a few seconds to compile).
     kernels: str = "compiled"
     # fp8train.Monitor on FP8 runs: observe every this many steps (0: off). At 25 the
-    # monitor costs ~2% of step time (benchmarks/monitor.py); observed steps are left out
-    # of the step-time median.
+    # monitor's cost is a small share of a step (benchmarks/monitor.py measures it);
+    # observed steps are left out of the step-time median.
     monitor_every: int = 25
     # Gradient accumulation: each batch runs as this many equal micro-batches, their
     # gradients averaged before the step. One process with micro_batches N computes
