@@ -237,7 +237,9 @@ def renderer(stem: str) -> Callable[[dict[str, Any]], str]:
 
 def render(results: Path = RESULTS) -> str:
     order = {name: i for i, name in enumerate(RENDERERS)}
-    files = sorted(results.glob("*.json"), key=lambda p: (order[p.stem.split("-")[0]], p.stem))
+    files = sorted(
+        results.glob("*.json"), key=lambda p: (order.get(p.stem.split("-")[0], len(order)), p.stem)
+    )
     sections = [INTRO]
     for path in files:
         data = json.loads(path.read_text(encoding="utf-8"))

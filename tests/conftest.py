@@ -16,6 +16,28 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
+# The slow tier: files whose tests train models, start processes or compile many
+# kernels (most of a cold run's time). `pytest -m "not slow"` leaves them out for
+# day-to-day work; CI runs everything. Each entry says why it is slow.
+SLOW_FILES = {
+    "tests/test_kernel_encoders.py": "compiles every encoder route over whole binades",
+    "tests/test_kernels_in_layers.py": "compiles every recipe's kernels in real layers",
+    "tests/test_models.py": "compiles and trains Hugging Face and nanoGPT models",
+    "tests/numerics/test_training.py": "trains a model per recipe",
+    "tests/distributed/": "starts torchrun process groups",
+    "tests/lab/test_lab_resume.py": "trains and resumes lab runs per recipe",
+    "tests/lab/test_lab_smoke.py": "runs the lab's comparison end to end",
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = config.rootpath
+    for item in items:
+        path = item.path.relative_to(root).as_posix()
+        if any(path.startswith(prefix) for prefix in SLOW_FILES):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _seed_torch() -> None:
     """Seed torch's global generator before every test so failures reproduce."""

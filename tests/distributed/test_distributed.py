@@ -227,7 +227,7 @@ def test_one_rank_fsdp2_fp8_all_gather_is_bitwise_the_plain_model(
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert losses == ref
     assert used and all(used), "a forward GEMM re-quantised the gathered weight"
     _assert_histories_equal(w.histories(model), ref_hist, recipe)
@@ -313,6 +313,9 @@ def test_loss_scaler_skips_on_every_rank_and_histories_stay_identical(tmp_path: 
     assert {c for roles in nan0["counts"].values() for c in roles.values()} == {2}
 
 
+# Resuming on one process loads the checkpoint without a process group, on purpose;
+# torch.distributed.checkpoint says so with a warning.
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled, unavailable or uninitialized")
 @pytest.mark.parametrize("recipe, fp8_all_gather", [("tensorwise", True), ("delayed", False)])
 def test_checkpoint_saved_on_2_ranks_resumes_on_2_and_on_1(
     tmp_path: Path, single_thread: None, recipe: str, fp8_all_gather: bool
