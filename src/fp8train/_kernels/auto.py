@@ -3,7 +3,8 @@ else the eager ones.
 
 Resolved lazily, per device type, on the first kernel call that sees a tensor of that
 device (a layer may be built on the meta device and moved later), and logged once per
-process and device type on the "fp8train" logger at INFO, with the reason.
+process and device type on the "fp8train" logger, with the reason: at INFO when it
+picks the compiled kernels, as a warning when it falls back to the slower eager ones.
 """
 
 from __future__ import annotations
@@ -61,5 +62,7 @@ def resolve_auto(device_type: str) -> KernelMode:
             "C++" if device_type == "cpu" else "triton",
         )
         return "compiled"
-    log.info("fp8train: kernels='auto' chose 'eager' on %s: %s", device_type, blocker)
+    # A warning, not an info line: the eager kernels are the slow path, and a user who
+    # expected the fast one should hear why without turning on logging.
+    log.warning("fp8train: kernels='auto' chose 'eager' on %s: %s", device_type, blocker)
     return "eager"
