@@ -17,7 +17,14 @@ import torch
 
 import fp8train
 from fp8train import E4M3, E5M2, INT8, Format, Granularity, ScaleSpec, quantize
-from fp8train.scaling import AMAX_FLOOR, compute_amax, scale_from_amax
+from fp8train.scaling import (
+    AMAX_FLOOR,
+    MAX_SCALE,
+    amax_floor,
+    compute_amax,
+    count_floored,
+    scale_from_amax,
+)
 
 # E4M3 with round-to-nearest-even: the spacing in the binade [2^e, 2^(e+1)) is 2^(e-3),
 # so the error is at most half of it, 2^(e-4) <= 2^-4 * |x| (normal range).
@@ -215,13 +222,20 @@ def _amax_probes(fmt: Format) -> torch.Tensor:
     return torch.cat([rand, *edges])
 
 
+def _floored(amax: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """The amax the scale is computed from, in float64: AMAX_FLOOR for 0, else amax
+    clamped to fmt.max / 2^126 (the scale's reciprocal stays a normal fp32)."""
+    a = amax.double()
+    return torch.where(a == 0, AMAX_FLOOR, a.clamp(min=fmt.max * 2.0**-126))
+
+
 @pytest.mark.parametrize("fmt", [E4M3, E5M2, INT8], ids=lambda f: f.name)
 @pytest.mark.parametrize("margin", [0, 1, 3])
 def test_scale_formula_in_float64(fmt: Format, margin: int) -> None:
     amax = _amax_probes(fmt)
     scale = scale_from_amax(amax, ScaleSpec(fmt=fmt, margin=margin))
     assert scale.dtype == torch.float32 and scale.shape == amax.shape
-    exact = fmt.max / amax.double().clamp(min=AMAX_FLOOR) / 2.0**margin
+    exact = fmt.max / _floored(amax, fmt) / 2.0**margin
     rel = ((scale.double() - exact).abs() / exact).max().item()
     # fp32 arithmetic may round twice (reciprocal, then product): 2 * 2^-24 relative.
     assert rel <= 2.0**-23, f"{fmt.name} margin {margin}: max relative error {rel:.3g}"
@@ -240,7 +254,7 @@ def test_scale_formula_in_float64(fmt: Format, margin: int) -> None:
 def test_power_of_two_scale_rounds_down(fmt: Format, margin: int) -> None:
     amax = _amax_probes(fmt)
     scale = scale_from_amax(amax, ScaleSpec(fmt=fmt, margin=margin, power_of_two=True))
-    exact = fmt.max / amax.double().clamp(min=AMAX_FLOOR) / 2.0**margin
+    exact = fmt.max / _floored(amax, fmt) / 2.0**margin
     s = scale.double()
     assert _is_power_of_two(s.numpy())
     over = s > exact
@@ -265,13 +279,43 @@ def test_scale_is_finite_for_extreme_amax(fmt: Format, power_of_two: bool) -> No
 
 
 def test_amax_floor_bounds_the_scale() -> None:
+    # AMAX_FLOOR keeps its meaning: the amax an all-zero group is treated as.
     assert AMAX_FLOOR == 2.0**-40
     spec = ScaleSpec()
-    below = torch.tensor([0.0, FP32_TINY, 1e-20, AMAX_FLOOR])
-    expected = 448.0 * 2.0**40  # fmt.max / AMAX_FLOOR, exact in fp32
-    assert scale_from_amax(below, spec).tolist() == [expected] * 4
-    just_above = torch.tensor([2 * AMAX_FLOOR])
-    assert scale_from_amax(just_above, spec).item() == expected / 2
+    assert scale_from_amax(torch.tensor([0.0]), spec).item() == 448.0 * 2.0**40
+    # A tiny non-zero amax keeps its own scale down to fmt.max * 2^-126 ...
+    floor = amax_floor(E4M3)
+    assert floor == 448.0 * 2.0**-126 and MAX_SCALE == 2.0**126
+    assert scale_from_amax(torch.tensor([1e-20]), spec).item() == pytest.approx(448.0 / 1e-20)
+    assert scale_from_amax(torch.tensor([2 * floor]), spec).item() == MAX_SCALE / 2
+    # ... and below it the scale stops at 2^126 (counted by count_floored).
+    below = torch.tensor([FP32_TINY, floor / 2, floor])
+    assert scale_from_amax(below, spec).tolist() == [MAX_SCALE] * 3
+    assert count_floored(torch.tensor([0.0, FP32_TINY, floor / 2, floor, 1.0]), spec) == 2
+
+
+# Amaxes far below the old constant floor (2^-40), each one whose scale fits in fp32.
+@pytest.mark.parametrize(
+    ("fmt", "amax"),
+    [(E4M3, 1e-20), (E4M3, 1e-30), (E5M2, 1e-20), (E5M2, 1e-30), (INT8, 1e-12), (INT8, 1e-30)],
+    ids=lambda v: v.name if isinstance(v, Format) else f"{v:g}",
+)
+@pytest.mark.parametrize("power_of_two", [False, True])
+def test_tiny_magnitudes_quantise_within_the_format_bound(
+    fmt: Format, amax: float, power_of_two: bool
+) -> None:
+    """Used to quantise to all zeros (amax clamped to 2^-40, scale 2^40 * fmt.max)."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(64, 96, generator=gen)
+    x = (x / x.abs().max() * amax).float()
+    spec = ScaleSpec(fmt=fmt, power_of_two=power_of_two)
+    deq = quantize(x, spec).dequantize(torch.float32)
+    # Relative to the tensor's amax: half a step at the top binade (E4M3 2^-4, E5M2
+    # 2^-3, INT8 half of amax / 127 ... doubled for a power-of-two scale's headroom).
+    bound = {"e4m3": 2.0**-4, "e5m2": 2.0**-3, "int8": 1 / 127}[fmt.name] * amax
+    err = (deq - x).abs().max().item()
+    assert err <= bound * (1 + 2**-20), f"{fmt.name} amax {amax:g}: max error {err:.3g}"
+    assert bool((deq != 0).sum() > 0.9 * x.numel())
 
 
 @pytest.mark.parametrize("spec_name", list(SPECS))

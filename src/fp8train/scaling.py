@@ -28,20 +28,53 @@ from fp8train.formats import E4M3, E8M0, Format, by_name
 
 __all__ = [
     "AMAX_FLOOR",
+    "MAX_SCALE",
     "Granularity",
     "NonFiniteAmaxError",
     "ScaleSpec",
+    "amax_floor",
     "check_finite_amax",
     "compute_amax",
+    "count_floored",
     "expand_scale",
     "multiply_by_scale",
     "scale_from_amax",
 ]
 
-# An all-zero tensor or block has amax 0; we clamp amax to this floor so its scale stays
-# finite (any finite scale reproduces zeros exactly). 2^-40 ~ 9.1e-13: small enough not to
-# clip real data, large enough that fmt.max / floor stays far from fp32 overflow.
+# The amax an all-zero tensor or block is treated as, so that its scale stays finite (any
+# finite scale reproduces zeros exactly): fmt.max / 2^-40, far from fp32 overflow. Only
+# an amax of exactly 0 gets it; a tiny non-zero amax keeps its own value down to
+# amax_floor(fmt) (it is not a clamp: a tensor of 1e-30s must not quantise to zeros).
 AMAX_FLOOR = 2.0**-40
+
+# The largest scale: 2^126 (~8.5e37), whose reciprocal, the dequantisation factor
+# (fp8train.tensor), is 2^-126, fp32's smallest *normal* number. A larger scale would
+# have a subnormal reciprocal that loses significand bits, and a scale near fp32's max
+# would overflow to inf.
+MAX_SCALE = 2.0**126
+
+
+def amax_floor(fmt: Format) -> float:
+    """The smallest amax that gets its own scale: ``fmt.max / MAX_SCALE``
+    (``fmt.max * 2^-126``: E4M3 ~5.3e-36, E5M2 ~6.7e-34, INT8 ~1.5e-36).
+
+    Every group whose amax is at least this quantises within the format's relative error
+    bound. A non-zero amax below it (fp32 values within a factor ``fmt.max`` of fp32's
+    smallest normal) is clamped to it: the group gets ``MAX_SCALE``, so its payload uses
+    only the bottom of the format's range and its values lose relative precision, down
+    to zero for fp32 subnormals below ``fmt.min_subnormal * 2^-126``.
+    :func:`count_floored` counts such groups.
+    """
+    return fmt.max / MAX_SCALE
+
+
+def count_floored(amax: torch.Tensor, spec: ScaleSpec) -> int:
+    """How many groups of ``amax`` have a non-zero amax below :func:`amax_floor`, and so
+    lose relative precision (always 0 for MX, whose limit is E8M0's range)."""
+    if spec.granularity is Granularity.MX:
+        return 0
+    a = amax.float()
+    return int(((a > 0) & (a < amax_floor(spec.fmt))).sum())
 
 
 class Granularity(enum.Enum):
@@ -201,8 +234,10 @@ def _ceil_log2(v: torch.Tensor) -> torch.Tensor:
 def scale_from_amax(amax: torch.Tensor, spec: ScaleSpec) -> torch.Tensor:
     """Multiply-to-enter scale from amax (fp32, same shape as ``amax``).
 
-    ``scale = fmt.max / (max(amax, AMAX_FLOOR) * 2**margin)``, optionally rounded down
-    to a power of two. MX: ``scale = 2**-E`` with the shared exponent
+    ``scale = fmt.max / (a * 2**margin)``, optionally rounded down to a power of two,
+    with ``a = amax`` clamped below to :func:`amax_floor` (so ``scale <= MAX_SCALE``),
+    and ``a = AMAX_FLOOR`` for an all-zero group (amax exactly 0).
+    MX: ``scale = 2**-E`` with the shared exponent
     ``E = floor(log2 amax) - floor(log2 fmt.max)`` (``"floor"``, the OCP rule) or
     ``E = ceil(log2(amax / fmt.max))`` (``"rceil"``), clamped to E8M0's range (no
     AMAX_FLOOR: E8M0's own range is the limit).
@@ -221,7 +256,10 @@ def scale_from_amax(amax: torch.Tensor, spec: ScaleSpec) -> torch.Tensor:
         lo, hi = math.frexp(E8M0.min_subnormal)[1] - 1, math.frexp(E8M0.max)[1] - 1
         shared_exp = shared_exp.clamp(lo, hi)
         return exp2i(-shared_exp)
-    a = amax.float().clamp(min=AMAX_FLOOR)
+    a = amax.float()
+    # Zero -> AMAX_FLOOR; tiny -> amax_floor (the scale's reciprocal stays a normal fp32).
+    # (A NaN amax stays NaN: clamp propagates it, and `a == 0` is false.)
+    a = torch.where(a == 0, max(AMAX_FLOOR, amax_floor(fmt)), a.clamp(min=amax_floor(fmt)))
     # A tensor numerator: one correctly rounded division (a Python-float numerator runs
     # as a reciprocal times max, which rounds twice and can push a pow2 scale up).
     scale = torch.full_like(a, fmt.max) / a
