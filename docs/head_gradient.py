@@ -40,6 +40,7 @@ from fp8train.cast import overflow_threshold
 from fp8train.lab.config import from_dict
 from fp8train.lab.data import eval_windows, load_corpus
 from fp8train.lab.gpt import GPT
+from fp8train.lab.world import read_checkpoint
 from fp8train.recipes import Recipe
 from fp8train.scaling import ScaleSpec, expand_scale
 from fp8train.tensor import quantize
@@ -134,7 +135,7 @@ def main() -> None:
         precision = path.name.removesuffix("-seed0.pt")
         if precision not in RECIPES:
             continue
-        state = torch.load(path, weights_only=False)
+        state = read_checkpoint(path)  # weights_only=True, checksums verified
         model = GPT(
             seq=config.seq, d_model=config.d_model, layers=config.layers, heads=config.heads
         )

@@ -91,7 +91,7 @@ def test_single_process_checkpoint_round_trip(tmp_path: Path) -> None:
     model(torch.ones(2, 4)).sum().backward()
     opt.step()
     world.save(path, _state(7), model, opt, None)
-    assert not path.with_name(path.name + ".tmp").exists()  # written, then renamed
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
 
     fresh, fresh_opt = build()
     state = world.load(path, fresh, fresh_opt, None, same_run)

@@ -33,6 +33,13 @@ from torch.distributed.tensor import DTensor
 
 import fp8train
 from fp8train import distributed as fd
+from fp8train.checkpoint import (
+    CheckpointError,
+    atomic_write_bytes,
+    state_checksums,
+    unique_tmp_path,
+    verify_state_checksums,
+)
 from fp8train.lab.config import LabConfig, LabError, recipe_of
 
 __all__ = [
@@ -41,11 +48,13 @@ __all__ = [
     "SingleProcess",
     "World",
     "fp8_all_gather_for",
+    "read_checkpoint",
     "world_for",
 ]
 
 # Bumped when the checkpoint layout changes; older checkpoints are refused, not misread.
-CHECKPOINT_FORMAT = 1
+# 2: every checkpoint carries its tensors' checksums.
+CHECKPOINT_FORMAT = 2
 
 
 class World(Protocol):
@@ -116,6 +125,36 @@ def _check_format(path: Path, state: dict[str, Any]) -> None:
         )
 
 
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """The state in a single-process checkpoint file, its format and every tensor's
+    checksum verified; ``LabError`` names the file and what is wrong with it.
+
+    Loaded with ``weights_only=True``: tensors and plain values, never code."""
+    try:
+        if path.stat().st_size == 0:
+            raise LabError(
+                f"cannot read checkpoint {path}: the file is empty (0 bytes); "
+                "remove it to restart the run"
+            )
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+    except LabError:
+        raise
+    except Exception as e:
+        why = str(e).strip() or type(e).__name__
+        raise LabError(f"cannot read checkpoint {path}: {why}") from e
+    if not isinstance(state, dict):
+        raise LabError(f"cannot read checkpoint {path}: it holds a {type(state).__name__}")
+    _check_format(path, state)
+    checksums = state.pop("checksums", None)
+    try:
+        if not isinstance(checksums, dict):
+            raise CheckpointError("it holds no checksums")
+        verify_state_checksums(state, checksums)
+    except CheckpointError as e:
+        raise LabError(f"checkpoint {path} is corrupted: {e}; remove it to restart") from e
+    return state
+
+
 class SingleProcess:
     """One process trains the whole batch; its checkpoint is one file."""
 
@@ -155,9 +194,14 @@ class SingleProcess:
             "scaler": scaler.state_dict() if scaler is not None else None,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        # Checksums of every tensor, in the same file: one atomic replace writes both.
+        state["checksums"] = state_checksums(state)
+        tmp = unique_tmp_path(path)  # another writer's temporary is never ours
+        try:
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def load(
         self,
@@ -169,11 +213,7 @@ class SingleProcess:
     ) -> dict[str, Any] | None:
         if not path.exists():
             return None
-        try:
-            state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise LabError(f"cannot read checkpoint {path}: {e}") from e
-        _check_format(path, state)
+        state = read_checkpoint(path)
         same_run(state)  # before the state dicts, whose errors would say less
         model.load_state_dict(state["model"])
         if state["recipe_state"] is not None:
@@ -237,9 +277,7 @@ class DataParallel:
         # Model, optimiser, recipe state and scaler: the library's DCP checkpoint.
         fd.save_checkpoint(path / name, model, optimizer, loss_scaler=scaler, extra=run_state)
         if self.is_main:
-            tmp = path / "latest.tmp"
-            tmp.write_text(name + "\n")
-            os.replace(tmp, path / "latest")
+            atomic_write_bytes(path / "latest", f"{name}\n".encode())
             for old in path.glob("step-*"):
                 if old.name != name:
                     shutil.rmtree(old)
