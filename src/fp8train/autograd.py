@@ -31,6 +31,12 @@ sees it, and the layer reports it by name. A step (the forward, or the backward)
 its delayed-scaling amaxes only once every amax it took is known to be finite, so a bad
 tensor leaves no half-updated state behind.
 
+Activation checkpointing (``torch.utils.checkpoint``, reentrant or not) runs a forward a
+second time inside backward. That recompute quantises with exactly the scales of the
+forward it recomputes and records nothing (no history, no observer), so delayed scaling
+is bitwise equal with and without checkpointing, as current scaling is by construction
+(:class:`LayerState` says how the two forwards are matched).
+
 Data-parallel wrappers meet the layer through :class:`DistributedHooks`
 (``LayerState.distributed``), implemented by :mod:`fp8train.distributed`.
 """
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
 
@@ -84,12 +91,51 @@ class DistributedHooks(Protocol):
         ...
 
 
+# How many forwards per layer keep their scales for a recompute (see LayerState). A
+# checkpointed forward's entry is taken by its recompute in the same backward, so a few
+# suffice; the bound only caps what forwards never recomputed (no checkpointing,
+# evaluation) leave behind until the next optimizer step prunes them.
+_REPLAY_LIMIT = 64
+
+
+class _Replay(NamedTuple):
+    """What a recompute of one forward needs: the key that finds it, and its scales."""
+
+    weight_version: int  # weight._version at the forward (an optimizer step bumps it)
+    input_amax: torch.Tensor  # the input's amax (this rank's, before any reduction)
+    scales: dict[str, torch.Tensor]  # role -> the scale the forward used
+
+
+def _in_backward() -> bool:
+    """Whether this thread runs inside an autograd backward pass, as a checkpoint's
+    recompute does (non-reentrant: in a saved-tensor unpack hook; reentrant: in
+    ``CheckpointFunction.backward``). torch.utils.checkpoint asks the same question."""
+    return bool(torch._C._current_graph_task_id() != -1)
+
+
 class LayerState:
     """Per-layer recipe state: the layer's name, delayed-scaling histories, counters.
 
     Owned by the module; updated during forward and backward, no extra call needed.
     ``distributed``: set by a data-parallel wrapper (:class:`DistributedHooks`); None on
     one process.
+
+    History step: each forward of the layer records one amax per forward operand
+    (``input``, ``weight``) and each backward one per backward operand
+    (``grad_output``). So a layer called twice per optimizer step (gradient
+    accumulation over micro-batches, or a layer shared by two places in the model)
+    records twice per optimizer step, in call order, and its window of ``history_len``
+    amaxes spans ``history_len`` calls, not optimizer steps.
+
+    Activation checkpointing is not a second forward: its recompute (a forward run
+    inside backward) takes the scales the original forward used and records nothing.
+    Every forward of a layer with delayed histories keeps its scales, keyed by the
+    weight's version counter and the input's amax; a forward inside backward looks its
+    input's amax up among the entries of the current weight version (a recompute sees
+    bitwise the inputs and weight of its forward) and replays the first match. Entries
+    of an older weight version (an optimizer step ran since) are dropped, and at most
+    ``_REPLAY_LIMIT`` are kept. A forward inside backward that matches no entry is not
+    a recompute and runs as any forward.
     """
 
     ROLES = ("input", "weight", "grad_output")
@@ -106,6 +152,29 @@ class LayerState:
         self.nonfinite: dict[str, int] = {r: 0 for r in self.ROLES}
         self.observer: Observer | None = None
         self.distributed: DistributedHooks | None = None
+        self._replays: deque[_Replay] = deque(maxlen=_REPLAY_LIMIT)
+
+    def remember_scales(
+        self, weight: torch.Tensor, input_amax: torch.Tensor, scales: dict[str, torch.Tensor]
+    ) -> None:
+        """Keep a forward's scales for its recompute (see the class docstring)."""
+        version = weight._version
+        while self._replays and self._replays[0].weight_version != version:
+            self._replays.popleft()
+        self._replays.append(_Replay(version, input_amax, scales))
+
+    def replayed_scales(
+        self, weight: torch.Tensor, input_amax: torch.Tensor
+    ) -> dict[str, torch.Tensor] | None:
+        """The scales of the forward that this recompute repeats, taken out of the
+        store; None if no kept forward matches."""
+        for entry in self._replays:
+            if entry.weight_version == weight._version and torch.equal(
+                entry.input_amax, input_amax
+            ):
+                self._replays.remove(entry)
+                return entry.scales
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -191,11 +260,20 @@ class _Step:
     are finite, and otherwise only the bad ones (with ``None``).
     """
 
-    def __init__(self, state: LayerState, kernels: Kernels) -> None:
+    def __init__(
+        self,
+        state: LayerState,
+        kernels: Kernels,
+        replay: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         self.state = state
         self.kernels = kernels
+        # A checkpoint's recompute: the scales of the forward it repeats, by role. Such a
+        # step quantises with them and changes no state (no record, no observer).
+        self.replay = replay
         self.finite = True
         self.done: list[_Quantized] = []
+        self.local_amax: dict[str, torch.Tensor] = {}  # by role, before any reduction
 
     def quantize(
         self,
@@ -225,12 +303,21 @@ class _Step:
         history = state.histories.get(role)
         hooks = state.distributed
         gathered = hooks.gathered(t) if hooks is not None and role == "weight" else None
+        given = None if self.replay is None else self.replay.get(role)
         q: ScaledTensor | None = None
         if gathered is not None:
             # FSDP2 all-gathered the weight in FP8: cast, and its amax reduced over the
             # ranks and recorded, before the gather. Only the check is left.
             q, amax = gathered
             history = None
+        elif given is not None:
+            # A recompute: its forward's scale, and nothing to record.
+            history = None
+            if spec.rounding == "nearest":
+                amax, scale, payload, operand = kernels.quantize_given(t, given, spec, work, keep)
+                q = ScaledTensor(payload, scale, spec, t.dtype, operand)
+            else:
+                amax = kernels.amax(t, spec)
         elif spec.rounding == "nearest" and (history is None or not history.empty):
             # A delayed history's scale is known before the cast: the kernel takes the
             # amax alongside it (for the check and the record).
@@ -242,6 +329,7 @@ class _Step:
             q = ScaledTensor(payload, scale, spec, t.dtype, operand)
         else:
             amax = kernels.amax(t, spec)
+        self.local_amax[role] = amax
         if hooks is not None and history is not None:
             # The max over ranks, before the check, so that all ranks record (or skip on
             # NaN/inf) the same values.
@@ -255,7 +343,7 @@ class _Step:
             return None
 
         if q is None:  # scaled only now that the amax is known finite
-            scale = _scale(amax, spec, history)
+            scale = given if given is not None else _scale(amax, spec, history)
             if spec.rounding == "nearest":
                 payload, operand = kernels.cast_with_operand(t, scale, spec, work, keep)
             else:
@@ -267,7 +355,7 @@ class _Step:
     def commit(self) -> None:
         """If every amax of the step was finite: record the delayed histories and show
         each operand to the observer, in the order they were quantised."""
-        if not self.finite:
+        if not self.finite or self.replay is not None:
             return
         state = self.state
         for role, t, q, amax in self.done:
@@ -314,9 +402,13 @@ class _Fp8Linear(torch.autograd.Function):
         # saves activations in FP8; W, if the grad_input GEMM reuses it as is.
         keep_x = recipe.save_fp8_activations and recipe.fp8_wgrad
         keep_w = _reusable_transposed(recipe.weight) and recipe.fp8_dgrad
-        step = _Step(state, kernels)
         with autocast_off(x.device.type):
             x2d = x.reshape(-1, in_shape[-1])  # (M, K)
+            replay = None
+            if state.histories and _in_backward():
+                # Perhaps a checkpoint's recompute (LayerState: how it is recognised).
+                replay = state.replayed_scales(weight, kernels.amax(x2d, recipe.input))
+            step = _Step(state, kernels, replay)
             work = _work_dtype(out_dtype, x.device, recipe.input, recipe.weight)
 
             # output = x . W^T : (M, K) @ (K, N) -> (M, N); both contract K, the bias is
@@ -332,6 +424,11 @@ class _Fp8Linear(torch.autograd.Function):
                     None if bias is None else bias.to(out_dtype),
                 )
             step.commit()
+            if state.histories and replay is None and qx is not None and qw is not None:
+                # Kept for a recompute of this forward (activation checkpointing).
+                state.remember_scales(
+                    weight, step.local_amax["input"], {"input": qx.scale, "weight": qw.scale}
+                )
 
         # After a NaN/inf in x or W (reported above) backward runs both GEMMs in high
         # precision: no FP8 copy is saved, and x and W are not checked a second time.
