@@ -117,14 +117,15 @@ def test_to_reduce_has_a_fixed_shape_and_reduces_to_reduced(
 @pytest.mark.parametrize("count", [1, 2, 3])
 def test_old_checkpoint_with_zeros_in_unrecorded_slots_reduces_the_same(count: int) -> None:
     """Checkpoints saved before to_reduce kept zeros in the slots not yet recorded; once
-    loaded, the whole window's max is again the recorded amaxes' max. (The recorded
-    values are negative so that a zero left in place would win.)"""
+    loaded, the slots not yet recorded hold the first amax again, so the whole window's
+    max is the recorded amaxes' max."""
     h = AmaxHistory(length=4)
     window = torch.zeros(4, 2)
-    window[:count] = -torch.arange(1.0, 2 * count + 1).reshape(count, 2)
+    window[:count] = torch.arange(1.0, 2 * count + 1).reshape(count, 2)
     h.load_state_dict({"version": 1, "length": 4, "algo": "max", "count": count, "window": window})
     assert torch.equal(h.to_reduce().amax(dim=0), h.reduced())
     assert torch.equal(h.reduced(), window[:count].amax(dim=0))
+    assert torch.equal(_window(h)[count:], window[0].expand(4 - count, 2))
 
 
 def test_amax_is_stored_as_detached_fp32() -> None:
@@ -237,3 +238,75 @@ def test_load_rejects_config_mismatch(length: int, algo: Algo) -> None:
 def test_bad_config_raises(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ValueError, match=match):
         AmaxHistory(**kwargs)
+
+
+# ---------------------------------------------------------------------- checked state
+def _good_state() -> dict[str, Any]:
+    h = AmaxHistory(length=4)
+    h.record(_t(2.0))
+    h.record(_t(3.0))
+    return h.state_dict()
+
+
+def _bad(**changes: Any) -> dict[str, Any]:
+    state = _good_state()
+    state.update(changes)
+    return state
+
+
+@pytest.mark.parametrize(
+    ("state", "error", "match"),
+    [
+        (_bad(window=torch.full((4,), math.nan)), ValueError, r"'window' holds 4 NaN"),
+        (_bad(window=torch.tensor([1.0, math.inf, 1.0, 1.0])), ValueError, "NaN, inf"),
+        (_bad(window=torch.tensor([1.0, -1.0, 1.0, 1.0])), ValueError, "negative"),
+        (_bad(count=-1), ValueError, r"'count' must be an int >= 0.*got -1"),
+        (_bad(count=2.5), ValueError, r"'count' must be an int"),
+        (_bad(count=0), ValueError, r"None exactly when 'count' is 0"),
+        (_bad(window=None), ValueError, r"None exactly when 'count' is 0"),
+        (_bad(window=torch.ones(3)), ValueError, r"shape \(4,\) .*got \(3,\)"),
+        (_bad(window=torch.ones(4, dtype=torch.float64)), TypeError, "fp32 tensor.*float64"),
+        (_bad(window=[1.0, 1.0, 1.0, 1.0]), TypeError, "fp32 tensor, got list"),
+        ({"version": 1}, ValueError, r"expected keys \['algo', 'count'"),
+        (None, TypeError, "expected the dict state_dict.. returns, got NoneType"),
+    ],
+    ids=[
+        "nan",
+        "inf",
+        "negative",
+        "neg-count",
+        "float-count",
+        "zero-count",
+        "no-window",
+        "short",
+        "fp64",
+        "list",
+        "keys",
+        "none",
+    ],
+)
+def test_bad_state_raises_and_changes_nothing(state: Any, error: type, match: str) -> None:
+    """Each used to load (NaN: the scale became inf; wrong shape: failed later in torch)
+    or raise KeyError/AttributeError."""
+    h = AmaxHistory(length=4)
+    h.record(_t(5.0))
+    before = _window(h).clone()
+    with pytest.raises(error, match=match):
+        h.load_state_dict(state)
+    assert h.count == 1 and torch.equal(_window(h), before)
+
+
+def test_check_state_compares_the_amax_shape() -> None:
+    h = AmaxHistory(length=4)
+    h.check_state(_good_state(), amax_shape=())
+    with pytest.raises(ValueError, match=r"layer 'fc' input: 'window' must have shape \(4, 3\)"):
+        h.check_state(_good_state(), amax_shape=(3,), where="layer 'fc' input")
+    h.record(_t([1.0, 2.0]))  # its own shape is (2,) from now on
+    with pytest.raises(ValueError, match=r"shape \(4, 2\).*got \(4,\)"):
+        h.load_state_dict(_good_state())
+
+
+@pytest.mark.parametrize("length", [2.5, 0, True, "16"])
+def test_length_must_be_a_positive_int(length: Any) -> None:
+    with pytest.raises(ValueError, match=r"length must be an int >= 1, got .*AmaxHistory\(16\)"):
+        AmaxHistory(length)

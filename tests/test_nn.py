@@ -7,6 +7,8 @@ import copy
 import dataclasses
 import io
 import logging
+import math
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,6 +18,7 @@ from torch import nn
 
 import fp8train
 from fp8train import Fp8Linear, Recipe, load_recipe_state_dict, recipe_state_dict
+from fp8train.nn import fp8_layers
 from fp8train.recipes import RecipeName
 from fp8train.testing import assert_bitwise_equal
 
@@ -347,9 +350,11 @@ def test_recipe_state_dict_is_versioned_and_keyed_by_layer() -> None:
     model, _ = _fresh()
     model(_x())
     state = recipe_state_dict(model)
-    assert state["version"] == 1
+    assert state["version"] == 2
     entry = state["layers"]["blocks.0.fc1"]
     assert entry["recipe"] == "delayed"
+    assert entry["recipe_config"] == Recipe.from_name("delayed").canonical()
+    assert state["layers"]["stem"]["features"] == (D_IN, D)
     assert set(entry["histories"]) == {"input", "weight", "grad_output"}
 
 
@@ -357,7 +362,7 @@ def test_version_mismatch_raises() -> None:
     model, _ = _fresh()
     state = recipe_state_dict(model)
     state["version"] = 99
-    with pytest.raises(ValueError, match=r"version 99 .*expected 1"):
+    with pytest.raises(ValueError, match=r"version 99 .*expected 2.*save it again"):
         load_recipe_state_dict(model, state)
 
 
@@ -384,8 +389,148 @@ def test_history_config_mismatch_raises() -> None:
     delayed, _ = _fresh()
     delayed(_x())
     short = fp8train.convert(Net(), dataclasses.replace(Recipe.from_name("delayed"), history_len=4))
-    with pytest.raises(ValueError, match=r"length=16.*length=4"):
+    with pytest.raises(ValueError, match=r"history_len: checkpoint 16, model 4\); convert"):
         load_recipe_state_dict(short, recipe_state_dict(delayed))
+
+
+# ------------------------------------------------------------- recipe state is checked first
+
+
+def _trained(recipe: Recipe | str = "delayed") -> nn.Module:
+    model = fp8train.convert(Net(), recipe, kernels="eager")
+    model(_x() * 3.0).square().mean().backward()
+    return model
+
+
+def _histories(model: nn.Module) -> dict[str, Any]:
+    return {
+        f"{n}.{r}": (h.count, None if h.window is None else h.window.clone())
+        for n, m in fp8_layers(model)
+        for r, h in m.fp8_state.histories.items()
+    }
+
+
+def _assert_unchanged(model: nn.Module, before: dict[str, Any]) -> None:
+    after = _histories(model)
+    for key, (count, window) in before.items():
+        assert after[key][0] == count, key
+        assert (window is None) == (after[key][1] is None), key
+        assert window is None or torch.equal(after[key][1], window), key
+
+
+def _edit(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """Set one field of a state, addressed as 'layer/field[/role/field]'."""
+
+    def apply(state: dict[str, Any]) -> None:
+        layer, *rest = path.split("/")
+        node = state["layers"][layer]
+        for key in rest[:-1]:
+            node = node[key]
+        node[rest[-1]] = value
+
+    return apply
+
+
+# Each case used to load silently (or fail later inside torch, or with KeyError).
+BAD_LAYER_STATES = {
+    "nan-window": (
+        _edit("blocks.1.fc2/histories/input/window", torch.full((16,), math.nan)),
+        r"layer 'blocks.1.fc2', input: 'window' holds 16 NaN",
+    ),
+    "negative-count": (
+        _edit("blocks.1.fc2/histories/weight/count", -3),
+        r"layer 'blocks.1.fc2', weight: 'count' must be an int >= 0.*got -3",
+    ),
+    "window-shape": (
+        _edit("blocks.1.fc2/histories/grad_output/window", torch.ones(16, 4)),
+        r"layer 'blocks.1.fc2', grad_output: 'window' must have shape \(16,\).*got \(16, 4\)",
+    ),
+    "window-dtype": (
+        _edit("blocks.1.fc2/histories/input/window", torch.ones(16, dtype=torch.float16)),
+        r"'window' must be an fp32 tensor, got torch.float16",
+    ),
+    "negative-nonfinite": (
+        _edit("blocks.1.fc2/nonfinite", {"input": -1, "weight": 0, "grad_output": 0}),
+        r"layer 'blocks.1.fc2': 'nonfinite' must map each of .* to an int >= 0",
+    ),
+    "missing-role": (
+        _edit("blocks.1.fc2/histories", {}),
+        r"layer 'blocks.1.fc2': 'histories' must hold one amax history for each of",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_LAYER_STATES))
+def test_bad_layer_state_raises_before_any_layer_changes(case: str) -> None:
+    """The bad field sits in a late layer: the early layers must not have been restored
+    (loading used to go layer by layer)."""
+    edit, match = BAD_LAYER_STATES[case]
+    source = _trained()
+    state = recipe_state_dict(source)
+    edit(state)
+    target = _trained()
+    target(_x()).sum().backward()  # other histories than the source's
+    before = _histories(target)
+    with pytest.raises((ValueError, TypeError), match=match):
+        load_recipe_state_dict(target, state)
+    _assert_unchanged(target, before)
+
+
+@pytest.mark.parametrize(
+    ("state", "error", "match"),
+    [
+        (None, TypeError, r"expected the dict fp8train.recipe_state_dict returns, got NoneType"),
+        ([], TypeError, r"got list"),
+        ({"version": 2}, ValueError, r"expected keys \['layers', 'version'\].*got keys"),
+        ({"version": 1}, ValueError, r"version 1 is not supported \(expected 2\)"),
+        ({"version": 2, "layers": None}, ValueError, r"'layers' a dict"),
+    ],
+)
+def test_malformed_top_level_state_raises(state: Any, error: type, match: str) -> None:
+    """``None`` used to raise AttributeError and ``{"version": 1}`` KeyError."""
+    with pytest.raises(error, match=match):
+        load_recipe_state_dict(_trained(), state)
+
+
+def test_state_of_a_wider_model_with_the_same_names_raises() -> None:
+    """Per-tensor histories do not show the width; the recorded features do."""
+
+    def mlp(width: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(32, width), nn.ReLU(), nn.Linear(width, 16))
+
+    narrow = fp8train.convert(mlp(32), "delayed", kernels="eager")
+    narrow(torch.randn(4, 32))
+    wide = fp8train.convert(mlp(64), "delayed", kernels="eager")
+    with pytest.raises(
+        ValueError, match=r"layer '0': 'features' .* is \(32, 32\) in the checkpoint, \(32, 64\)"
+    ):
+        load_recipe_state_dict(wide, recipe_state_dict(narrow))
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"history_algo": "most_recent"},
+        {"fp8_wgrad": False},
+        {"input": dataclasses.replace(Recipe.from_name("delayed").input, margin=2)},
+    ],
+    ids=["algo", "wgrad", "input-margin"],
+)
+def test_same_named_recipe_with_other_parameters_raises(variant: dict[str, Any]) -> None:
+    """Only the names used to be compared."""
+    other = dataclasses.replace(Recipe.from_name("delayed"), **variant)
+    assert other.name == "delayed"
+    target = fp8train.convert(Net(), other, kernels="eager")
+    field_name = next(iter(variant))
+    with pytest.raises(ValueError, match=rf"'recipe_config'.*\b{field_name}: checkpoint"):
+        load_recipe_state_dict(target, recipe_state_dict(_trained()))
+
+
+def test_checked_state_still_round_trips_through_torch_save() -> None:
+    source = _trained()
+    target = fp8train.convert(Net(), "delayed", kernels="eager")
+    load_recipe_state_dict(target, _roundtrip(recipe_state_dict(source)))
+    _assert_unchanged(target, _histories(source))
 
 
 def test_convert_defaults_to_the_compiled_kernels_here(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,8 +27,11 @@ class AmaxHistory:
     """
 
     def __init__(self, length: int = 16, algo: Literal["max", "most_recent"] = "max") -> None:
-        if length < 1:
-            raise ValueError(f"amax history length must be >= 1, got {length}")
+        if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+            raise ValueError(
+                f"amax history length must be an int >= 1, got {length!r}; pass the number "
+                "of steps the window keeps, e.g. AmaxHistory(16)"
+            )
         if algo not in ("max", "most_recent"):
             raise ValueError(f"amax history algo must be 'max' or 'most_recent', got {algo!r}")
         self.length = length
@@ -94,17 +97,88 @@ class AmaxHistory:
             "window": None if self.window is None else self.window.clone(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != _STATE_VERSION:
+    def check_state(
+        self,
+        state: object,
+        *,
+        amax_shape: tuple[int, ...] | None = None,
+        where: str = "amax history",
+    ) -> None:
+        """Raise ``TypeError``/``ValueError`` (naming ``where`` and the field) unless
+        ``state`` is a :meth:`state_dict` this history can load: same version, length and
+        algo; ``count`` an int >= 0; ``window`` None exactly when ``count`` is 0, else an
+        fp32 tensor of shape ``(length, *amax_shape)`` (``amax_shape``: given, else this
+        history's own once it has recorded, else any) of finite amaxes >= 0. Changes
+        nothing."""
+        fix = "load the state this history's state_dict() saved, unmodified"
+        if not isinstance(state, dict):
+            raise TypeError(
+                f"{where}: expected the dict state_dict() returns, got {type(state).__name__}; "
+                f"{fix}"
+            )
+        expected_keys = {"version", "length", "algo", "count", "window"}
+        if set(state) != expected_keys:
             raise ValueError(
-                f"amax history state version {state.get('version')!r} is not supported "
-                f"(expected {_STATE_VERSION})"
+                f"{where}: expected keys {sorted(expected_keys)}, got {sorted(map(str, state))}; "
+                f"{fix}"
+            )
+        if state["version"] != _STATE_VERSION:
+            raise ValueError(
+                f"{where}: state version {state['version']!r} is not supported "
+                f"(expected {_STATE_VERSION}); save it again with this fp8train"
             )
         if state["length"] != self.length or state["algo"] != self.algo:
             raise ValueError(
-                f"amax history config mismatch: checkpoint has length={state['length']}, "
-                f"algo={state['algo']!r}; this module has length={self.length}, algo={self.algo!r}"
+                f"{where}: config mismatch: checkpoint has length={state['length']!r}, "
+                f"algo={state['algo']!r}; this module has length={self.length}, "
+                f"algo={self.algo!r}; build the model with the checkpoint's recipe"
             )
+        count = state["count"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(
+                f"{where}: 'count' must be an int >= 0 (amaxes recorded so far), got "
+                f"{count!r}; {fix}"
+            )
+        window = state["window"]
+        if window is None or count == 0:
+            if window is not None or count != 0:
+                raise ValueError(
+                    f"{where}: 'window' must be None exactly when 'count' is 0, got count="
+                    f"{count} and window {'None' if window is None else 'a tensor'}; {fix}"
+                )
+            return
+        if not isinstance(window, torch.Tensor) or window.dtype != torch.float32:
+            got = window.dtype if isinstance(window, torch.Tensor) else type(window).__name__
+            raise TypeError(f"{where}: 'window' must be an fp32 tensor, got {got}; {fix}")
+        if amax_shape is None and self.window is not None:
+            amax_shape = tuple(self.window.shape[1:])
+        if (
+            window.dim() == 0
+            or window.shape[0] != self.length
+            or (amax_shape is not None and tuple(window.shape[1:]) != tuple(amax_shape))
+        ):
+            want = (
+                f"({self.length}, *amax_shape)"
+                if amax_shape is None
+                else str((self.length, *amax_shape))
+            )
+            raise ValueError(
+                f"{where}: 'window' must have shape {want} (length, then the amax's shape), "
+                f"got {tuple(window.shape)}; the checkpoint comes from another model or "
+                f"recipe: {fix}"
+            )
+        bad = ~torch.isfinite(window) | (window < 0)
+        if bool(bad.any()):
+            raise ValueError(
+                f"{where}: 'window' holds {int(bad.sum())} NaN, inf or negative amaxes of "
+                f"{window.numel()}; amaxes are finite and >= 0 (a NaN one would make the "
+                f"scale NaN or inf); {fix}"
+            )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; :meth:`check_state` first (nothing changes
+        if it raises)."""
+        self.check_state(state)
         self.count = int(state["count"])
         window = state["window"]
         self.window = None if window is None else window.clone().float()

@@ -21,6 +21,7 @@ from torch import nn
 from fp8train._kernels import KernelChoice, Kernels, shared_kernels
 from fp8train.autograd import LayerState, fp8_linear
 from fp8train.recipes import Recipe, RecipeName
+from fp8train.scaling import compute_amax
 
 __all__ = ["Fp8Linear", "convert", "fp8_layers", "load_recipe_state_dict", "recipe_state_dict"]
 
@@ -28,7 +29,8 @@ log = logging.getLogger("fp8train")
 
 Filter = Callable[[nn.Linear, str], bool]
 
-_STATE_VERSION = 1
+# 2: each layer also records its recipe's full description and (in, out) features.
+_STATE_VERSION = 2
 
 
 class Fp8Linear(nn.Linear):
@@ -170,32 +172,139 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+_LAYER_KEYS = frozenset({"recipe", "recipe_config", "features", "histories", "nonfinite"})
+
+
 def recipe_state_dict(model: nn.Module) -> dict[str, Any]:
-    """Versioned recipe state of every converted layer (amax histories, counters)."""
+    """Versioned recipe state of every converted layer: its recipe (name and
+    :meth:`Recipe.canonical` description), ``(in_features, out_features)`` (a per-tensor
+    history does not show the width), amax histories and non-finite counters."""
     layers = {
-        name: {"recipe": m.recipe.name, **m.fp8_state.state_dict()} for name, m in fp8_layers(model)
+        name: {
+            "recipe": m.recipe.name,
+            "recipe_config": m.recipe.canonical(),
+            "features": (m.in_features, m.out_features),
+            **m.fp8_state.state_dict(),
+        }
+        for name, m in fp8_layers(model)
     }
     return {"version": _STATE_VERSION, "layers": layers}
 
 
 def load_recipe_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
-    """Restore :func:`recipe_state_dict` output exactly; mismatched layers raise."""
+    """Restore :func:`recipe_state_dict` output exactly.
+
+    All of ``state`` is checked before any layer changes (so a bad state leaves the model
+    as it was): the version, the set of FP8 layers, each layer's recipe (every field, not
+    just the name), its ``(in_features, out_features)``, each amax history
+    (:meth:`AmaxHistory.check_state`: length, algo, count, window dtype, shape and
+    finiteness) and the non-finite counters. Raises ``TypeError``/``ValueError`` naming
+    the layer and the field.
+    """
+    _check_recipe_state(model, state)
+    for name, layer in fp8_layers(model):
+        layer.fp8_state.load_state_dict(state["layers"][name])
+
+
+def _check_recipe_state(model: nn.Module, state: object) -> None:
+    fix = "pass the dict fp8train.recipe_state_dict(model) returned, unmodified"
+    if not isinstance(state, dict):
+        raise TypeError(
+            f"recipe state: expected the dict fp8train.recipe_state_dict returns, got "
+            f"{type(state).__name__}; {fix}"
+        )
     if state.get("version") != _STATE_VERSION:
         raise ValueError(
             f"fp8train recipe state version {state.get('version')!r} is not "
-            f"supported (expected {_STATE_VERSION})"
+            f"supported (expected {_STATE_VERSION}); save it again with "
+            "fp8train.recipe_state_dict (version 1 lacked the recipe's full "
+            "description and the layer shapes)"
+        )
+    if set(state) != {"version", "layers"} or not isinstance(state["layers"], dict):
+        raise ValueError(
+            f"recipe state: expected keys ['layers', 'version'] with 'layers' a dict, got "
+            f"keys {sorted(map(str, state))}; {fix}"
         )
     ours = dict(fp8_layers(model))
-    if set(ours) != set(state["layers"]):
-        missing, extra = set(ours) - set(state["layers"]), set(state["layers"]) - set(ours)
+    theirs: dict[str, Any] = state["layers"]
+    if set(ours) != set(theirs):
+        missing, extra = set(ours) - set(theirs), set(theirs) - set(ours)
         raise ValueError(
             f"recipe state does not match the model's FP8 layers: missing "
-            f"{sorted(missing)}, unexpected {sorted(extra)}"
+            f"{sorted(missing)}, unexpected {sorted(map(str, extra))}; convert the model "
+            "with the same recipe and filters as the one that saved it"
         )
-    for name, layer_state in state["layers"].items():
-        if layer_state["recipe"] != ours[name].recipe.name:
-            raise ValueError(
-                f"layer {name!r}: checkpoint recipe {layer_state['recipe']!r} "
-                f"!= model recipe {ours[name].recipe.name!r}"
+    for name, layer in ours.items():
+        _check_layer_state(name, layer, theirs[name])
+
+
+def _check_layer_state(name: str, layer: Fp8Linear, entry: object) -> None:
+    where = f"recipe state of layer {name!r}"
+    if not isinstance(entry, dict) or set(entry) != _LAYER_KEYS:
+        got = sorted(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__
+        raise ValueError(
+            f"{where}: expected a dict with keys {sorted(_LAYER_KEYS)}, got {got}; save it "
+            "with fp8train.recipe_state_dict"
+        )
+    recipe = layer.recipe
+    if entry["recipe"] != recipe.name:
+        raise ValueError(
+            f"{where}: checkpoint recipe {entry['recipe']!r} != model recipe "
+            f"{recipe.name!r}; convert the model with the checkpoint's recipe"
+        )
+    ours = recipe.canonical()
+    theirs = entry["recipe_config"]
+    if theirs != ours:
+        if isinstance(theirs, dict):
+            keys = sorted(set(ours) | set(map(str, theirs)))
+            diff = "; ".join(
+                f"{k}: checkpoint {theirs.get(k, '(absent)')}, model {ours.get(k, '(absent)')}"
+                for k in keys
+                if theirs.get(k) != ours.get(k)
             )
-        ours[name].fp8_state.load_state_dict(layer_state)
+        else:
+            diff = f"expected a dict of recipe fields, got {type(theirs).__name__}"
+        raise ValueError(
+            f"{where}: 'recipe_config': recipe {recipe.name!r} has other parameters in the "
+            f"checkpoint ({diff}); convert the model with the checkpoint's recipe (e.g. "
+            "the same dataclasses.replace variant)"
+        )
+    features = (layer.in_features, layer.out_features)
+    if not isinstance(entry["features"], (tuple, list)) or tuple(entry["features"]) != features:
+        raise ValueError(
+            f"{where}: 'features' (in_features, out_features) is {entry['features']!r} in "
+            f"the checkpoint, {features} in the model; load it into a model of the same "
+            "shape"
+        )
+    histories = layer.fp8_state.histories
+    saved = entry["histories"]
+    if not isinstance(saved, dict) or set(saved) != set(histories):
+        got = sorted(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
+        raise ValueError(
+            f"{where}: 'histories' must hold one amax history for each of "
+            f"{sorted(histories)} (recipe {recipe.name!r}), got {got}"
+        )
+    samples = {
+        "input": (1, layer.in_features),
+        "weight": (layer.out_features, layer.in_features),
+        "grad_output": (1, layer.out_features),
+    }
+    specs = {"input": recipe.input, "weight": recipe.weight, "grad_output": recipe.grad_output}
+    for role, history in histories.items():
+        # The amax's shape, derived as the pipeline derives it, for an operand of this layer.
+        sample = torch.empty(samples[role], device="meta")
+        amax_shape = tuple(compute_amax(sample, specs[role]).shape)
+        history.check_state(saved[role], amax_shape=amax_shape, where=f"{where}, {role}")
+    counters = entry["nonfinite"]
+    expected = set(layer.fp8_state.nonfinite)
+    if (
+        not isinstance(counters, dict)
+        or set(counters) != expected
+        or not all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counters.values()
+        )
+    ):
+        raise ValueError(
+            f"{where}: 'nonfinite' must map each of {sorted(expected)} to an int >= 0 "
+            f"(a count of non-finite operands), got {counters!r}"
+        )

@@ -17,7 +17,7 @@ and square blocks.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from fp8train.formats import E4M3, E5M2, INT8
@@ -128,6 +128,12 @@ class Recipe:
                 f"unknown recipe {name!r}; known recipes: {', '.join(RECIPE_NAMES)}"
             ) from None
         return _RECIPES[key]
+
+    def canonical(self) -> dict[str, str]:
+        """Every field that changes the numerics (all but ``description``), name -> repr:
+        two recipes behave the same exactly when these are equal. Recipe state is saved
+        with it, so a same-named variant (``dataclasses.replace``) is told apart."""
+        return {f.name: repr(getattr(self, f.name)) for f in fields(self) if f.compare}
 
     def unsupported_reason(self, in_features: int, out_features: int) -> str | None:
         """Why a Linear of this shape cannot run this recipe, or None if it can."""
