@@ -9,10 +9,9 @@ Conventions every script follows:
   noise of a shared machine better than the mean; the min is kept too).
 * Bandwidth is in GB/s with GB = 1e9 bytes, counting bytes read plus bytes written,
   the same way for memcpy and for the measured operation.
-* Results go to ``benchmarks/results/<name>-<YYYY-MM-DD>.json`` (UTC date), together
-  with :func:`environment`; ``FP8TRAIN_RESULTS_TAG=x`` makes it ``<name>-<date>-x.json``
-  (the VM behind this project changes CPU from one session to the next, sometimes twice
-  a day, and a second machine's run must not overwrite the first's).
+* Results go to ``benchmarks/results/<name>.json``, together with :func:`environment`
+  (the machine, versions, commit and date): the latest run of each benchmark, which
+  ``docs/gen_performance.py`` turns into docs/performance.md. git keeps earlier runs.
 """
 
 from __future__ import annotations
@@ -228,12 +227,10 @@ def keep_freed_memory() -> bool:
 # ---------------------------------------------------------------- output
 def write_results(name: str, payload: dict[str, Any], results_dir: Path = RESULTS_DIR) -> Path:
     """Write ``payload`` (plus :func:`environment` under ``"environment"`` if absent) to
-    ``results_dir/<name>-<date>[-<tag>].json`` and return the path (``tag``: the
-    ``FP8TRAIN_RESULTS_TAG`` environment variable, if set). Same-day runs overwrite."""
+    ``results_dir/<name>.json``, replacing the previous run's, and return the path."""
     results_dir.mkdir(parents=True, exist_ok=True)
     payload = {"environment": environment(), **payload}
-    tag = os.environ.get("FP8TRAIN_RESULTS_TAG", "")
-    path = results_dir / f"{name}-{payload['environment']['date']}{'-' + tag if tag else ''}.json"
+    path = results_dir / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     return path
 

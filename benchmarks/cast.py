@@ -40,7 +40,7 @@ vectorises some conversions only on some instruction sets), so this measures the
 interleaved, and says which wins: the value to pass as ``Kernels("compiled",
 payload_bytes=..., code_bytes=..., restore_from_words=...)`` on this machine.
 
-Run: ``python benchmarks/cast.py`` (writes ``benchmarks/results/cast-<date>.json``);
+Run: ``python benchmarks/cast.py`` (writes ``benchmarks/results/cast.json``);
 ``python benchmarks/cast.py --routes`` times only the byte routes (a minute or less).
 """
 

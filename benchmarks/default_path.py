@@ -15,7 +15,7 @@ Models (random token batches; the data does not change the arithmetic's cost):
 
 * ``gpt``: the lab's default GPT (d_model 128, 4 layers, 4 heads, context 128, batch 16).
 * ``llama``: ``transformers.LlamaForCausalLM`` built from a config (hidden 256,
-  intermediate 688, 4 layers, 4 heads, vocabulary 1024, context 128, batch 8), no
+  intermediate 768, 4 layers, 4 heads, vocabulary 1024, context 128, batch 8), no
   download.
 
 Results: ``benchmarks/results/default_path.json``.
@@ -55,7 +55,7 @@ def small_llama() -> tuple[nn.Module, int, int]:
     config = LlamaConfig(
         vocab_size=1024,
         hidden_size=256,
-        intermediate_size=688,
+        intermediate_size=768,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=4,
@@ -104,7 +104,7 @@ def variants(base: nn.Module) -> dict[str, tuple[nn.Module, str]]:
 def kernel_mode(model: nn.Module) -> str:
     """The kernel mode the model's FP8 layers resolved to (after a step)."""
     modes = {
-        layer.fp8_state.kernels.mode
+        layer.fp8_state.kernels.resolved("cpu")
         for layer in model.modules()
         if isinstance(layer, fp8train.Fp8Linear)
     }

@@ -16,7 +16,7 @@ optimizer step; its time is the median over ``--steps`` steps after 2 warm-up st
 (on a shared 2-core CPU the times are indicative only; the byte counts are exact).
 
 Run: ``torchrun --standalone --nproc-per-node 2 benchmarks/dist_fp8_all_gather.py``
-(writes ``benchmarks/results/dist_fp8_all_gather-<date>.json`` from rank 0).
+(writes ``benchmarks/results/dist_fp8_all_gather.json`` from rank 0).
 """
 
 from __future__ import annotations

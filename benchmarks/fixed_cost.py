@@ -24,7 +24,7 @@ FP8 layer step, the step is timed with the FP8 autograd function's forward and b
 its ``scaled_mm`` calls and its compiled kernel calls each wrapped in a timer: the rest
 of forward + backward is the function's own Python and eager ops.
 
-Results: benchmarks/results/fixed_cost-<date>.json.
+Results: benchmarks/results/fixed_cost.json.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ slower than an interleaved run did). Ratios are given to bf16 and
 to fp32: on a CPU without bf16 GEMM hardware a bf16 layer is 3x (AVX-512 without bf16
 instructions) to tens of times (AVX2) slower than fp32, and fp32 is the baseline that
 means something there.
-Results: benchmarks/results/linear-<date>.json.
+Results: benchmarks/results/linear.json.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ to ``N`` plain steps, from the medians::
 
     overhead(N) = ((observed - base) + (N - 1) * (off - base)) / (N * base)
 
-Run: ``python benchmarks/monitor.py`` (writes ``benchmarks/results/monitor-<date>.json``).
+Run: ``python benchmarks/monitor.py`` (writes ``benchmarks/results/monitor.json``).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ the rest of the model (LayerNorm, attention, GELU) does to the ratio; a
 ``bf16-uncompiled`` row is added to compare with the plain run.
 ``--untimed bf16`` counts bf16's saved bytes (one step) without timing its steps: at
 d512 on a CPU without bf16 GEMMs a bf16 step takes over a minute.
-Results: benchmarks/results/train_step-<date>.json (``-d<width>`` for another d_model,
+Results: benchmarks/results/train_step.json (``-d<width>`` for another d_model,
 ``-compile-model`` with that flag).
 """
 
