@@ -52,6 +52,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from fp8train._kernels import Kernels, shared_kernels
+from fp8train.formats import Format
 from fp8train.history import AmaxHistory
 from fp8train.matmul import autocast_off, gemm_dtype, scaled_mm
 from fp8train.recipes import Recipe
@@ -63,7 +64,15 @@ from fp8train.scaling import (
 )
 from fp8train.tensor import ScaledTensor
 
-__all__ = ["DistributedHooks", "LayerState", "NonFiniteWarning", "fp8_linear"]
+__all__ = [
+    "AmaxJump",
+    "AmaxJumpWarning",
+    "DistributedHooks",
+    "LayerState",
+    "NonFiniteWarning",
+    "amax_jump_limit",
+    "fp8_linear",
+]
 
 log = logging.getLogger("fp8train")
 
@@ -73,6 +82,42 @@ Observer = Callable[["LayerState", str, torch.Tensor, "ScaledTensor | None"], No
 
 class NonFiniteWarning(RuntimeWarning):
     """A layer met NaN/inf in an operand; no scale or history was updated."""
+
+
+class AmaxJumpWarning(RuntimeWarning):
+    """A delayed-scaling operand's amax jumped so far above its history window that the
+    scales of the next steps flush values of the earlier size to zero
+    (:func:`amax_jump_limit`)."""
+
+
+def amax_jump_limit(fmt: Format) -> float:
+    """The largest ``new amax / window amax`` a delayed history of ``fmt`` absorbs:
+    ``fmt.max / fmt.min_subnormal`` (E4M3 ``2**17.8``, about 2.3e5; E5M2 about 3.8e9;
+    INT8 127), the format's dynamic range.
+
+    Why: once an amax ``a`` enters the window, the scale is at most ``fmt.max / a``
+    (a margin or rounding down to a power of two only lower it), so a value ``v``
+    lands at most at ``v * fmt.max / a``. For ``a / p`` beyond this ratio, ``p`` (the
+    window's amax before ``a``, the size the operand had) lands below
+    ``fmt.min_subnormal``: a tensor like the earlier ones quantises to zeros (or at
+    most one code) for as long as ``a`` stays in the window (``history_len`` steps for
+    ``"max"``). A smaller jump keeps at least the earlier tensors' largest values.
+    """
+    return fmt.max / fmt.min_subnormal
+
+
+class AmaxJump(NamedTuple):
+    """One :class:`AmaxJumpWarning` event, kept on :attr:`LayerState.amax_jumps`."""
+
+    role: str
+    history_step: int  # the index of the record that holds the new amax (0-based)
+    amax: float  # the new amax
+    window_amax: float  # the window's amax before it (what the scale came from)
+    limit: float  # amax_jump_limit of the operand's format
+
+
+# How many amax jump events each layer keeps for a monitor to read (a count is kept too).
+_JUMP_EVENTS_KEPT = 64
 
 
 class DistributedHooks(Protocol):
@@ -153,6 +198,9 @@ class LayerState:
         self.observer: Observer | None = None
         self.distributed: DistributedHooks | None = None
         self._replays: deque[_Replay] = deque(maxlen=_REPLAY_LIMIT)
+        # AmaxJumpWarning events: how many so far, and the latest ones (for a monitor).
+        self.amax_jump_count = 0
+        self.amax_jumps: deque[AmaxJump] = deque(maxlen=_JUMP_EVENTS_KEPT)
 
     def remember_scales(
         self, weight: torch.Tensor, input_amax: torch.Tensor, scales: dict[str, torch.Tensor]
@@ -204,6 +252,21 @@ class LayerState:
             log.info(msg)
         else:
             warnings.warn(msg, NonFiniteWarning, stacklevel=4)
+
+    def report_amax_jump(self, jump: AmaxJump) -> None:
+        self.amax_jump_count += 1
+        self.amax_jumps.append(jump)
+        h = self.histories[jump.role]
+        warnings.warn(
+            f"fp8train: layer {self.name!r}: {jump.role} amax {jump.amax:.4g} at history "
+            f"step {jump.history_step} is {jump.amax / jump.window_amax:.3g} times the "
+            f"window's amax {jump.window_amax:.4g}, beyond what the format's range holds "
+            f"alongside it ({jump.limit:.3g}): while it stays in the amax history "
+            f"({h.length} steps, {h.algo!r}), values of the earlier size quantise to zero. "
+            "Usually one outlier in the data; check the batch of that step.",
+            AmaxJumpWarning,
+            stacklevel=5,
+        )
 
 
 def _reusable_transposed(spec: ScaleSpec) -> bool:
@@ -274,6 +337,7 @@ class _Step:
         self.finite = True
         self.done: list[_Quantized] = []
         self.local_amax: dict[str, torch.Tensor] = {}  # by role, before any reduction
+        self.jumps: list[AmaxJump] = []  # reported by commit()
 
     def quantize(
         self,
@@ -335,7 +399,21 @@ class _Step:
             # NaN/inf) the same values.
             amax = hooks.reduce_amax(amax)
 
-        if not bool(torch.isfinite(amax).all()):
+        finite_t = torch.isfinite(amax).all()
+        if history is not None and not history.empty:
+            # The amax jump check (amax_jump_limit), fetched with the finite check in
+            # one device sync.
+            limit = amax_jump_limit(spec.fmt)
+            window = history.reduced().amax()
+            flags = torch.stack([finite_t, amax.amax() > window * limit]).tolist()
+            finite, jumped = bool(flags[0]), bool(flags[1])
+            if finite and jumped:
+                self.jumps.append(
+                    AmaxJump(role, history.count, float(amax.amax()), float(window), limit)
+                )
+        else:
+            finite = bool(finite_t)
+        if not finite:
             self.finite = False
             state.report_nonfinite(role.split(".")[0], t.shape)
             if state.observer is not None:
@@ -363,6 +441,8 @@ class _Step:
                 state.histories[role].record(amax)
             if state.observer is not None:
                 state.observer(state, role, t, q)
+        for jump in self.jumps:
+            state.report_amax_jump(jump)
 
 
 def _saved_input(

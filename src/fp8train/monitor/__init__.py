@@ -48,9 +48,9 @@ are still multiplied by a loss scale).
 Warnings (:class:`HealthWarning` through :func:`warnings.warn`, and a ``"warning"``
 record in every sink) name the step, the layer and the operand, once per crossing of
 a threshold: ``loss_spike``, ``underflow``, ``overflow``, ``scale_collapse``,
-``scale_explode`` and ``nonfinite`` (:mod:`fp8train.monitor.detectors` says when each
-fires). A warning on an off-interval step makes the next step observed, so the records
-show the layers right after the event.
+``scale_explode``, ``nonfinite`` and ``amax_jump`` (:mod:`fp8train.monitor.detectors`
+says when each fires). A warning on an off-interval step makes the next step observed,
+so the records show the layers right after the event.
 
 Optional BF16 shadow check (``shadow_every=N``): on steps divisible by ``N`` each
 layer's output is compared with a bf16 layer's, recorded as ``bf16_rel_err`` in a

@@ -1,4 +1,4 @@
-"""When the monitor warns: :class:`Thresholds` and the four detectors.
+"""When the monitor warns: :class:`Thresholds` and the five detectors.
 
 Each detector keeps its own state and returns warning records (``"kind": "warning"``,
 built by :func:`warning_record`); the :class:`~fp8train.monitor.Monitor` emits them
@@ -22,6 +22,11 @@ persistent condition does not repeat every step. Kinds:
   layers see NaN/inf in one step the one named is the earliest in execution order --
   forward operands in registration order, then backward operands in reverse -- which
   is the culprit when the NaN propagated downstream; the others are listed.
+* ``amax_jump`` (:class:`AmaxJumpDetector`) -- a delayed-scaling operand's amax jumped
+  beyond :func:`fp8train.autograd.amax_jump_limit` times its history window (every
+  step, from the layers' own :class:`~fp8train.autograd.AmaxJumpWarning` events): the
+  layer quantises values of the earlier size to zero while the outlier stays in the
+  window. One warning per event, with ``amax``, ``window_amax`` and ``history_step``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from fp8train.monitor.stats import FORWARD_ROLES, OperandStats
 from fp8train.nn import Fp8Linear
 
 __all__ = [
+    "AmaxJumpDetector",
     "FractionDetector",
     "HealthWarning",
     "LossSpikeDetector",
@@ -376,4 +382,47 @@ class NonFiniteDetector:
                     s, "nonfinite", None, "loss", f"the loss is {loss} (first non-finite loss)"
                 )
             )
+        return out
+
+
+class AmaxJumpDetector:
+    """``amax_jump``: the layers' :class:`~fp8train.autograd.AmaxJump` events since the
+    last check, one warning each (each is an outlier of its own step).
+
+    Reads the layers' event counters, so it works on every step, observed or not.
+    """
+
+    def __init__(self, layers: Sequence[tuple[str, Fp8Linear]]) -> None:
+        self._layers = list(layers)
+        self._counts: dict[str, int] = {}
+        self.rebase()
+
+    def rebase(self) -> None:
+        """Take the layers' event counts as they are now as the baseline (on attach)."""
+        self._counts = {n: m.fp8_state.amax_jump_count for n, m in self._layers}
+
+    def check(self, s: int) -> list[dict[str, Any]]:
+        out = []
+        for name, layer in self._layers:
+            state = layer.fp8_state
+            new = state.amax_jump_count - self._counts.get(name, 0)
+            self._counts[name] = state.amax_jump_count
+            # The layer keeps its latest events only; more than that in one step are counted.
+            events = list(state.amax_jumps)[-new:] if new > 0 else []
+            for jump in events:
+                out.append(
+                    warning_record(
+                        s,
+                        "amax_jump",
+                        name,
+                        jump.role,
+                        f"amax {jump.amax:.4g} is {jump.amax / jump.window_amax:.3g} times "
+                        f"the history window's {jump.window_amax:.4g} (limit {jump.limit:.3g}): "
+                        "values of the earlier size quantise to zero while it stays in the "
+                        "window",
+                        amax=jump.amax,
+                        window_amax=jump.window_amax,
+                        history_step=jump.history_step,
+                    )
+                )
         return out

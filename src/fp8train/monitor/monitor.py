@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fp8train.monitor.detectors import (
+    AmaxJumpDetector,
     FractionDetector,
     HealthWarning,
     LossSpikeDetector,
@@ -98,6 +99,7 @@ class Monitor:
         self._recorder = OperandRecorder(self.layers)
         self._shadow = Bf16Shadow(self.layers)
         self._nonfinite = NonFiniteDetector(self.layers)
+        self._jumps = AmaxJumpDetector(self.layers)
         self._loss = LossSpikeDetector(self.thresholds)
         # Checked on each layer record in this order (underflow, overflow, then scales).
         self._layer_detectors = (
@@ -139,6 +141,7 @@ class Monitor:
                     "detach the other monitor first: one observer per layer"
                 )
         self._nonfinite.rebase()
+        self._jumps.rebase()
         self._attached = True
         self._configure()
         return self
@@ -198,7 +201,7 @@ class Monitor:
         self._skipped_total += int(bool(skipped))
         recorded = self._observing or self._shadowing
 
-        raised = self._nonfinite.check(s, loss_f)
+        raised = self._nonfinite.check(s, loss_f) + self._jumps.check(s)
         if recorded:
             records = self._recorder.records(s) + self._shadow.records(s)
             for rec in records:
