@@ -69,6 +69,12 @@ def _check_args(x: torch.Tensor, fmt: Format, saturate: bool, rounding: str) -> 
             f"cast supports float32, bfloat16 and float16 inputs, got {x.dtype} "
             f"(shape {tuple(x.shape)}); convert with .float() first"
         )
+    if not isinstance(saturate, bool):
+        # A truthy string ("False") would saturate and None would not: take no guesses.
+        raise TypeError(
+            f"saturate must be a bool, got {saturate!r} ({type(saturate).__name__}); pass "
+            "saturate=True (overflow becomes +-max) or saturate=False (inf/NaN)"
+        )
     if rounding not in ("nearest", "stochastic"):
         raise ValueError(f"rounding must be 'nearest' or 'stochastic', got {rounding!r}")
     if not saturate and not (fmt.has_inf or fmt.has_nan):

@@ -114,6 +114,12 @@ def check_pair(a: ScaledTensor, b: ScaledTensor) -> None:
     tensor/row scales constant along K (``a`` reduced over its last axis, ``b`` over its
     first), or block/MX scales of both operands on the same K chunk.
     """
+    for label, operand in (("a", a), ("b", b)):
+        if not isinstance(operand, ScaledTensor):
+            raise TypeError(
+                f"scaled_mm expects ScaledTensor operands, got {type(operand).__name__} for "
+                f"{label}; quantize it first, e.g. fp8train.quantize({label}, fp8train.E4M3)"
+            )
     desc = _Describe(a, b)
     if len(a.shape) != 2 or len(b.shape) != 2:
         raise ValueError(f"scaled_mm needs 2-D operands; {desc}")

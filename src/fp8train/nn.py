@@ -134,12 +134,30 @@ def convert(
     """
     Kernels(kernels)  # validate before touching the model
     recipe = Recipe.from_name(recipe)
+    if filter is not None and not callable(filter):
+        raise TypeError(
+            f"filter must be a callable (module, qualified_name) -> bool, got "
+            f"{type(filter).__name__} {filter!r}; to skip layers by name pattern, pass "
+            "skip=... instead"
+        )
+    patterns = [skip] if isinstance(skip, str) else list(skip) if isinstance(skip, Iterable) else []
+    if not isinstance(skip, (str, Iterable)) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(
+            f"skip must be an fnmatch pattern or an iterable of them, got {skip!r}; "
+            "e.g. skip='lm_head' or skip=['*.attn.*'], or skip=() to skip nothing"
+        )
+    others = sorted({m.recipe.name for _, m in fp8_layers(model) if m.recipe != recipe})
+    if others:
+        raise ValueError(
+            f"model is already converted to recipe {', '.join(map(repr, others))}; "
+            f"convert does not re-convert layers to {recipe.name!r}: convert a fresh "
+            "(unconverted) copy of the model with the recipe you want"
+        )
     if isinstance(model, nn.Linear) and not isinstance(model, Fp8Linear):
         raise TypeError(
             "convert swaps Linear layers inside a model; wrap a bare nn.Linear "
             "in a container (e.g. nn.Sequential) or use Fp8Linear.from_linear"
         )
-    patterns = [skip] if isinstance(skip, str) else list(skip)
     linears = [
         (n, m)
         for n, m in model.named_modules()

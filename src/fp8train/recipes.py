@@ -121,6 +121,11 @@ class Recipe:
         """Look a recipe up by name (or pass a Recipe through)."""
         if isinstance(name, Recipe):
             return name
+        if not isinstance(name, str):  # RecipeName is a str
+            raise TypeError(
+                f"a recipe is a Recipe or one of the names {', '.join(RECIPE_NAMES)}, got "
+                f"{name!r} ({type(name).__name__}); e.g. fp8train.convert(model, 'tensorwise')"
+            )
         try:
             key = RecipeName(name.value if isinstance(name, RecipeName) else name.lower())
         except ValueError:

@@ -134,9 +134,29 @@ class ScaleSpec:
             raise ValueError(f"axis must be 0 or -1 (the 2-D view's axes), got {self.axis}")
         if self.axis == 1:
             object.__setattr__(self, "axis", -1)
+        block = self.block
+        if (
+            not isinstance(block, (tuple, list))
+            or len(block) != 2
+            or not all(isinstance(b, int) and not isinstance(b, bool) for b in block)
+        ):
+            raise TypeError(
+                f"block must be a (rows, cols) pair of ints, got {block!r}; e.g. block=(1, 128) "
+                "for 1x128 tiles, (128, 128) for square ones"
+            )
+        object.__setattr__(self, "block", tuple(block))
         br, bc = self.block
         if br < 1 or bc < 1:
             raise ValueError(f"block sizes must be positive, got {self.block}")
+        for flag in ("power_of_two", "saturate"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(
+                    f"{flag} must be a bool, got {getattr(self, flag)!r}; pass True or False"
+                )
+        if isinstance(self.margin, bool) or not isinstance(self.margin, int):
+            raise TypeError(
+                f"margin must be an int (a power of two of headroom), got {self.margin!r}"
+            )
         if self.granularity is Granularity.MX:
             if 1 not in self.block:
                 raise ValueError(f"MX blocks are one-dimensional (1xB or Bx1), got {self.block}")

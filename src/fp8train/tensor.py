@@ -125,6 +125,22 @@ def _as_matrix(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]) if t.dim() else t.reshape(1, 1)
 
 
+def _check_scale(scale: object, name: str) -> None:
+    if not isinstance(scale, torch.Tensor) or not scale.is_floating_point():
+        got = scale.dtype if isinstance(scale, torch.Tensor) else type(scale).__name__
+        raise TypeError(
+            f"{name}: quantize's scale must be a floating tensor (the scale grid), got {got}; "
+            "e.g. scale=torch.tensor(4.0), or leave it out to derive it from the amax"
+        )
+    bad = ~torch.isfinite(scale) | (scale <= 0)
+    if bool(bad.any()):
+        raise ValueError(
+            f"{name}: quantize's scale must be finite and > 0 (data = cast(x * scale)), got "
+            f"{int(bad.sum())} of {scale.numel()} values zero, negative, NaN or inf; derive "
+            "it with fp8train.scaling.scale_from_amax or leave it out"
+        )
+
+
 def quantize(
     x: torch.Tensor,
     spec: ScaleSpec | Format | str,
@@ -161,6 +177,8 @@ def quantize(
             f"{name}: {spec.granularity.value} scaling needs at least 2 dims, got shape "
             f"{tuple(x.shape)}"
         )
+    if scale is not None:
+        _check_scale(scale, name)
     if scale is None:
         amax = compute_amax(x, spec)
         check_finite_amax(amax, name)
