@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from fp8train import distributed as fd
+from fp8train.checkpoint import atomic_write_bytes
 from fp8train.lab import train as lab_train
 from fp8train.lab.config import LabConfig, LabError
 from fp8train.lab.data import load_corpus, load_digits
@@ -82,9 +83,40 @@ def _load_task(config: LabConfig) -> tuple[lab_train.Task, dict[str, Any]]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode())
+
+
+# Created with O_EXCL by the run that starts in a folder, before it writes anything there:
+# of two runs started into one --out, exactly one creates it (the file system decides),
+# and the other stops. A resumed run continues the folder that holds it.
+CLAIM_NAME = ".fp8train-run"
+
+
+def claim_out_dir(out: Path) -> None:
+    """Make ``out`` (creating it) the folder of this new run, atomically; ``LabError``
+    (one line) if another run holds it or has claimed it first."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd_ = os.open(out / CLAIM_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        try:
+            owner = (out / CLAIM_NAME).read_text().strip()
+        except OSError:
+            owner = ""
+        by = f" (claimed by {owner})" if owner else ""
+        raise LabError(
+            f"{out} already holds a run{by}; add --resume to continue it, or pick another --out"
+        ) from None
+    except OSError as e:  # e.g. --out /proc/x, a read-only disk, a file in the way
+        why = e.strerror or str(e)
+        raise LabError(f"--out {out}: cannot create the output folder: {why}") from e
+    with os.fdopen(fd_, "w") as f:
+        f.write(f"pid {os.getpid()} on {platform.node()}\n")
+    if (out / "config.json").exists():  # a run from before claims were made
+        (out / CLAIM_NAME).unlink()
+        raise LabError(
+            f"{out} already holds a run; add --resume to continue it, or pick another --out"
+        )
 
 
 def run_all(
@@ -140,15 +172,26 @@ def run_all(
     if distributed:
         torch.distributed.barrier()  # every rank has checked config.json before it is written
     main = fd.is_main()
-    if not resume and main:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            _write_json(
-                config_path, {"command": command, "config": asdict(config), "data": data_info}
-            )
-        except OSError as e:  # e.g. --out /proc/x, a read-only disk, a file in the way
-            why = e.strerror or str(e)
-            raise LabError(f"--out {out}: cannot create the output folder: {why}") from e
+    if not resume:
+        # The check above is early, not atomic: two runs started together both pass it.
+        # The claim decides which one writes here; the other has written nothing.
+        problem: str | None = None
+        if main:
+            try:
+                claim_out_dir(out)
+                _write_json(
+                    config_path, {"command": command, "config": asdict(config), "data": data_info}
+                )
+            except LabError as e:
+                problem = str(e)
+            except OSError as e:  # e.g. a disk that fills up
+                problem = f"--out {out}: cannot write {config_path.name}: {e.strerror or e}"
+        if distributed:  # every rank stops, not only the one that claims
+            shared = [problem]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            problem = shared[0]
+        if problem is not None:
+            raise LabError(problem)
 
     started = time.perf_counter()
     load_start = _loadavg()

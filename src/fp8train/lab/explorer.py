@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from fp8train.cast import round_to_grid
+from fp8train.checkpoint import unique_tmp_path
 from fp8train.formats import E4M3, E5M2, FORMATS, INT8, Format
 from fp8train.monitor import operand_stats
 from fp8train.scaling import ScaleSpec
@@ -222,9 +223,12 @@ def _figure(size: tuple[float, float]) -> Any:
 
 
 def _save(fig: Any, path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    tmp = unique_tmp_path(path)  # two writers never share a temporary
+    try:
+        fig.savefig(tmp, dpi=120)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

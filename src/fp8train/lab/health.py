@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fp8train.checkpoint import unique_tmp_path
 from fp8train.lab.verdicts import plural
 
 __all__ = [
@@ -244,9 +245,12 @@ def plot_heatmap(
     )
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(out)
+    tmp = unique_tmp_path(out)  # two writers never share a temporary
+    try:
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

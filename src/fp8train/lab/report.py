@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from fp8train.checkpoint import atomic_write_bytes, unique_tmp_path
 from fp8train.lab.config import PRECISIONS, LabError, stores_fp8_activations
 from fp8train.lab.verdicts import plural, thresholds_text
 
@@ -134,9 +135,12 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
         f"gap to bf16 ({'mean of ' + str(len(seeds)) + ' seeds' if len(seeds) > 1 else 'one seed'})"
     )
     ax_gap.grid(alpha=0.3)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    tmp.replace(path)
+    tmp = unique_tmp_path(path)  # two writers never share a temporary
+    try:
+        fig.savefig(tmp, dpi=110)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _num(x: float | None, fmt: str, suffix: str = "") -> str:
@@ -319,7 +323,6 @@ def health_sections(results: dict[str, Any], out: Path) -> str:
 
 def write_report(results: dict[str, Any], out: Path) -> None:
     plot_curves(results, out / "loss_curves.png")
-    tmp = out / "report.md.tmp"
     health = health_sections(results, out)
-    tmp.write_text(markdown(results) + ("\n\n## Numerics health\n\n" + health if health else ""))
-    tmp.replace(out / "report.md")
+    text = markdown(results) + ("\n\n## Numerics health\n\n" + health if health else "")
+    atomic_write_bytes(out / "report.md", text.encode())
