@@ -368,6 +368,8 @@ class _Step:
         hooks = state.distributed
         gathered = hooks.gathered(t) if hooks is not None and role == "weight" else None
         given = None if self.replay is None else self.replay.get(role)
+        # The window's amax, reduced once: it gives the scale and the jump check's base.
+        window_amax = None if history is None or history.empty else history.reduced()
         q: ScaledTensor | None = None
         if gathered is not None:
             # FSDP2 all-gathered the weight in FP8: cast, and its amax reduced over the
@@ -388,7 +390,8 @@ class _Step:
             if history is None:
                 amax, scale, payload, operand = kernels.quantize_current(t, spec, work, keep)
             else:
-                given = scale_from_amax(history.reduced(), spec)
+                assert window_amax is not None  # history is not empty
+                given = scale_from_amax(window_amax, spec)
                 amax, scale, payload, operand = kernels.quantize_given(t, given, spec, work, keep)
             q = ScaledTensor(payload, scale, spec, t.dtype, operand)
         else:
@@ -400,11 +403,11 @@ class _Step:
             amax = hooks.reduce_amax(amax)
 
         finite_t = torch.isfinite(amax).all()
-        if history is not None and not history.empty:
+        if history is not None and window_amax is not None:
             # The amax jump check (amax_jump_limit), fetched with the finite check in
             # one device sync.
             limit = amax_jump_limit(spec.fmt)
-            window = history.reduced().amax()
+            window = window_amax.amax()
             flags = torch.stack([finite_t, amax.amax() > window * limit]).tolist()
             finite, jumped = bool(flags[0]), bool(flags[1])
             if finite and jumped:
