@@ -44,6 +44,7 @@ MODULES = [
     "fp8train.loss_scaler",
     "fp8train.monitor",
     "fp8train.distributed",
+    "fp8train.checkpoint",
     "fp8train.testing",
 ]
 
