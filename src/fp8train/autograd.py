@@ -43,6 +43,7 @@ Data-parallel wrappers meet the layer through :class:`DistributedHooks`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections import deque
@@ -638,25 +639,66 @@ def fp8_linear(
     Output dtype: the autocast dtype when autocast is on for ``x``'s device, else
     ``x.dtype``; the bias is added in that dtype. Gradients: ``dx`` in ``x.dtype``,
     ``dW`` and ``db`` in the parameters' dtypes (fp32 master weights get fp32 grads).
+    ``x`` must be float32, bfloat16 or float16 (else ``TypeError``, before any state
+    changes). An empty ``x`` (0 tokens) or weight, and the meta device, run in high
+    precision and record nothing (:func:`_high_precision_linear`).
     ``kernels``: the kernel set of this call (default ``state.kernels``; the compiled
     one under ``torch.compile``, see below). Called directly in compiled code, this
     function is a graph break whose frame dynamo recompiles per weight shape, as for any
     function taking the weight; :class:`fp8train.Fp8Linear` passes the module instead.
     """
+    # Every check before anything is quantised or recorded: a bad input leaves the
+    # layer's state (delayed histories, counters) as it was.
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"layer {state.name!r}: input of shape {tuple(x.shape)} does not match weight of "
             f"shape {tuple(weight.shape)} (last dim must be in_features={weight.shape[1]})"
         )
-    if not x.is_floating_point():
-        raise TypeError(f"layer {state.name!r}: input must be floating point, got {x.dtype}")
+    if x.dtype not in _INPUT_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in _INPUT_DTYPES)
+        raise TypeError(
+            f"layer {state.name!r}: input of shape {tuple(x.shape)} has dtype "
+            f"{str(x.dtype).removeprefix('torch.')}; FP8 layers take {names}: convert it "
+            "first, e.g. x.float()"
+        )
     if torch.compiler.is_compiling():
         out: torch.Tensor = _fp8_linear_in_compiled_model(x, weight, bias, state)
         return out
+    if x.device.type == "meta" or x.numel() == 0 or weight.numel() == 0:
+        return _high_precision_linear(x, weight, bias)
     y: torch.Tensor = _Fp8Linear.apply(  # type: ignore[no-untyped-call]
         x, weight, bias, state, kernels or state.kernels
     )
     return y
+
+
+# The input dtypes the FP8 GEMMs take (the output and gradient dtypes scaled_mm writes).
+_INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _high_precision_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``x @ weight.T + bias`` in the layer's compute dtype, quantising and recording
+    nothing, for the inputs FP8 has nothing to do with:
+
+    * an empty operand (0 tokens): there is no amax to take (a per-row scale's reduction
+      over 0 rows fails) and a delayed history must not record one; the output is
+      ``(..., N)`` with no elements, ``dx`` empty, ``dW`` and ``db`` zeros;
+    * the meta device (shape propagation, e.g. building a model before materialising
+      it): no data to quantise. Autocast does not apply to meta tensors (``nn.Linear``
+      on meta returns ``x.dtype`` under CPU autocast too), so neither does it here.
+    """
+    device = x.device.type
+    out_dtype = x.dtype if device == "meta" else _compute_dtype(x)
+    # autocast_off asks autocast about the device, which has no autocast state for meta.
+    ctx = autocast_off(device) if device != "meta" else contextlib.nullcontext()
+    with ctx:
+        return torch.nn.functional.linear(
+            x.to(out_dtype),
+            weight.to(out_dtype),
+            None if bias is None else bias.to(out_dtype),
+        )
 
 
 # Under torch.compile each FP8 layer is a graph break of its own: dynamo cannot trace
