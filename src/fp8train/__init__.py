@@ -8,7 +8,13 @@ from fp8train.history import AmaxHistory
 from fp8train.loss_scaler import LossScaler, LossScalerConfig
 from fp8train.matmul import scaled_mm
 from fp8train.monitor import HealthWarning, Monitor, Thresholds
-from fp8train.nn import Fp8Linear, convert, load_recipe_state_dict, recipe_state_dict
+from fp8train.nn import (
+    Fp8Linear,
+    convert,
+    load_recipe_state_dict,
+    migrate_recipe_state,
+    recipe_state_dict,
+)
 from fp8train.recipes import RECIPE_NAMES, Recipe
 from fp8train.scaling import Granularity, NonFiniteAmaxError, ScaleSpec
 from fp8train.tensor import ScaledTensor, quantize
@@ -41,6 +47,7 @@ __all__ = [
     "convert",
     "formats",
     "load_recipe_state_dict",
+    "migrate_recipe_state",
     "quantize",
     "recipe_state_dict",
     "round_to_grid",

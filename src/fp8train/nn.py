@@ -20,10 +20,18 @@ from torch import nn
 
 from fp8train._kernels import KernelChoice, Kernels, shared_kernels
 from fp8train.autograd import LayerState, fp8_linear
+from fp8train.history import AmaxHistory
 from fp8train.recipes import Recipe, RecipeName
 from fp8train.scaling import compute_amax
 
-__all__ = ["Fp8Linear", "convert", "fp8_layers", "load_recipe_state_dict", "recipe_state_dict"]
+__all__ = [
+    "Fp8Linear",
+    "convert",
+    "fp8_layers",
+    "load_recipe_state_dict",
+    "migrate_recipe_state",
+    "recipe_state_dict",
+]
 
 log = logging.getLogger("fp8train")
 
@@ -209,7 +217,9 @@ def recipe_state_dict(model: nn.Module) -> dict[str, Any]:
     return {"version": _STATE_VERSION, "layers": layers}
 
 
-def load_recipe_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
+def load_recipe_state_dict(
+    model: nn.Module, state: dict[str, Any], *, migrate: bool = False
+) -> None:
     """Restore :func:`recipe_state_dict` output exactly.
 
     All of ``state`` is checked before any layer changes (so a bad state leaves the model
@@ -218,13 +228,43 @@ def load_recipe_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
     (:meth:`AmaxHistory.check_state`: length, algo, count, window dtype, shape and
     finiteness) and the non-finite counters. Raises ``TypeError``/``ValueError`` naming
     the layer and the field.
+
+    ``migrate=True``: the model may run another recipe than the checkpoint (or be
+    converted to fewer layers, or not at all): ``state`` first passes through
+    :func:`migrate_recipe_state`, which says in one log line what it changed.
     """
+    if not isinstance(migrate, bool):
+        raise TypeError(f"migrate must be a bool, got {migrate!r}; pass migrate=True or False")
+    if migrate:
+        state = migrate_recipe_state(state, model)
     _check_recipe_state(model, state)
     for name, layer in fp8_layers(model):
         layer.fp8_state.load_state_dict(state["layers"][name])
 
 
 def _check_recipe_state(model: nn.Module, state: object) -> None:
+    _check_state_header(state)
+    assert isinstance(state, dict)  # checked above; narrows the type for mypy
+    ours = dict(fp8_layers(model))
+    theirs: dict[str, Any] = state["layers"]
+    if set(ours) != set(theirs):
+        missing, extra = set(ours) - set(theirs), set(theirs) - set(ours)
+        raise ValueError(
+            f"recipe state does not match the model's FP8 layers: missing "
+            f"{sorted(missing)}, unexpected {sorted(map(str, extra))}; convert the model "
+            f"with the same recipe and filters as the one that saved it, {_MIGRATE_HINT}"
+        )
+    for name, layer in ours.items():
+        _check_layer_state(name, layer, theirs[name])
+
+
+_MIGRATE_HINT = (
+    "or, to resume under the model's recipe, pass migrate=True to "
+    "fp8train.load_recipe_state_dict (see fp8train.migrate_recipe_state)"
+)
+
+
+def _check_state_header(state: object) -> None:
     fix = "pass the dict fp8train.recipe_state_dict(model) returned, unmodified"
     if not isinstance(state, dict):
         raise TypeError(
@@ -243,32 +283,27 @@ def _check_recipe_state(model: nn.Module, state: object) -> None:
             f"recipe state: expected keys ['layers', 'version'] with 'layers' a dict, got "
             f"keys {sorted(map(str, state))}; {fix}"
         )
-    ours = dict(fp8_layers(model))
-    theirs: dict[str, Any] = state["layers"]
-    if set(ours) != set(theirs):
-        missing, extra = set(ours) - set(theirs), set(theirs) - set(ours)
-        raise ValueError(
-            f"recipe state does not match the model's FP8 layers: missing "
-            f"{sorted(missing)}, unexpected {sorted(map(str, extra))}; convert the model "
-            "with the same recipe and filters as the one that saved it"
-        )
-    for name, layer in ours.items():
-        _check_layer_state(name, layer, theirs[name])
 
 
-def _check_layer_state(name: str, layer: Fp8Linear, entry: object) -> None:
-    where = f"recipe state of layer {name!r}"
+def _check_entry_keys(where: str, entry: object) -> None:
     if not isinstance(entry, dict) or set(entry) != _LAYER_KEYS:
         got = sorted(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__
         raise ValueError(
             f"{where}: expected a dict with keys {sorted(_LAYER_KEYS)}, got {got}; save it "
             "with fp8train.recipe_state_dict"
         )
+
+
+def _check_layer_state(name: str, layer: Fp8Linear, entry: object) -> None:
+    where = f"recipe state of layer {name!r}"
+    _check_entry_keys(where, entry)
+    assert isinstance(entry, dict)  # checked above; narrows the type for mypy
     recipe = layer.recipe
     if entry["recipe"] != recipe.name:
         raise ValueError(
             f"{where}: checkpoint recipe {entry['recipe']!r} != model recipe "
-            f"{recipe.name!r}; convert the model with the checkpoint's recipe"
+            f"{recipe.name!r}; convert the model with the checkpoint's recipe, "
+            f"{_MIGRATE_HINT}"
         )
     ours = recipe.canonical()
     theirs = entry["recipe_config"]
@@ -285,7 +320,7 @@ def _check_layer_state(name: str, layer: Fp8Linear, entry: object) -> None:
         raise ValueError(
             f"{where}: 'recipe_config': recipe {recipe.name!r} has other parameters in the "
             f"checkpoint ({diff}); convert the model with the checkpoint's recipe (e.g. "
-            "the same dataclasses.replace variant)"
+            f"the same dataclasses.replace variant), {_MIGRATE_HINT}"
         )
     features = (layer.in_features, layer.out_features)
     if not isinstance(entry["features"], (tuple, list)) or tuple(entry["features"]) != features:
@@ -326,3 +361,150 @@ def _check_layer_state(name: str, layer: Fp8Linear, entry: object) -> None:
             f"{where}: 'nonfinite' must map each of {sorted(expected)} to an int >= 0 "
             f"(a count of non-finite operands), got {counters!r}"
         )
+
+
+def migrate_recipe_state(state: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """``state`` (from :func:`recipe_state_dict`, under any recipe) rewritten for
+    ``model``'s FP8 layers and recipes; a new dict (``state`` is not changed) that
+    :func:`load_recipe_state_dict` takes. What it does, per layer:
+
+    * the same recipe (every field) in ``state`` and ``model``: kept as is;
+    * another recipe: each amax history the model's recipe keeps is seeded from the
+      checkpoint's history of the same operand when that one exists and its amaxes have
+      the shape the new recipe takes (e.g. delayed with ``history_len`` 16 -> 8: the
+      most recent ``min`` of the two lengths), else it starts empty; histories the new
+      recipe does not keep are dropped; the non-finite counters are kept;
+    * in ``state`` but not an FP8 layer of ``model`` (converted with fewer layers, or a
+      bf16 model with none): dropped;
+    * an FP8 layer of ``model`` not in ``state``: starts empty.
+
+    Logs one line (logger ``"fp8train"``, INFO) listing, per recipe change, the layers
+    and what was seeded, started empty or dropped; nothing if nothing changed. Raises
+    ``TypeError``/``ValueError`` (as :func:`load_recipe_state_dict`) for a state that is
+    not a :func:`recipe_state_dict` or whose layer has other ``(in_features,
+    out_features)`` than the model's (another model, not another recipe).
+    """
+    _check_state_header(state)
+    theirs: dict[str, Any] = state["layers"]
+    ours = dict(fp8_layers(model))
+    layers: dict[str, Any] = {}
+    changes: dict[str, list[str]] = {}  # "old -> new: what happened" -> layer names
+    for name, layer in ours.items():
+        entry = theirs.get(name)
+        if entry is None:
+            layers[name] = _fresh_entry(layer, {r: 0 for r in layer.fp8_state.nonfinite})
+            changes.setdefault(
+                f"not in the checkpoint -> {layer.recipe.name}: started empty", []
+            ).append(name)
+            continue
+        where = f"recipe state of layer {name!r}"
+        _check_entry_keys(where, entry)
+        features = (layer.in_features, layer.out_features)
+        if not isinstance(entry["features"], (tuple, list)) or tuple(entry["features"]) != features:
+            raise ValueError(
+                f"{where}: 'features' (in_features, out_features) is {entry['features']!r} "
+                f"in the checkpoint, {features} in the model; a migration changes the "
+                "recipe, not the model: load it into a model of the same shape"
+            )
+        if entry["recipe_config"] == layer.recipe.canonical():
+            layers[name] = entry
+            continue
+        layers[name], done = _migrated_entry(where, layer, entry)
+        change = f"{_recipe_label(entry, layer.recipe)}: {done}"
+        changes.setdefault(change, []).append(name)
+    dropped = sorted(map(str, set(theirs) - set(ours)))
+    parts = [f"{change} ({', '.join(names)})" for change, names in changes.items()]
+    if dropped:
+        parts.append(f"dropped layers no longer FP8 ({', '.join(dropped)})")
+    if parts:
+        log.info("fp8train: recipe state migrated: %s", "; ".join(parts))
+    return {"version": _STATE_VERSION, "layers": layers}
+
+
+def _fresh_entry(layer: Fp8Linear, nonfinite: dict[str, int]) -> dict[str, Any]:
+    """The recipe state of ``layer`` with empty amax histories and ``nonfinite``."""
+    return {
+        "recipe": layer.recipe.name,
+        "recipe_config": layer.recipe.canonical(),
+        "features": (layer.in_features, layer.out_features),
+        "histories": {r: h.state_dict() for r, h in _new_histories(layer).items()},
+        "nonfinite": dict(nonfinite),
+    }
+
+
+def _new_histories(layer: Fp8Linear) -> dict[str, AmaxHistory]:
+    r = layer.recipe
+    return {role: AmaxHistory(r.history_len, r.history_algo) for role in layer.fp8_state.histories}
+
+
+def _migrated_entry(where: str, layer: Fp8Linear, entry: dict[str, Any]) -> tuple[Any, str]:
+    """``entry`` rewritten for ``layer``'s recipe, and what was done, in words."""
+    saved = entry["histories"]
+    if not isinstance(saved, dict):
+        raise ValueError(
+            f"{where}: 'histories' must be a dict of amax histories by operand, got "
+            f"{type(saved).__name__}; save it with fp8train.recipe_state_dict"
+        )
+    old: dict[str, torch.Tensor] = {}  # role -> recorded amaxes, oldest first
+    for role, h in saved.items():
+        if not isinstance(h, dict) or not isinstance(h.get("length"), int):
+            raise ValueError(
+                f"{where}, {role}: expected an amax history's state_dict, got {h!r}; save "
+                "it with fp8train.recipe_state_dict"
+            )
+        history = AmaxHistory(h["length"], h.get("algo", "max"))
+        history.check_state(h, where=f"{where}, {role}")  # count, window shape, finiteness
+        history.load_state_dict(h)
+        if history.window is not None:
+            n = len(history)
+            order = [(history.count - n + i) % history.length for i in range(n)]
+            old[str(role)] = history.window[order]
+    histories = _new_histories(layer)
+    specs = {
+        "input": (layer.recipe.input, (1, layer.in_features)),
+        "weight": (layer.recipe.weight, (layer.out_features, layer.in_features)),
+        "grad_output": (layer.recipe.grad_output, (1, layer.out_features)),
+    }
+    seeded: dict[str, int] = {}
+    for role, history in histories.items():
+        amaxes = old.get(role)
+        spec, sample = specs[role]
+        # The amax's shape, derived as the pipeline derives it (as _check_layer_state).
+        shape = compute_amax(torch.empty(sample, device="meta"), spec).shape
+        if amaxes is None or amaxes.shape[1:] != shape:
+            continue
+        for amax in amaxes[-history.length :]:  # the most recent ones, oldest first
+            history.record(amax)
+        seeded[role] = len(history)
+    nonfinite = entry["nonfinite"] if isinstance(entry["nonfinite"], dict) else {}
+    new = _fresh_entry(layer, {r: nonfinite.get(r, 0) for r in layer.fp8_state.nonfinite})
+    new["histories"] = {r: h.state_dict() for r, h in histories.items()}
+    done = []
+    if seeded:
+        by_count: dict[int, list[str]] = {}
+        for role, n in seeded.items():
+            by_count.setdefault(n, []).append(role)
+        done.append(
+            "seeded "
+            + ", ".join(f"{', '.join(r)} with the last {n} amaxes" for n, r in by_count.items())
+        )
+    empty = sorted(set(histories) - set(seeded))
+    if empty:
+        done.append(f"started {', '.join(empty)} empty")
+    gone = sorted(set(old) - set(histories))
+    if gone:
+        done.append(f"dropped the {', '.join(gone)} histories")
+    return new, "; ".join(done) or "no amax histories to keep"
+
+
+def _recipe_label(entry: dict[str, Any], recipe: Recipe) -> str:
+    """``old -> new`` naming the recipes, with the fields that differ when the names
+    are equal (a ``dataclasses.replace`` variant)."""
+    old_name, new_name = str(entry["recipe"]), recipe.name
+    theirs, ours = entry["recipe_config"], recipe.canonical()
+    if old_name != new_name or not isinstance(theirs, dict):
+        return f"{old_name} -> {new_name}"
+    keys = [k for k in ours if k != "name" and theirs.get(k) != ours[k]]
+    old = ", ".join(f"{k}={theirs.get(k)}" for k in keys)
+    new = ", ".join(f"{k}={ours[k]}" for k in keys)
+    return f"{old_name}({old}) -> {new_name}({new})"
