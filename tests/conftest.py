@@ -27,6 +27,7 @@ SLOW_FILES = {
     "tests/distributed/": "starts torchrun process groups",
     "tests/lab/test_lab_resume.py": "trains and resumes lab runs per recipe",
     "tests/lab/test_lab_smoke.py": "runs the lab's comparison end to end",
+    "tests/lab/test_lab_faults.py": "kills and resumes real lab processes",
 }
 
 
