@@ -128,6 +128,30 @@ def test_given_scale_saturates(name: str) -> None:
         assert_bitwise_equal(payload, reference, f"{kernels.mode} {name} given scale")
 
 
+@pytest.mark.parametrize("algo", ["max", "most_recent"])
+@pytest.mark.parametrize("name", ["e5m2-tensor-pow2", "e4m3-row", "e4m3-block1x128"])
+def test_scale_from_the_window_in_the_kernel_call(name: str, algo: str) -> None:
+    """quantize_from_window (delayed scaling's scale from its history, reduced inside the
+    kernel call) gives the bits of the history's own reduction, scale_from_amax and
+    quantize_given, eager and compiled, for a window still filling and a full one."""
+    spec = OWN_AMAX_SPECS[name]
+    history = fp8train.AmaxHistory(4, algo)
+    for records in (2, 6):  # partly filled, then wrapped around
+        while history.count < records:
+            x = torch.randn(64, 256) * (1 + history.count)
+            history.record(compute_amax(x, spec))
+        x = torch.randn(64, 256).bfloat16() * 3
+        expected_scale = scale_from_amax(history.reduced(), spec)
+        expected = Kernels("eager").quantize_given(x, expected_scale, spec, torch.float32)
+        for kernels in (Kernels("eager"), COMPILED):
+            *got, window_amax = kernels.quantize_from_window(
+                x, history.to_reduce(), spec, torch.float32
+            )
+            what = f"{kernels.mode} {name} {algo} after {records}"
+            assert_bitwise_equal(window_amax, history.reduced(), f"{what} window amax")
+            assert_nested_bitwise_equal(tuple(got), expected, what)
+
+
 BYTE_ROUTES = {
     "conversion": ByteRoutes(),
     "bit-fields": ByteRoutes(payload_bytes="bit_fields"),

@@ -369,8 +369,7 @@ class _Step:
         hooks = state.distributed
         gathered = hooks.gathered(t) if hooks is not None and role == "weight" else None
         given = None if self.replay is None else self.replay.get(role)
-        # The window's amax, reduced once: it gives the scale and the jump check's base.
-        window_amax = None if history is None or history.empty else history.reduced()
+        window_amax: torch.Tensor | None = None  # the history's amax, for the jump check
         q: ScaledTensor | None = None
         if gathered is not None:
             # FSDP2 all-gathered the weight in FP8: cast, and its amax reduced over the
@@ -391,9 +390,10 @@ class _Step:
             if history is None:
                 amax, scale, payload, operand = kernels.quantize_current(t, spec, work, keep)
             else:
-                assert window_amax is not None  # history is not empty
-                given = scale_from_amax(window_amax, spec)
-                amax, scale, payload, operand = kernels.quantize_given(t, given, spec, work, keep)
+                # The window's reduction and the scale join the cast's kernel call.
+                amax, scale, payload, operand, window_amax = kernels.quantize_from_window(
+                    t, history.to_reduce(), spec, work, keep
+                )
             q = ScaledTensor(payload, scale, spec, t.dtype, operand)
         else:
             amax = kernels.amax(t, spec)
@@ -404,6 +404,8 @@ class _Step:
             amax = hooks.reduce_amax(amax)
 
         finite_t = torch.isfinite(amax).all()
+        if history is not None and not history.empty and window_amax is None:
+            window_amax = history.reduced()  # stochastic rounding: not taken by a kernel
         if history is not None and window_amax is not None:
             # The amax jump check (amax_jump_limit), fetched with the finite check in
             # one device sync.

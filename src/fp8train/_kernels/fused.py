@@ -47,6 +47,7 @@ __all__ = [
     "grid_arithmetic",
     "payload_to_operand",
     "quantize_current",
+    "quantize_from_window",
     "quantize_given",
 ]
 
@@ -145,6 +146,31 @@ def quantize_given(
         x2d, scale, spec, operand_dtype, keep_payload, False, routes
     )
     return amax, scale, payload, operand
+
+
+def quantize_from_window(
+    x2d: torch.Tensor,
+    window: torch.Tensor,
+    spec: ScaleSpec,
+    operand_dtype: torch.dtype | None,
+    keep_payload: bool = True,
+    routes: ByteRoutes = DEFAULT_ROUTES,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Delayed scaling from its history in one call: ``(amax, scale, payload, operand,
+    window_amax)``, where ``window`` is :meth:`fp8train.AmaxHistory.to_reduce` (its max
+    over dim 0 is the history's amax, ``window_amax``) and ``scale`` is
+    ``scale_from_amax(window_amax)``; then as :func:`quantize_given`.
+
+    Why in the kernel: eager, the window's reduction and the scale are a dozen small ops
+    per operand, each a dispatch of its own; compiled, they join the cast's call. The
+    caller keeps ``window_amax`` to compare this tensor's amax with (a jump beyond the
+    format's range)."""
+    window_amax = window.amax(dim=0)
+    scale = scale_from_amax(window_amax, spec)
+    amax, scale, payload, operand = quantize_given(
+        x2d, scale, spec, operand_dtype, keep_payload, routes
+    )
+    return amax, scale, payload, operand, window_amax
 
 
 def payload_to_operand(

@@ -114,6 +114,19 @@ class Kernels:
         fn = self._on(fused.quantize_given, x2d.device)
         return fn(x2d, scale, spec, operand_dtype, keep_payload, self.routes)
 
+    def quantize_from_window(
+        self,
+        x2d: torch.Tensor,
+        window: torch.Tensor,
+        spec: ScaleSpec,
+        operand_dtype: torch.dtype | None,
+        keep_payload: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """:func:`fp8train._kernels.fused.quantize_from_window`: ``(amax, scale, payload,
+        operand, window_amax)`` with the scale from a delayed history's window."""
+        fn = self._on(fused.quantize_from_window, x2d.device)
+        return fn(x2d, window, spec, operand_dtype, keep_payload, self.routes)
+
     def bias_grad(self, dy2d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """:func:`fp8train._kernels.fused.bias_grad`: the fp32 column sum of ``dy2d``."""
         return self._on(fused.bias_grad, dy2d.device)(dy2d, dtype)
