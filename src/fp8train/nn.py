@@ -137,8 +137,9 @@ def convert(
     use); ``"auto"`` (the default) picks ``"compiled"`` where this torch and the
     device can compile (CPU: inductor finds a C++ compiler; CUDA: triton), else
     ``"eager"``, on first use per device type, and logs its choice and why once (logger
-    ``"fp8train"``, INFO). All give bitwise-identical results, except the bias gradient:
-    an fp32 column sum, added in another order.
+    ``"fp8train"``: INFO for compiled, a warning for the eager fall-back). All give
+    bitwise-identical results, except the bias gradient: an fp32 column sum, added in
+    another order.
     """
     Kernels(kernels)  # validate before touching the model
     recipe = Recipe.from_name(recipe)
