@@ -500,6 +500,18 @@ def test_compiled_graphs_follow_the_row_count(spec_names: tuple[str, str]) -> No
         assert made == 2, "a tensorwise/rowwise step should take any row count"
 
 
+def test_a_graph_specialised_to_a_row_count_is_not_reused_for_another() -> None:
+    """Fewer rows than a block: tracing pads to one block and specialises the row count
+    to a constant, of which the guard expression says nothing. A tensor of the same key
+    with another row count (the MX layer's 10-row weight, then its 3-row input, both
+    quantised along the rows) must get a graph of its own, not the 10-row one."""
+    standalone = capture.compiled(_two_operands)
+    for rows in ((10, 10), (3, 3), (10, 10), (5, 7)):
+        args = _two_operand_args(("e4m3-block128", "e4m3-block128"), rows)
+        expected = _two_operands(*args)
+        assert_nested_bitwise_equal(standalone(*args), expected, f"block128 {rows} rows")
+
+
 @pytest.mark.parametrize("module", ["formats", "_bits", "cast", "scaling", "history", "tensor"])
 def test_the_reference_layer_imports_nothing_from_the_speed_layer(module: str) -> None:
     """The dependency arrows point down: the reference modules import neither

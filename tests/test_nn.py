@@ -215,8 +215,10 @@ def test_unsupported_shape_stays_high_precision_with_one_log_line(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     model = nn.Sequential(nn.Linear(64, 64), nn.ModuleDict({"odd": nn.Linear(100, 64)}))
+    # Every shape converts by default; a recipe asking for multiples of 16 leaves it.
+    recipe = dataclasses.replace(fp8train.Recipe.from_name("tensorwise"), min_multiple=16)
     with caplog.at_level(logging.DEBUG, logger="fp8train"):
-        fp8train.convert(model, "tensorwise")
+        fp8train.convert(model, recipe)
     assert type(model.get_submodule("1.odd")) is nn.Linear
     assert type(model[0]) is Fp8Linear
     records = [r for r in caplog.records if r.name == "fp8train"]
@@ -227,12 +229,16 @@ def test_unsupported_shape_stays_high_precision_with_one_log_line(
     assert records[0].levelno == logging.WARNING
 
 
-def test_mxfp8_leaves_layers_not_multiple_of_32(caplog: pytest.LogCaptureFixture) -> None:
-    model = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 64), nn.Linear(64, 64))
-    with caplog.at_level(logging.DEBUG, logger="fp8train"):
-        fp8train.convert(model, "mxfp8")
-    assert _plain(model) == ["0", "1"] and _converted(model) == ["2"]
-    assert len([r for r in caplog.records if r.name == "fp8train"]) == 2
+def test_every_shape_converts_by_default(caplog: pytest.LogCaptureFixture) -> None:
+    # The digits classifier's head (128 -> 10) and widths that are not multiples of 32
+    # run in FP8 under every recipe: the emulation takes any shape, the CUDA route pads.
+    for name in fp8train.RECIPE_NAMES:
+        model = nn.Sequential(nn.Linear(64, 48), nn.Linear(48, 100), nn.Linear(100, 10))
+        with caplog.at_level(logging.DEBUG, logger="fp8train"):
+            fp8train.convert(model, name)
+        assert _converted(model) == ["0", "1", "2"], name
+        assert not [r for r in caplog.records if r.name == "fp8train"], name
+        model(torch.randn(3, 64)).sum().backward()
 
 
 # ---------------------------------------------------------------------------- state_dict

@@ -203,7 +203,7 @@ def test_tensorwise_and_delayed() -> None:
         assert r.grad_output.fmt is E5M2, "E5M2 gradients"
         assert all(_spec(r, role).granularity is G.TENSOR for role in ROLES)
         assert all(_spec(r, role).power_of_two for role in ROLES)
-        assert r.min_multiple == 16
+        assert r.min_multiple == 1, "every shape: the CUDA route pads"
     delayed = Recipe.from_name("delayed")
     assert (delayed.history_len, delayed.history_algo) == (16, "max")
 
@@ -238,7 +238,7 @@ def test_mxfp8() -> None:
         )
         # E8M0 scales are implied by the granularity: every scale is a power of two.
         assert s.scales_are_power_of_two
-    assert r.min_multiple == 32
+    assert r.min_multiple == 1, "every shape: the CUDA route pads K to 32"
     q = fp8train.quantize(torch.randn(4, 64) * 3.7, r.input)
     mantissa, _ = torch.frexp(q.scale)
     assert bool((mantissa == 0.5).all()), "E8M0 scales are pure powers of two"
@@ -297,17 +297,21 @@ def test_gemms_show_axis_changes_and_high_precision_variants() -> None:
 
 
 @pytest.mark.parametrize("name", RECIPE_NAMES)
-def test_unsupported_reason(name: str) -> None:
+def test_every_shape_is_supported_by_default(name: str) -> None:
+    # The emulation takes any shape and the CUDA route pads to its kernels' multiples
+    # (tests/numerics/test_cuda_route.py), so no recipe refuses a layer by its shape.
     r = Recipe.from_name(name)
-    multiple = 32 if name == "mxfp8" else 16
-    assert r.unsupported_reason(multiple * 4, multiple * 12) is None
+    for shape in ((64, 10), (10, 64), (100, 64), (8, 8), (1, 1), (256, 384)):
+        assert r.unsupported_reason(*shape) is None, shape
+
+
+def test_min_multiple_still_filters_and_is_not_numerics() -> None:
+    r = dataclasses.replace(Recipe.from_name("tensorwise"), min_multiple=16)
     assert r.unsupported_reason(256, 384) is None
-    for shape in ((100, 64), (64, 100), (multiple + 8, 2 * multiple), (8, 8)):
+    for shape in ((100, 64), (64, 100), (24, 32)):
         reason = r.unsupported_reason(*shape)
         assert reason is not None, shape
         assert f"in_features={shape[0]}" in reason and f"out_features={shape[1]}" in reason
-        assert f"multiples of {multiple}" in reason
-    if name == "mxfp8":
-        assert r.unsupported_reason(48, 64) is not None, "48 is a multiple of 16 but not of 32"
-    else:
-        assert r.unsupported_reason(48, 80) is None
+        assert "multiples of 16" in reason
+    assert "min_multiple" not in r.canonical(), "it chooses layers, it does not change numerics"
+    assert r.canonical() == Recipe.from_name("tensorwise").canonical()

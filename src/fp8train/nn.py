@@ -286,6 +286,18 @@ def _check_state_header(state: object) -> None:
         )
 
 
+# Recipe fields that earlier versions saved in a layer's recipe_config but that never
+# changed the numerics (``min_multiple`` only chose which layers convert).
+_NOT_NUMERICS = ("min_multiple",)
+
+
+def _stored_config(config: object) -> object:
+    """A checkpoint's recipe_config without the fields that are not numerics."""
+    if isinstance(config, dict) and any(k in config for k in _NOT_NUMERICS):
+        return {k: v for k, v in config.items() if k not in _NOT_NUMERICS}
+    return config
+
+
 def _check_entry_keys(where: str, entry: object) -> None:
     if not isinstance(entry, dict) or set(entry) != _LAYER_KEYS:
         got = sorted(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__
@@ -307,7 +319,7 @@ def _check_layer_state(name: str, layer: Fp8Linear, entry: object) -> None:
             f"{_MIGRATE_HINT}"
         )
     ours = recipe.canonical()
-    theirs = entry["recipe_config"]
+    theirs = _stored_config(entry["recipe_config"])
     if theirs != ours:
         if isinstance(theirs, dict):
             keys = sorted(set(ours) | set(map(str, theirs)))
@@ -407,7 +419,7 @@ def migrate_recipe_state(state: dict[str, Any], model: nn.Module) -> dict[str, A
                 f"in the checkpoint, {features} in the model; a migration changes the "
                 "recipe, not the model: load it into a model of the same shape"
             )
-        if entry["recipe_config"] == layer.recipe.canonical():
+        if _stored_config(entry["recipe_config"]) == layer.recipe.canonical():
             layers[name] = entry
             continue
         layers[name], done = _migrated_entry(where, layer, entry)
@@ -502,7 +514,7 @@ def _recipe_label(entry: dict[str, Any], recipe: Recipe) -> str:
     """``old -> new`` naming the recipes, with the fields that differ when the names
     are equal (a ``dataclasses.replace`` variant)."""
     old_name, new_name = str(entry["recipe"]), recipe.name
-    theirs, ours = entry["recipe_config"], recipe.canonical()
+    theirs, ours = _stored_config(entry["recipe_config"]), recipe.canonical()
     if old_name != new_name or not isinstance(theirs, dict):
         return f"{old_name} -> {new_name}"
     keys = [k for k in ours if k != "name" and theirs.get(k) != ours[k]]

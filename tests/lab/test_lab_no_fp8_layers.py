@@ -1,49 +1,39 @@
-"""A recipe that converts no layer is refused, naming the shape rule and the layers,
-instead of training in bf16 under the recipe's name."""
+"""Every layer of the lab's models runs in FP8 whatever its width: the emulation takes any
+shape and the CUDA route pads to its kernels' multiples, so a width such as 72 or the
+digits classifier's 10-way head no longer leaves layers in high precision."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
+import torch
 from torch import nn
 
-from fp8train.lab.cli import main
-from fp8train.lab.train import require_fp8_layers
+import fp8train
+from fp8train.lab.config import FP8_RECIPES
+from fp8train.lab.gpt import GPT
+from fp8train.lab.train import apply_precision
 
 
-def test_recipe_that_converts_no_layer_is_refused(
-    text_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "run"
-    # 72 is not a multiple of 16: every GEMM of the GPT has a 72-wide side.
-    args = ["train", "--precision", "tensorwise", "--d-model", "72", "--heads", "4"]
-    code = main([*args, "--preset", "tiny", "--data", str(text_dir), "--out", str(out), "--quiet"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("fp8train: error: precision tensorwise would run no FP8")
-    # The rule each layer broke (fp8train.Recipe.unsupported_reason) and which layers.
-    assert "in_features=72, out_features=216 are not both multiples of 16" in err
-    for layer in ("blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc", "head"):
-        assert layer in err
-    assert not out.exists()  # refused before any run started
+def _linears(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
 
 
-def test_compare_refuses_before_training_any_precision(
-    text_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = tmp_path / "run"
-    args = ["compare", "--precisions", "bf16,rowwise", "--d-model", "72", "--heads", "4"]
-    code = main([*args, "--preset", "tiny", "--data", str(text_dir), "--out", str(out), "--quiet"])
-    assert code == 2
-    assert "precision rowwise would run no FP8" in capsys.readouterr().err
-    assert not (out / "checkpoints").exists()  # bf16 did not train first
+def test_gpt_of_width_72_converts_every_linear() -> None:
+    # 72 is not a multiple of 16: before padding, no GEMM of this GPT could run in FP8.
+    model = GPT(seq=16, d_model=72, layers=2, heads=4)
+    apply_precision(model, "tensorwise")
+    linears = _linears(model)
+    assert linears and all(isinstance(m, fp8train.Fp8Linear) for m in linears)
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(idx)
+    logits.float().sum().backward()
+    assert all(m.weight.grad is not None for m in linears)
 
 
-def test_partly_converted_model_is_accepted() -> None:
-    # digits: Linear(64, 128) converts, the 10-class head cannot (10 % 16): a partial
-    # conversion is a legitimate run, reported as FP8 linears 1/2.
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
-    require_fp8_layers(model, "tensorwise")  # no error
-    require_fp8_layers(nn.Sequential(nn.Linear(64, 10)), "bf16")  # not a recipe: no check
+def test_digits_classifier_runs_both_layers_in_fp8() -> None:
+    # The digits task's 64 -> 128 -> 10 MLP: the 10-way head is FP8 too, every recipe.
+    for precision in FP8_RECIPES:
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+        apply_precision(model, precision)
+        assert all(isinstance(m, fp8train.Fp8Linear) for m in _linears(model)), precision
+        model(torch.randn(8, 64)).sum().backward()

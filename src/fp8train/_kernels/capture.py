@@ -131,14 +131,26 @@ def _guard_check(shape_env: Any, fakes: list[Any]) -> Callable[[list[torch.Tenso
     """What tracing and compiling assumed of the row counts (e.g. whole 32-row MX
     blocks), as a check on concrete inputs (dynamo's guards, evaluated here since
     nothing else does); None if they assumed nothing."""
-    from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+    from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP, is_concrete_int
 
+    # A row count that tracing or compiling specialised (padding a 10-row tensor to one
+    # 32-row block, say) is a constant now, and the guard expression says nothing of it:
+    # the graph holds for that count only.
+    fixed = {
+        i: int(f.shape[0])
+        for i, f in enumerate(fakes)
+        if f.dim() >= 2 and is_concrete_int(f.shape[0]) and int(f.shape[0]) >= 2
+    }
     expression = shape_env.produce_guards_expression(fakes)
-    if expression is None:
+    if expression is None and not fixed:
         return None
-    code = compile(expression, "<fp8train guards>", "eval")
+    code = None if expression is None else compile(expression, "<fp8train guards>", "eval")
 
     def holds(tensors: list[torch.Tensor]) -> bool:
+        if any(tensors[i].shape[0] != rows for i, rows in fixed.items()):
+            return False
+        if code is None:
+            return True
         return bool(eval(code, SYMPY_INTERP, {"L": {f"t{i}": t for i, t in enumerate(tensors)}}))
 
     return holds
