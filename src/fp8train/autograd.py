@@ -22,7 +22,8 @@ square tiles) and the forward's quantisation is reused as is:
   value re-scaled by a power of two is again an FP8 value unless it drops into the
   subnormal range of the new scale (it then loses low mantissa bits) or, for MX's floor
   rule, saturates. So the weight gradient sees the input rounded twice in those corners;
-  ``save_fp8_activations=False`` saves the input in the compute dtype and avoids it.
+  ``save_fp8_activations=False`` saves the input in high precision (what
+  ``Recipe.quantize_from`` names) and avoids it.
 
 A non-finite operand (NaN/inf: a bad input, or a loss-scale overflow in ``dy``) never
 produces a scale and never enters an amax history: the GEMM that reads it runs in high
@@ -490,18 +491,27 @@ class _Fp8Linear(torch.autograd.Function):
         keep_w = _reusable_transposed(recipe.weight) and recipe.fp8_dgrad
         with autocast_off(x.device.type):
             x2d = x.reshape(-1, in_shape[-1])  # (M, K)
+            # What x is quantised from (Recipe.quantize_from): as it arrives, or rounded
+            # to the compute dtype first.
+            x_q = x2d if recipe.quantize_from == "input" else x2d.to(out_dtype)
             replay = None
             if state.histories and _in_backward():
                 # Perhaps a checkpoint's recompute (LayerState: how it is recognised).
-                replay = state.replayed_scales(weight, kernels.amax(x2d, recipe.input))
+                replay = state.replayed_scales(weight, kernels.amax(x_q, recipe.input))
             step = _Step(state, kernels, replay)
             work = _work_dtype(out_dtype, x.device, recipe.input, recipe.weight)
 
             # output = x . W^T : (M, K) @ (K, N) -> (M, N); both contract K, the bias is
             # added before the output's rounding
-            qx = step.quantize(x2d, recipe.input, "input", work, keep_payload=keep_x)
-            qw = step.quantize(weight, recipe.weight, "weight", work, keep_payload=keep_w)
-            if qx is not None and qw is not None:
+            # fp8_fprop=False (an ablation): the output GEMM runs in the compute dtype; x
+            # and W are still quantised here when backward keeps their FP8 copies.
+            fprop = recipe.fp8_fprop
+            qx = qw = None
+            if fprop or keep_x:
+                qx = step.quantize(x_q, recipe.input, "input", work, keep_payload=keep_x)
+            if fprop or keep_w:
+                qw = step.quantize(weight, recipe.weight, "weight", work, keep_payload=keep_w)
+            if fprop and qx is not None and qw is not None:
                 y = scaled_mm(qx, qw.t(), bias=bias, out_dtype=out_dtype)
             else:
                 y = torch.nn.functional.linear(
@@ -518,13 +528,14 @@ class _Fp8Linear(torch.autograd.Function):
 
         # After a NaN/inf in x or W (reported above) backward runs both GEMMs in high
         # precision: no FP8 copy is saved, and x and W are not checked a second time.
-        fp8_forward = qx is not None and qw is not None
-        # What backward needs of x: its FP8 payload (1 byte/element) or the compute-dtype copy.
+        fp8_forward = step.finite
+        # What backward needs of x: its FP8 payload (1 byte/element), else the tensor it
+        # quantises again (x_q) for an FP8 grad_weight, or the compute-dtype copy.
         fp8_saved = keep_x and fp8_forward
         if qx is not None and fp8_saved:
             x_saved, x_scale = qx.data, qx.scale
         else:
-            x_saved, x_scale = x2d.to(out_dtype), None
+            x_saved, x_scale = (x_q if recipe.fp8_wgrad else x2d.to(out_dtype)), None
         # The weight: reuse its FP8 copy when the grad_input GEMM can, else keep only the
         # master weight (a Parameter: saving it costs no memory) and re-quantise.
         w_fp8 = w_scale = None
@@ -608,10 +619,13 @@ class _Fp8Linear(torch.autograd.Function):
                         operand = kernels.payload_to_operand(x_saved, x_scale, recipe.input, work_w)
                         qx = ScaledTensor(x_saved, x_scale, recipe.input, gdtype, operand)
                     elif ctx.fp8_forward:
-                        # Re-quantised along M from what the forward saved.
-                        x_hp = _saved_input(ctx, x_saved, x_scale, gdtype)
+                        # Re-quantised along M from what the forward saved: its FP8 copy
+                        # dequantised to the gradient dtype, or x_q itself.
+                        x_q = x_saved
+                        if ctx.fp8_saved:
+                            x_q = _saved_input(ctx, x_saved, x_scale, gdtype)
                         qx = step.quantize(
-                            x_hp, recipe.input.transposed(), "input.t", work_w, keep_payload=False
+                            x_q, recipe.input.transposed(), "input.t", work_w, keep_payload=False
                         )
                 if qdy_t is not None and qx is not None:
                     dw = scaled_mm(qdy_t.t(), qx, out_dtype=gdtype)

@@ -49,11 +49,22 @@ class Recipe:
     grad_input GEMM sees it. ``scaling``: ``"current"`` derives each scale from the
     tensor being cast; ``"delayed"`` from an amax history of ``history_len`` steps
     reduced with ``history_algo`` (tensorwise specs only, as in Transformer Engine).
-    ``fp8_dgrad``/``fp8_wgrad``: run that backward GEMM in FP8 (else in the compute
-    dtype on unquantised operands). ``save_fp8_activations``: keep the layer input for
-    backward as its FP8 payload (1 byte/element) instead of in the compute dtype.
-    ``min_multiple``: in/out features must be multiples of this (FP8 tensor-core GEMMs
-    need 16; MX needs 32 along K) or the layer is left in high precision by ``convert``.
+    ``fp8_fprop``/``fp8_dgrad``/``fp8_wgrad``: run that GEMM (output, grad_input,
+    grad_weight) in FP8, else in the compute dtype on unquantised operands (ablations:
+    which GEMM costs the loss). ``save_fp8_activations``: keep the layer input for
+    backward as its FP8 payload (1 byte/element) instead of in high precision (the
+    tensor ``quantize_from`` names; the compute dtype when the grad_weight GEMM runs in
+    high precision).
+    ``quantize_from``: what the input is quantised from when it arrives in another dtype
+    than the compute dtype (fp32 LayerNorm outputs under bf16 autocast):
+
+    * ``"input"``: x as it arrives, in its own dtype (one rounding, to FP8);
+    * ``"compute_dtype"``: x first rounded to the compute dtype (two roundings, as a
+      layer whose input was already bf16 would see it).
+    ``min_multiple``: in/out features must be multiples of this or ``convert`` leaves
+    the layer in high precision. 1 (every shape) by default: the emulation takes any
+    shape, and the CUDA route pads operands to the multiples its kernels need (16, or
+    the block size along K). Not part of the numerics (``canonical`` leaves it out).
     """
 
     name: str
@@ -66,7 +77,9 @@ class Recipe:
     fp8_dgrad: bool = True
     fp8_wgrad: bool = True
     save_fp8_activations: bool = True
-    min_multiple: int = 16
+    fp8_fprop: bool = True
+    quantize_from: Literal["input", "compute_dtype"] = "input"
+    min_multiple: int = field(default=1, compare=False)
     description: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
@@ -115,6 +128,23 @@ class Recipe:
             raise ValueError(f"recipe {self.name!r}: block scaling must be used for every operand")
         if self.min_multiple < 1:
             raise ValueError(f"recipe {self.name!r}: min_multiple must be >= 1")
+        for flag in ("fp8_fprop", "fp8_dgrad", "fp8_wgrad", "save_fp8_activations"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(
+                    f"recipe {self.name!r}: {flag} must be a bool, got "
+                    f"{getattr(self, flag)!r}; pass True or False"
+                )
+        if self.quantize_from not in ("input", "compute_dtype"):
+            raise ValueError(
+                f"recipe {self.name!r}: quantize_from must be 'input' or 'compute_dtype', "
+                f"got {self.quantize_from!r}"
+            )
+        if not self.fp8_fprop and self.scaling == "delayed":
+            raise ValueError(
+                f"recipe {self.name!r}: fp8_fprop=False needs current scaling: delayed "
+                "histories record the forward's input and weight amaxes, which a "
+                "high-precision output GEMM does not take; use scaling='current'"
+            )
 
     @classmethod
     def from_name(cls, name: str | RecipeName | Recipe) -> Recipe:
@@ -137,8 +167,17 @@ class Recipe:
     def canonical(self) -> dict[str, str]:
         """Every field that changes the numerics (all but ``description``), name -> repr:
         two recipes behave the same exactly when these are equal. Recipe state is saved
-        with it, so a same-named variant (``dataclasses.replace``) is told apart."""
-        return {f.name: repr(getattr(self, f.name)) for f in fields(self) if f.compare}
+        with it, so a same-named variant (``dataclasses.replace``) is told apart.
+
+        Fields added after recipe states were first saved (``_LATER_FIELDS``) appear
+        only when they differ from their default, which is the behaviour of the versions
+        before them: a state saved before a field existed still matches the recipe it
+        was saved with, and one saved under a non-default value is still told apart."""
+        return {
+            f.name: repr(getattr(self, f.name))
+            for f in fields(self)
+            if f.compare and not (f.name in _LATER_FIELDS and getattr(self, f.name) == f.default)
+        }
 
     def unsupported_reason(self, in_features: int, out_features: int) -> str | None:
         """Why a Linear of this shape cannot run this recipe, or None if it can."""
@@ -154,6 +193,7 @@ class Recipe:
         """The three GEMMs with each operand's format and granularity, one per line."""
         x, w, dy = self.input, self.weight, self.grad_output
         hp = "compute dtype (high precision)"
+        fprop = f"{x.describe()} . {w.describe()}^T" if self.fp8_fprop else hp
         dgrad = f"{dy.describe()} . {w.transposed().describe()}" if self.fp8_dgrad else hp
         wgrad = (
             f"{dy.transposed().describe()}^T . {x.transposed().describe()}"
@@ -161,10 +201,15 @@ class Recipe:
             else hp
         )
         return (
-            f"output      = x.W^T : {x.describe()} . {w.describe()}^T\n"
+            f"output      = x.W^T : {fprop}\n"
             f"grad_input  = dy.W  : {dgrad}\n"
             f"grad_weight = dy^T.x: {wgrad}"
         )
+
+
+# Numerics fields added after recipe states were first saved, with the default that
+# reproduces the earlier behaviour (Recipe.canonical leaves them out at that default).
+_LATER_FIELDS = ("fp8_fprop", "quantize_from")
 
 
 def _spec(fmt=E4M3, g: Granularity = G.TENSOR, **kw: object) -> ScaleSpec:  # type: ignore[no-untyped-def]
@@ -232,7 +277,6 @@ _RECIPES: dict[RecipeName, Recipe] = {
         input=_spec(E4M3, G.MX, block=(1, 32)),
         weight=_spec(E4M3, G.MX, block=(1, 32)),
         grad_output=_spec(E4M3, G.MX, block=(1, 32)),
-        min_multiple=32,
         description="OCP MXFP8: 1x32 blocks along K with E8M0 scales (floor rule), E4M3",
     ),
     # int8:

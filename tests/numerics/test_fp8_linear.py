@@ -199,8 +199,8 @@ def _reference(
         qx_w = qx
     elif fp8_saved:
         qx_w = quantize(qx.dequantize(gdtype), recipe.input.transposed())
-    else:  # saved in the compute dtype
-        qx_w = quantize(x2d.to(out_dtype).to(gdtype), recipe.input.transposed())
+    else:  # saved as the forward quantised it (quantize_from="input": x as it arrived)
+        qx_w = quantize(x2d, recipe.input.transposed())
     gt, xw = _deq(qdy_w).t(), _deq(qx_w)  # (N, M), (M, K)
     dw = gt @ xw
     dw_bound = _gemm_bound(gt, xw, gdtype, dw)
@@ -564,19 +564,21 @@ def test_fp8_activations_save_one_byte_per_input_element(name: str, data: Data) 
     hp_bytes, hp_saved = _saved_bytes(
         Fp8Linear.from_linear(lin, replace(recipe, save_fp8_activations=False), "l"), data.x
     )
-    assert ((M, K), torch.bfloat16) in hp_saved, hp_saved
+    # Saved as the forward quantised it (quantize_from="input"): x in its own dtype.
+    assert ((M, K), data.x.dtype) in hp_saved, hp_saved
     assert fp8_bytes < ref_bytes, f"FP8 layer saves {fp8_bytes} B, nn.Linear {ref_bytes} B"
     assert hp_bytes > fp8_bytes, f"save_fp8_activations=False saves {hp_bytes} B vs {fp8_bytes} B"
-    # Exactly the input's second byte per element, less its scale grid (fp32), which
+    # Exactly the input's other bytes per element, less its scale grid (fp32), which
     # only the FP8 copy needs.
     x_scale_bytes = 4 * fp8train.scaling.compute_amax(data.x.reshape(M, K), recipe.input).numel()
-    assert hp_bytes - fp8_bytes == M * K - x_scale_bytes
+    extra = (data.x.element_size() - 1) * M * K
+    assert hp_bytes - fp8_bytes == extra - x_scale_bytes
 
 
 # The variants run under bf16 autocast only: there the compute dtype differs from the
 # input's, which is the case they exist for; fp32 adds nothing (a) does not cover.
 @pytest.mark.parametrize("name", RECIPE_NAMES)
-def test_save_fp8_activations_false_requantises_the_compute_dtype_input(
+def test_save_fp8_activations_false_requantises_the_input_as_quantised(
     name: str, data: Data
 ) -> None:
     mode, out_dtype = "bf16_autocast", torch.bfloat16
