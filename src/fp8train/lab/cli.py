@@ -27,6 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NoReturn
 
+from fp8train.lab import plan as plan_cli
 from fp8train.lab.config import (
     PRECISIONS,
     TASKS,
@@ -210,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="write PNGs: representable values, rounding error vs magnitude, and real "
         "tensors against each format's range",
     )
+    plan_cli.add_parser(commands, _HelpFormatter)
+    plan_cli.add_compare_option(compare)
     return parser
 
 
@@ -362,9 +365,11 @@ def _leave_process_group() -> None:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command is None:
-        raise LabError("choose a command: compare, train or formats (see fp8train --help)")
+        raise LabError("choose a command: compare, train, formats or plan (see fp8train --help)")
     if args.command == "formats":
         return _formats(args)
+    if args.command == "plan":
+        return plan_cli.run(args)
     overrides = _overrides(args)
     if args.stop_at is not None and args.stop_at < 1:
         raise LabError(f"--stop-at must be >= 1, got {args.stop_at}")
@@ -378,6 +383,7 @@ def _run(args: argparse.Namespace) -> int:
         if out is not None:
             check_out_dir(out)
     _require_torchrun(config, args.command)
+    plan_cli.check_gpu(getattr(args, "plan_gpu", None))
 
     from fp8train.lab.compare import run_all  # torch is imported only from here on
 
@@ -421,6 +427,8 @@ def _run(args: argparse.Namespace) -> int:
         loss = run["final_val_loss"]
         shown = "diverged" if loss is None else f"{loss:.4f}"
         print(f"{precision:>10}  val loss {shown}  {run['verdict']}")
+    if getattr(args, "plan_gpu", None):
+        plan_cli.append_to_report(out, config, args.plan_gpu)
     print(f"wrote {out / 'results.json'}, {out / 'loss_curves.png'}, {out / 'report.md'}")
     return 0
 

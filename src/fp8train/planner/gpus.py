@@ -27,6 +27,7 @@ __all__ = [
     "GPUS",
     "HBM_EFFICIENCY",
     "KERNEL_OVERHEAD_US",
+    "SPLIT_K_MIN",
     "TILE",
     "Gpu",
     "gemm_efficiency_curve",
@@ -49,6 +50,11 @@ KERNEL_OVERHEAD_US = 4.0
 # cuBLAS and CUTLASS pick for large bf16/FP8 GEMMs on Hopper and CDNA3 (NVIDIA "Matrix
 # Multiplication Background User's Guide", section on wave quantisation).
 TILE = 128
+
+# Shortest contraction chunk a split-K GEMM gives one SM: below ~1024 elements of K
+# the partial-sum reduction costs more than the parallelism gains (CUTLASS split-K
+# examples use slices of 1-4K; an assumption, docs/planner.md).
+SPLIT_K_MIN = 1024
 
 
 @dataclass(frozen=True)
@@ -285,13 +291,17 @@ def get_gpu(gpu: str | Gpu) -> Gpu:
     return GPUS[key]
 
 
-def gemm_efficiency_curve(gpu: Gpu, rows: int, cols: int) -> float:
-    """Share of the large-GEMM throughput a GEMM with a ``rows x cols`` output reaches
-    from wave quantisation: its ``TILE x TILE`` output tiles run in waves of ``gpu.sms``
-    and the last wave runs partly idle (NVIDIA "Matrix Multiplication Background User's
-    Guide"). 1.0 for a whole number of full waves; small outputs that fill a fraction of
-    one wave get that fraction. The fixed per-kernel time is added separately
+def gemm_efficiency_curve(gpu: Gpu, rows: int, cols: int, inner: int) -> float:
+    """Share of the large-GEMM throughput a GEMM with a ``rows x cols`` output and
+    contraction ``inner`` reaches from wave quantisation: its ``TILE x TILE`` output
+    tiles run in waves of ``gpu.sms`` and the last wave runs partly idle (NVIDIA "Matrix
+    Multiplication Background User's Guide"). An output too small to fill the GPU is
+    split along the contraction (split-K, as cuBLAS's heuristics do) into chunks of at
+    least :data:`SPLIT_K_MIN` elements, up to one tile per SM. 1.0 for a whole number of
+    full waves. The fixed per-kernel time is added separately
     (:data:`KERNEL_OVERHEAD_US`)."""
     tiles = math.ceil(rows / TILE) * math.ceil(cols / TILE)
+    if tiles < gpu.sms:
+        tiles *= max(1, min(gpu.sms // tiles, inner // SPLIT_K_MIN))
     waves = math.ceil(tiles / gpu.sms)
     return tiles / (waves * gpu.sms)

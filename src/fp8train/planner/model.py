@@ -16,7 +16,6 @@ they read and write (:func:`quant_passes` lists them per recipe). bf16 has none.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from fp8train.planner.gpus import (
@@ -68,24 +67,34 @@ def _scale_bytes(recipe: Recipe) -> float:
     return 0.0
 
 
+def _fp8_gemms(recipe: Recipe) -> tuple[bool, bool, bool]:
+    """Which of (output, grad_input, grad_weight) run in FP8 under ``recipe``."""
+    fprop = bool(getattr(recipe, "fp8_fprop", True))  # a newer Recipe field
+    return fprop, recipe.fp8_dgrad, recipe.fp8_wgrad
+
+
 def quant_passes(recipe: Recipe | str, *, sharded_weight_world: int = 1) -> dict[str, list[Pass]]:
     """The passes this model assumes for each tensor (``"x"``, ``"W"``, ``"dy"``), as
     ``torch.compile`` fuses them: each tensor is read from bf16 and written once per
-    orientation its two GEMMs need.
+    orientation its FP8 GEMMs need (x: output along K, grad_weight along M; W: output
+    along K, grad_input along N; dy: grad_input along N, grad_weight along M). With
+    both orientations:
 
     * ``delayed``: one fused cast-and-transpose (read 2, write 1 + 1 bytes per element);
       the amax for the history is reduced inside that kernel, so there is no amax pass.
     * ``tensorwise`` and ``int8`` (current scaling): an amax pass (read 2), then the
       same fused cast-and-transpose: the scale must be known before the first element
       is cast.
-    * ``rowwise`` and ``int8_rowwise``: the cast along K computes each row's amax in
-      the same kernel (a row is local to a thread block): read 2, write 1. The other
-      orientation needs one scale per *column*, a reduction over every row: an amax
-      pass (read 2) and a second cast (read 2, write 1).
+    * ``rowwise`` and ``int8_rowwise``: the cast along the first orientation computes
+      each row's amax in the same kernel (a row is local to a thread block): read 2,
+      write 1. The other orientation needs one scale per *column*, a reduction over
+      every row: an amax pass (read 2) and a second cast (read 2, write 1).
     * ``blockwise`` and ``mxfp8``: every block's amax is local, so one kernel reads the
       tensor once and writes both orientations with their scale grids (read 2, write
       1 + 1 plus the scales).
 
+    A tensor whose GEMMs run in high precision (``fp8_dgrad=False`` ...) loses that
+    orientation's write (rowwise: that orientation's passes); with neither, no pass.
     ``sharded_weight_world > 1``: the weight is cast on its FSDP shard before an FP8
     all-gather (recipes whose weight scales survive transposition), so its passes
     read and write ``1 / world`` of the tensor; the gathered FP8 weight is then
@@ -94,23 +103,28 @@ def quant_passes(recipe: Recipe | str, *, sharded_weight_world: int = 1) -> dict
     recipe = Recipe.from_name(recipe)
     g = _granularity(recipe)
     s = _scale_bytes(recipe)
-    if recipe.scaling == "delayed":
-        per_tensor = [Pass("cast+transpose (amax fused)", 2, 2)]
-    elif g == "tensor":
-        per_tensor = [Pass("amax", 2, 0), Pass("cast+transpose", 2, 2)]
-    elif g == "row":
-        per_tensor = [
-            Pass("cast along K (row amax fused)", 2, 1),
-            Pass("column amax", 2, 0),
-            Pass("cast along the other axis", 2, 1),
-        ]
-    else:  # block, mx
-        per_tensor = [Pass("cast both orientations (block amax fused)", 2, 2 + 2 * s)]
-    passes = {"x": list(per_tensor), "W": list(per_tensor), "dy": list(per_tensor)}
-    if sharded_weight_world > 1:
+    fprop, dgrad, wgrad = _fp8_gemms(recipe)
+    # (first orientation, second orientation) needed in FP8, per tensor
+    needs = {"x": (fprop, wgrad), "W": (fprop, dgrad), "dy": (dgrad, wgrad)}
+    passes: dict[str, list[Pass]] = {}
+    for tensor, (first, second) in needs.items():
+        copies = int(first) + int(second)
+        if copies == 0:
+            passes[tensor] = []
+        elif recipe.scaling == "delayed":
+            passes[tensor] = [Pass("cast (+transpose), amax fused", 2, copies)]
+        elif g == "tensor":
+            passes[tensor] = [Pass("amax", 2, 0), Pass("cast (+transpose)", 2, copies)]
+        elif g == "row":
+            passes[tensor] = [Pass("cast, row amax fused", 2, 1)] if first else []
+            if second:
+                passes[tensor] += [Pass("column amax", 2, 0), Pass("cast along columns", 2, 1)]
+        else:  # block, mx
+            passes[tensor] = [Pass("cast, block amaxes fused", 2, copies * (1 + s))]
+    if sharded_weight_world > 1 and passes["W"]:
         w = sharded_weight_world
         passes["W"] = [
-            Pass(f"{p.what} on the 1/{w} shard", p.read / w, p.write / w) for p in per_tensor
+            Pass(f"{p.what} on the 1/{w} shard", p.read / w, p.write / w) for p in passes["W"]
         ] + [Pass("transpose the gathered FP8 weight", 1, 1)]
     return passes
 
@@ -137,7 +151,7 @@ def gemm_ms(
         gpu.peak_tflops(dtype)
         * 1e12
         * gpu.gemm_efficiency[dtype]
-        * gemm_efficiency_curve(gpu, rows, cols)
+        * gemm_efficiency_curve(gpu, rows, cols, inner)
         * scaling
     )
     moved = (rows * inner + cols * inner) * operand_bytes + rows * cols * _HP_BYTES
@@ -222,7 +236,9 @@ def plan_linear(
         return LinearPlan(m, k, n, g.name, r.name, bf16, bf16, 0.0, False, reason)
     fp8 = sum(
         gemm_ms(*s, gpu=g, dtype=dtype, operand_bytes=1 + _scale_bytes(r), scaling=factor)
-        for s in shapes
+        if in_fp8
+        else gemm_ms(*s, gpu=g, dtype="bf16", operand_bytes=_HP_BYTES)
+        for s, in_fp8 in zip(shapes, _fp8_gemms(r), strict=True)
     )
     passes = quant_passes(r, sharded_weight_world=sharded_weight_world)
     quant = (
@@ -231,8 +247,3 @@ def plan_linear(
         + _pass_ms(passes["dy"], m * n, g)
     )
     return LinearPlan(m, k, n, g.name, r.name, bf16, fp8, quant)
-
-
-def fmt_speedup(x: float) -> str:
-    """``1.23x``; ``-`` for NaN."""
-    return "-" if math.isnan(x) else f"{x:.2f}x"
