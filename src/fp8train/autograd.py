@@ -204,6 +204,11 @@ class LayerState:
         self.amax_jump_count = 0
         self.amax_jumps: deque[AmaxJump] = deque(maxlen=_JUMP_EVENTS_KEPT)
 
+    def gemm_label(self, gemm: str) -> str:
+        """How log lines name one of this layer's GEMMs ("output", "grad_input",
+        "grad_weight")."""
+        return f"layer {self.name!r} {gemm} GEMM"
+
     def remember_scales(
         self, weight: torch.Tensor, input_amax: torch.Tensor, scales: dict[str, torch.Tensor]
     ) -> None:
@@ -512,7 +517,9 @@ class _Fp8Linear(torch.autograd.Function):
             if fprop or keep_w:
                 qw = step.quantize(weight, recipe.weight, "weight", work, keep_payload=keep_w)
             if fprop and qx is not None and qw is not None:
-                y = scaled_mm(qx, qw.t(), bias=bias, out_dtype=out_dtype)
+                y = scaled_mm(
+                    qx, qw.t(), bias=bias, out_dtype=out_dtype, label=state.gemm_label("output")
+                )
             else:
                 y = torch.nn.functional.linear(
                     x2d.to(out_dtype),
@@ -591,7 +598,7 @@ class _Fp8Linear(torch.autograd.Function):
                         weight, recipe.weight.transposed(), "weight.t", work_d, keep_payload=False
                     )
                 if qdy is not None and qw is not None:
-                    dx = scaled_mm(qdy, qw, out_dtype=gdtype)
+                    dx = scaled_mm(qdy, qw, out_dtype=gdtype, label=state.gemm_label("grad_input"))
                 else:
                     dx = dy2d @ weight.to(gdtype)
                 dx = dx.reshape(ctx.in_shape).to(ctx.x_dtype)
@@ -628,7 +635,9 @@ class _Fp8Linear(torch.autograd.Function):
                             x_q, recipe.input.transposed(), "input.t", work_w, keep_payload=False
                         )
                 if qdy_t is not None and qx is not None:
-                    dw = scaled_mm(qdy_t.t(), qx, out_dtype=gdtype)
+                    dw = scaled_mm(
+                        qdy_t.t(), qx, out_dtype=gdtype, label=state.gemm_label("grad_weight")
+                    )
                 else:
                     if x_hp is None:
                         x_hp = _saved_input(ctx, x_saved, x_scale, gdtype)

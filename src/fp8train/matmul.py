@@ -23,19 +23,24 @@ Two backends compute the same arithmetic:
   order can differ, and on such a CPU it is what ``torch._scaled_mm`` computes, bit
   for bit.
 
-``"auto"`` takes ``torch._scaled_mm`` on CUDA where the layout allows, and the emulation
-on CPU, where it measured faster (benchmarks/linear.py).
+``"auto"`` takes the CUDA route (:mod:`fp8train.cuda_gemm`: ``torch.nn.functional.scaled_mm``
+where the GPU's compute capability has the operands' scaling, operands padded to the
+kernel's multiples) and the emulation elsewhere: on CPU, where it measured faster
+(benchmarks/linear.py), and for GEMMs the GPU cannot take, with one log line per label
+and reason.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import platform
 from typing import Literal
 
 import torch
 
+from fp8train import cuda_gemm
 from fp8train.formats import E2M1, E4M3, E5M2, INT8
 from fp8train.scaling import Granularity, ScaleSpec
 from fp8train.tensor import ScaledTensor
@@ -43,6 +48,8 @@ from fp8train.tensor import ScaledTensor
 __all__ = ["Backend", "bf16_gemm_is_native", "check_pair", "gemm_dtype", "scaled_mm"]
 
 Backend = Literal["auto", "scaled_mm", "emulate"]
+
+log = logging.getLogger("fp8train")
 
 _FP8 = (E4M3, E5M2)
 _OUT_DTYPES = (torch.bfloat16, torch.float32, torch.float16)
@@ -175,12 +182,19 @@ def scaled_mm(
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
     backend: Backend = "auto",
+    label: str = "scaled_mm",
 ) -> torch.Tensor:
     """``a (M, K) @ b (K, N) [+ bias (N,)] -> (M, N)`` in ``out_dtype``, fp32 accumulation.
 
     ``bias`` is added in the GEMM epilogue, before the single rounding to ``out_dtype``
     (as ``torch._scaled_mm`` does), which is also what inductor fuses ``mm + bias`` into:
     one code path gives the same bits eager and compiled.
+
+    ``backend``: ``"auto"`` (the CUDA route on a GPU, where it takes the operands, else
+    the emulation), ``"emulate"``, or ``"scaled_mm"`` (torch's scaled GEMM on the
+    operands' device, ValueError where it cannot take them). ``label`` names the GEMM
+    in the log line that says why a GPU GEMM takes the emulation (once per label and
+    reason).
 
     Not promised: bitwise equality across backends (summation order may differ; the
     tests bound the difference at fp32-accumulation level).
@@ -195,19 +209,35 @@ def scaled_mm(
         )
     if backend not in ("auto", "scaled_mm", "emulate"):
         raise ValueError(f"backend must be 'auto', 'scaled_mm' or 'emulate', got {backend!r}")
-    use_torch = backend == "scaled_mm" or (
-        backend == "auto" and a.device.type == "cuda" and _supports_scaled_mm(a, b)
-    )
-    if use_torch and not _supports_scaled_mm(a, b):
-        raise ValueError(
-            "torch._scaled_mm takes FP8 operands with tensorwise x tensorwise or rowwise "
-            f"x rowwise scales; got {a!r} and {b!r}; use backend='emulate'"
-        )
     # Autocast would silently turn the fp32 GEMMs into bf16 ones.
     with autocast_off(a.device.type):
-        if use_torch:
+        if a.device.type == "cuda" and backend != "emulate":
+            chosen = cuda_gemm.route(
+                a.spec, b.spec, out_dtype, cuda_gemm.device_capability(a.device)
+            )
+            if chosen.hardware:
+                return cuda_gemm.hardware_mm(a, b, bias, out_dtype, chosen)
+            if backend == "scaled_mm":
+                raise ValueError(f"{label}: no scaled GEMM on {a.device} takes it: {chosen.reason}")
+            _announce_emulation(label, a.device, chosen.reason)
+        elif backend == "scaled_mm":
+            if not _supports_scaled_mm(a, b):
+                raise ValueError(
+                    "torch._scaled_mm takes FP8 operands with tensorwise x tensorwise or "
+                    f"rowwise x rowwise scales; got {a!r} and {b!r}; use backend='emulate'"
+                )
             return _torch_scaled_mm(a, b, bias, out_dtype)
         return _emulated_mm(a, b, bias, out_dtype)
+
+
+# (label, reason) pairs already logged: one line per layer GEMM and cause, not per step.
+_announced: set[tuple[str, str]] = set()
+
+
+def _announce_emulation(label: str, device: torch.device, reason: str) -> None:
+    if (label, reason) not in _announced:
+        _announced.add((label, reason))
+        log.warning("fp8train: %s takes the emulation on %s: %s", label, device, reason)
 
 
 def _torch_scaled_mm(
