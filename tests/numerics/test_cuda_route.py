@@ -18,6 +18,7 @@ with ``fp8train.autograd.scaled_mm`` wrapped to record its operands.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -356,3 +357,46 @@ def test_padding_keeps_the_product_on_the_cpu_kernel() -> None:
         ref = fp8train.scaled_mm(qa, qb, bias=bias, out_dtype=torch.bfloat16, backend="emulate")
         assert out.shape == (50, 10)
         torch.testing.assert_close(out.float(), ref.float(), rtol=2**-7, atol=1e-2)
+
+
+# ------------------------------------------------------------ on a real GPU, if any
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", RECIPE_NAMES)
+def test_on_the_gpu_the_layer_matches_the_emulation(name: str) -> None:
+    """The same layer, weights and input on the GPU's route and on the emulation: the
+    products are exact either way, so only the fp32 summation order (and, for a bias
+    added after the GEMM, one rounding) can differ: bf16 outputs agree to a few ulps."""
+    device = torch.device("cuda")
+    cap = cuda_gemm.device_capability(device)
+    torch.manual_seed(0)
+    results = {}
+    for backend in ("auto", "emulate"):
+        layer = fp8train.Fp8Linear(200, 72, recipe=name, kernels="eager", device=device)
+        torch.manual_seed(1)
+        with torch.no_grad():
+            layer.weight.copy_(torch.randn(72, 200, device=device) * 0.05)
+            assert layer.bias is not None
+            layer.bias.copy_(torch.randn(72, device=device))
+        x = torch.randn(3, 100, 200, device=device, requires_grad=True)
+        chosen = functools.partial(fp8train.matmul.scaled_mm, backend=backend)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(fp8_autograd, "scaled_mm", chosen)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = layer(x)
+            y.float().square().sum().backward()
+        assert x.grad is not None and layer.weight.grad is not None
+        results[backend] = (y.float(), x.grad, layer.weight.grad)
+    recipe = Recipe.from_name(name)
+    on_hardware = any(
+        cuda_gemm.route(a, b, torch.bfloat16, cap).hardware
+        for a, b in cuda_gemm.gemm_specs(recipe).values()
+    )
+    for got, want in zip(results["auto"], results["emulate"], strict=True):
+        torch.testing.assert_close(got, want, rtol=2**-6, atol=2**-6)
+    if not on_hardware:
+        for got, want in zip(results["auto"], results["emulate"], strict=True):
+            assert torch.equal(got, want), "both took the emulation"
