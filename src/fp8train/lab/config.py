@@ -8,24 +8,35 @@ can always be read back together with what produced it.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
+from fp8train.formats import E4M3, E5M2
+from fp8train.recipes import Recipe
+
 __all__ = [
+    "ABLATIONS",
+    "ABLATION_SEPARATOR",
     "ACTIVATION_STORAGE_SUFFIX",
     "DIST_MODES",
     "FP8_RECIPES",
     "KNOWN_PRECISIONS",
+    "PEER_PRECISIONS",
     "PRECISIONS",
     "PRESETS",
     "REFERENCE_PRECISIONS",
     "TASKS",
     "LabConfig",
     "LabError",
+    "check_precision",
     "from_dict",
     "parse_precisions",
+    "peer_of",
+    "recipe_for",
     "recipe_of",
     "resolve",
+    "runs_fp8",
     "stores_fp8_activations",
 ]
 
@@ -41,6 +52,54 @@ PRECISIONS = REFERENCE_PRECISIONS + FP8_RECIPES
 # measure what COAT-style activation compression costs in loss. Not run by default.
 ACTIVATION_STORAGE_SUFFIX = "+fp8act"
 KNOWN_PRECISIONS = PRECISIONS + tuple(r + ACTIVATION_STORAGE_SUFFIX for r in FP8_RECIPES)
+# The peer: torchao's float8 training recipes (torchao.float8, emulated on the CPU), run
+# on the same model, batches and seeds as ours (fp8train.lab.peer). An optional extra,
+# pip install 'fp8train[peer]'; not run by default.
+PEER_PRECISIONS = ("torchao-tensorwise", "torchao-rowwise")
+# "<recipe>~<ablation>[~<ablation>...][+fp8act]": the recipe with options changed, to
+# find which one moves the loss (issue 33). Each ablation must change the recipe (a
+# no-op, e.g. "~e5m2-grads" on tensorwise, is refused) and they combine in any order.
+ABLATION_SEPARATOR = "~"
+
+
+def _all_specs(recipe: Recipe, **changes: Any) -> Recipe:
+    """The recipe with ``changes`` applied to the ScaleSpec of every operand."""
+    roles = ("input", "weight", "grad_output")
+    return replace(recipe, **{r: replace(getattr(recipe, r), **changes) for r in roles})
+
+
+def _grads(fmt: Any) -> Callable[[Recipe], Recipe]:
+    return lambda r: replace(r, grad_output=replace(r.grad_output, fmt=fmt))
+
+
+# name -> (what it changes, how). Every option is a field of fp8train.Recipe or ScaleSpec.
+ABLATIONS: dict[str, tuple[str, Callable[[Recipe], Recipe]]] = {
+    "nopow2": (
+        "scales max/amax as computed, not rounded down to a power of two",
+        lambda r: _all_specs(r, power_of_two=False),
+    ),
+    "pow2": ("scales rounded down to a power of two", lambda r: _all_specs(r, power_of_two=True)),
+    "hpsave": (
+        "the input saved for backward in high precision, not as its FP8 payload",
+        lambda r: replace(r, save_fp8_activations=False),
+    ),
+    "from-bf16": (
+        "an fp32 input (LayerNorm output) rounded to bf16 before its FP8 cast",
+        lambda r: replace(r, quantize_from="compute_dtype"),
+    ),
+    "from-input": (
+        "the input cast to FP8 from the dtype it arrives in (fp32 LayerNorm outputs)",
+        lambda r: replace(r, quantize_from="input"),
+    ),
+    "hp-fprop": (
+        "the output GEMM in bf16 (backward GEMMs as the recipe says)",
+        lambda r: replace(r, fp8_fprop=False),
+    ),
+    "hp-dgrad": ("the grad_input GEMM in bf16", lambda r: replace(r, fp8_dgrad=False)),
+    "hp-wgrad": ("the grad_weight GEMM in bf16", lambda r: replace(r, fp8_wgrad=False)),
+    "e4m3-grads": ("gradients (dy) in E4M3", _grads(E4M3)),
+    "e5m2-grads": ("gradients (dy) in E5M2", _grads(E5M2)),
+}
 TASKS = ("gpt", "digits")
 # --dist: None (one process), or a data-parallel mode of fp8train.distributed.
 DIST_MODES = (None, "ddp", "fsdp2")
@@ -134,6 +193,9 @@ class LabConfig:
     # (fp8train.distributed). The global batch stays ``batch``; each rank trains on its
     # ``batch / world size`` rows of it.
     dist: str | None = None
+    # Convert the output head (the last Linear) too. False keeps it in high precision in
+    # every FP8 precision, ours and the peer's (the d_model 256 runs of issue 33 did).
+    fp8_head: bool = True
     # FSDP2 only: all-gather FP8 weights instead of fp32 ones. None: for every recipe
     # whose weight scales allow it (tensorwise, delayed, blockwise, int8; the same
     # bits either way); True: required (an error for rowwise and mxfp8); False: never.
@@ -146,8 +208,7 @@ class LabConfig:
         if not self.precisions:
             raise LabError("no precisions given; known: " + ", ".join(PRECISIONS))
         for p in self.precisions:
-            if p not in KNOWN_PRECISIONS:
-                raise LabError(f"unknown precision {p!r}; known: {', '.join(KNOWN_PRECISIONS)}")
+            check_precision(p)
         if len(set(self.precisions)) != len(self.precisions):
             raise LabError(f"precision listed twice in {','.join(self.precisions)}")
         for name in ("steps", "seeds", "batch", "seq", "d_model", "layers", "heads"):
@@ -184,6 +245,8 @@ class LabConfig:
                 "--fp8-all-gather / --no-fp8-all-gather apply to --dist fsdp2 only "
                 "(DDP keeps full replicas and gathers no weights)"
             )
+        if not isinstance(self.fp8_head, bool):
+            raise LabError(f"fp8_head must be True or False, got {self.fp8_head!r}")
         if self.task == "gpt" and self.d_model % self.heads:
             raise LabError(f"--d-model ({self.d_model}) must be a multiple of heads ({self.heads})")
 
@@ -270,11 +333,77 @@ def parse_precisions(text: str) -> tuple[str, ...]:
     return names
 
 
+def _split(precision: str) -> tuple[str, list[str]]:
+    """``"tensorwise~nopow2~hpsave+fp8act"`` -> ``("tensorwise", ["nopow2", "hpsave"])``."""
+    base, *ablations = precision.removesuffix(ACTIVATION_STORAGE_SUFFIX).split(ABLATION_SEPARATOR)
+    return base, ablations
+
+
+def check_precision(precision: str) -> None:
+    """Raise ``LabError`` unless ``precision`` is one the lab runs: fp32, bf16, an FP8
+    recipe with ablations and ``+fp8act`` optional, or a peer precision."""
+    if precision in KNOWN_PRECISIONS or precision in PEER_PRECISIONS:
+        return
+    base, ablations = _split(precision)
+    if not ablations or base not in FP8_RECIPES:
+        raise LabError(
+            f"unknown precision {precision!r}; known: {', '.join(KNOWN_PRECISIONS)}; "
+            f"<recipe>{ABLATION_SEPARATOR}<ablation> with ablations {', '.join(ABLATIONS)} "
+            f"(combinable); the torchao peer: {', '.join(PEER_PRECISIONS)}"
+        )
+    recipe_for(precision)  # raises for an unknown, repeated or no-op ablation
+
+
+def recipe_for(precision: str) -> Recipe | None:
+    """The ``fp8train.Recipe`` a precision runs, ablations applied (each a
+    ``dataclasses.replace`` of the named recipe, keeping its name), or None for fp32,
+    bf16 and the peer. ``LabError`` for an ablation that is unknown, repeated, refused
+    by the recipe's validation or changes nothing."""
+    base, ablations = _split(precision)
+    if base not in FP8_RECIPES:
+        return None
+    recipe = Recipe.from_name(base)
+    for i, name in enumerate(ablations):
+        if name not in ABLATIONS:
+            raise LabError(
+                f"precision {precision!r}: unknown ablation {name!r}; known: {', '.join(ABLATIONS)}"
+            )
+        if name in ablations[:i]:
+            raise LabError(f"precision {precision!r}: ablation {name!r} given twice")
+        try:
+            changed = ABLATIONS[name][1](recipe)
+        except (ValueError, TypeError) as e:
+            raise LabError(f"precision {precision!r}: {name} does not apply: {e}") from None
+        if changed == recipe:
+            raise LabError(
+                f"precision {precision!r}: {name} changes nothing in recipe {base} "
+                f"({ABLATIONS[name][0]} already); drop it"
+            )
+        recipe = changed
+    if ablations:
+        described = "; ".join(ABLATIONS[n][0] for n in ablations)
+        recipe = replace(recipe, description=f"{recipe.description}; ablation: {described}")
+    return recipe
+
+
 def recipe_of(precision: str) -> str | None:
-    """The FP8 recipe a precision runs (``"rowwise+fp8act"`` -> ``"rowwise"``), or None
-    for fp32 and bf16."""
-    recipe = precision.removesuffix(ACTIVATION_STORAGE_SUFFIX)
-    return recipe if recipe in FP8_RECIPES else None
+    """The name of the FP8 recipe a precision runs (``"rowwise+fp8act"`` and
+    ``"rowwise~hpsave"`` -> ``"rowwise"``), or None for fp32, bf16 and the peer. The
+    recipe itself, ablations applied, is ``recipe_for(precision)``."""
+    base, _ = _split(precision)
+    return base if base in FP8_RECIPES else None
+
+
+def peer_of(precision: str) -> str | None:
+    """The torchao recipe name of a peer precision (``"torchao-rowwise"`` ->
+    ``"rowwise"``), else None."""
+    return precision.removeprefix("torchao-") if precision in PEER_PRECISIONS else None
+
+
+def runs_fp8(precision: str) -> bool:
+    """Whether the precision trains with FP8 GEMMs (ours or the peer's): such runs go
+    through the same dynamic loss scaler."""
+    return recipe_of(precision) is not None or peer_of(precision) is not None
 
 
 def stores_fp8_activations(precision: str) -> bool:

@@ -2,8 +2,12 @@
 
 Precisions: "fp32" trains in float32; "bf16" runs forward under CPU bf16 autocast;
 every FP8 recipe (and "int8") runs under the same autocast with each ``nn.Linear``
-swapped by ``fp8train.convert(model, recipe)``; "<recipe>+fp8act" also stores the other
-activations saved for backward in FP8 (``fp8train.Fp8SavedActivations``). Master weights
+swapped by ``fp8train.convert(model, recipe)`` (the output head too unless
+``config.fp8_head`` is False); "<recipe>~<ablation>" runs the recipe with an option
+changed (``fp8train.lab.config.ABLATIONS``); "<recipe>+fp8act" also stores the other
+activations saved for backward in FP8 (``fp8train.Fp8SavedActivations``); the peer
+precisions ("torchao-tensorwise", "torchao-rowwise") swap the same layers for torchao's
+emulated float8 layers (``fp8train.lab.peer``) under the same autocast. Master weights
 stay float32 and the optimiser is AdamW in every case, so the precisions differ only in the
 arithmetic.
 FP8 runs go through ``fp8train.LossScaler`` (dynamic), which skips steps whose
@@ -43,7 +47,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import fp8train
-from fp8train.lab.config import LabConfig, LabError, from_dict, recipe_of, stores_fp8_activations
+from fp8train.lab import peer
+from fp8train.lab.config import (
+    LabConfig,
+    LabError,
+    from_dict,
+    peer_of,
+    recipe_for,
+    recipe_of,
+    stores_fp8_activations,
+)
 from fp8train.lab.data import Corpus, Digits, eval_windows, sample_windows
 from fp8train.lab.gpt import GPT
 from fp8train.lab.world import CHECKPOINT_FORMAT, World, fp8_all_gather_for, world_for
@@ -145,7 +158,11 @@ def require_fp8_layers(model: nn.Module, precision: str) -> None:
     ``model``'s Linear layers: such a run would train entirely in bf16 under the
     recipe's name. The message gives each shape rule the layers broke (the recipe's
     ``unsupported_reason``) and which layers broke it. Some layers left in high precision
-    are fine: the report counts them (FP8 linears k/n)."""
+    are fine: the report counts them (FP8 linears k/n). A peer precision needs torchao
+    (``LabError`` with the install line when it is missing)."""
+    if peer_of(precision) is not None:
+        peer.require_torchao(precision)
+        return
     name = recipe_of(precision)
     if name is None:
         return
@@ -169,19 +186,33 @@ def require_fp8_layers(model: nn.Module, precision: str) -> None:
     )
 
 
-def apply_precision(model: nn.Module, precision: str, kernels: str = "eager") -> nn.Module:
-    """Swap the Linear layers for the recipe's FP8 layers; fp32 and bf16 leave the model
-    as it is. Layers whose shape the recipe cannot take stay in high precision (the
-    library logs which; the run records how many were converted), but a recipe that
-    converts no layer at all is a ``LabError`` (``require_fp8_layers``)."""
-    recipe = recipe_of(precision)
+def apply_precision(
+    model: nn.Module, precision: str, kernels: str = "eager", *, fp8_head: bool = True
+) -> nn.Module:
+    """Swap the Linear layers for the recipe's FP8 layers (ablations applied), or for
+    the peer's; fp32 and bf16 leave the model as it is. ``fp8_head=False`` leaves the
+    last Linear (the output head) in high precision. Layers whose shape the recipe
+    cannot take stay in high precision (the library logs which; the run records how many
+    were converted), but a recipe that converts no layer at all is a ``LabError``
+    (``require_fp8_layers``)."""
+    layers = peer.fp8_layer_names(model, head=fp8_head)
+    torchao_recipe = peer_of(precision)
+    if torchao_recipe is not None:
+        return peer.convert_peer(model, torchao_recipe, precision, layers)
+    recipe = recipe_for(precision)
     if recipe is None:
         return model
     require_fp8_layers(model, precision)
+    wanted = set(layers)
     try:
-        return fp8train.convert(model, recipe, kernels=kernels)  # type: ignore[arg-type]
+        return fp8train.convert(
+            model,
+            recipe,
+            filter=lambda _module, name: name in wanted,
+            kernels=kernels,  # type: ignore[arg-type]
+        )
     except (ValueError, TypeError) as e:  # the library's API errors say what to fix
-        raise LabError(f"fp8train.convert(model, {recipe!r}) refused the model: {e}") from e
+        raise LabError(f"fp8train.convert(model, {precision!r}) refused the model: {e}") from e
 
 
 def _fp8train_version() -> str:
@@ -304,10 +335,13 @@ def train_run(
     # a resumed run then overwrites all their state from the checkpoint.
     random.seed(seed)
     torch.manual_seed(seed)  # initial weights: the same for every precision (and rank)
-    net = apply_precision(task.build_model(), precision, config.kernels)
+    net = apply_precision(task.build_model(), precision, config.kernels, fp8_head=config.fp8_head)
     net.train()
     linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
-    fp8_linears = sum(isinstance(m, fp8train.Fp8Linear) for m in linears)
+    is_peer = peer_of(precision) is not None
+    fp8_linears = sum(
+        isinstance(m, fp8train.Fp8Linear) or (is_peer and peer.is_peer_linear(m)) for m in linears
+    )
     # ``model`` runs the steps: ``net`` itself, sharded in place by FSDP2, or its DDP
     # wrapper. The optimiser comes after: FSDP2 replaces the Parameters.
     model, fp8_all_gather = world.wrap(net, precision)

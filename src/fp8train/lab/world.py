@@ -40,7 +40,7 @@ from fp8train.checkpoint import (
     unique_tmp_path,
     verify_state_checksums,
 )
-from fp8train.lab.config import LabConfig, LabError, recipe_of
+from fp8train.lab.config import LabConfig, LabError, recipe_of, runs_fp8
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -165,7 +165,7 @@ class SingleProcess:
         return model, False
 
     def loss_scaler(self, precision: str) -> fp8train.LossScaler | None:
-        return None if recipe_of(precision) is None else fp8train.LossScaler(mode="dynamic")
+        return fp8train.LossScaler(mode="dynamic") if runs_fp8(precision) else None
 
     def shard(self, batch: torch.Tensor) -> torch.Tensor:
         return batch
@@ -244,7 +244,7 @@ class DataParallel:
             raise LabError(f"fp8train.distributed.setup refused the {precision} model: {e}") from e
 
     def loss_scaler(self, precision: str) -> fp8train.LossScaler | None:
-        return None if recipe_of(precision) is None else fd.DistributedLossScaler(mode="dynamic")
+        return fd.DistributedLossScaler(mode="dynamic") if runs_fp8(precision) else None
 
     def shard(self, batch: torch.Tensor) -> torch.Tensor:
         return fd.batch_shard(batch)
