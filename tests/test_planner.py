@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from pathlib import Path
 
 import pytest
 
@@ -137,3 +138,10 @@ def test_plan_linear_rejects_bad_arguments() -> None:
         plan_linear(16, 16, 16, gpu="h100", recipe="fp7")
     with pytest.raises(ValueError, match="unknown gpu"):
         plan_linear(16, 16, 16, gpu="tpu", recipe="tensorwise")
+
+
+def test_the_docs_table_lists_every_gpu() -> None:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "planner.md").read_text()
+    for gpu in GPUS.values():
+        row = f"| {gpu.label} | {gpu.bf16:.0f} | {gpu.fp8:.0f} |"
+        assert row in text, f"docs/planner.md's GPU table lacks or misstates {row}"
