@@ -99,11 +99,12 @@ class Recipe:
                     f"recipe {self.name!r}: input tiles must be 1xB (tokens are "
                     f"independent rows), got {spec.block}"
                 )
-        if self.scaling not in ("current", "delayed"):
-            raise ValueError(
-                f"recipe {self.name!r}: scaling must be 'current' or 'delayed', "
-                f"got {self.scaling!r}"
-            )
+        for option, choices in _CHOICES.items():
+            if getattr(self, option) not in choices:
+                raise ValueError(
+                    f"recipe {self.name!r}: {option} must be "
+                    f"{' or '.join(map(repr, choices))}, got {getattr(self, option)!r}"
+                )
         if self.scaling == "delayed":
             for role, spec in specs.items():
                 if spec.granularity is not G.TENSOR:
@@ -113,11 +114,6 @@ class Recipe:
                     )
         if self.history_len < 1:
             raise ValueError(f"recipe {self.name!r}: history_len must be >= 1")
-        if self.history_algo not in ("max", "most_recent"):
-            raise ValueError(
-                f"recipe {self.name!r}: history_algo must be 'max' or "
-                f"'most_recent', got {self.history_algo!r}"
-            )
         int8 = [s.fmt is INT8 for s in specs.values()]
         if any(int8) and not all(int8):
             raise ValueError(f"recipe {self.name!r}: INT8 and FP8 operands cannot share a GEMM")
@@ -134,11 +130,6 @@ class Recipe:
                     f"recipe {self.name!r}: {flag} must be a bool, got "
                     f"{getattr(self, flag)!r}; pass True or False"
                 )
-        if self.quantize_from not in ("input", "compute_dtype"):
-            raise ValueError(
-                f"recipe {self.name!r}: quantize_from must be 'input' or 'compute_dtype', "
-                f"got {self.quantize_from!r}"
-            )
         if not self.fp8_fprop and self.scaling == "delayed":
             raise ValueError(
                 f"recipe {self.name!r}: fp8_fprop=False needs current scaling: delayed "
@@ -206,6 +197,13 @@ class Recipe:
             f"grad_weight = dy^T.x: {wgrad}"
         )
 
+
+# The options that take one of a few strings, and those strings.
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "scaling": ("current", "delayed"),
+    "history_algo": ("max", "most_recent"),
+    "quantize_from": ("input", "compute_dtype"),
+}
 
 # Numerics fields added after recipe states were first saved, with the default that
 # reproduces the earlier behaviour (Recipe.canonical leaves them out at that default).
