@@ -45,7 +45,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
         (["compare", "--preset", "huge"], ["'huge'"]),
         (["compare", "--resume"], ["no run"]),
         (["train", "--dist", "ddp", "--fp8-all-gather"], ["--fp8-all-gather", "fsdp2 only"]),
-        ([], ["compare, train or formats"]),
+        ([], ["compare, train, formats or plan"]),
     ],
 )
 def test_bad_arguments(tmp_path: Path, args: list[str], fragments: list[str]) -> None:
