@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fp8train.distributed.fp8_all_gather import fp8_all_gather_unsupported_reason
+from fp8train.nn import Filter
 from fp8train.planner.advice import Numerics, calibrate, recommend
 from fp8train.planner.gpus import HBM_EFFICIENCY, Gpu, get_gpu
 from fp8train.planner.model import LinearPlan, plan_linear
@@ -32,7 +34,6 @@ from fp8train.recipes import Recipe, RecipeName
 
 __all__ = ["NON_GEMM_FRACTION", "LayerRow", "ModelPlan", "StepEstimate", "plan_model"]
 
-Filter = Callable[[nn.Linear, str], bool]
 LossFn = Callable[[torch.Tensor, Any], torch.Tensor]
 
 # Share of a bf16 training step spent outside the Linear GEMMs (attention, norms,
@@ -314,8 +315,6 @@ def plan_model(
     if calibrate_steps and _on_meta(model, example_input):
         raise ValueError("calibrate_steps needs real weights and inputs, not the meta device")
     loss = loss_fn if loss_fn is not None else _default_loss
-
-    from fp8train.distributed.fp8_all_gather import fp8_all_gather_unsupported_reason
 
     fp8_ag = fsdp and world_size > 1 and fp8_all_gather_unsupported_reason(r) is None
     modules = dict(model.named_modules())
