@@ -738,6 +738,10 @@ def time_linear(
     """Forward + backward of ``module`` on ``x`` with output gradient ``dy``: the first
     call (compilation included) timed alone, then :func:`time_on_device`."""
     device = x.device
+    if compile:
+        # Each variant compiles afresh: no variant meets dynamo's recompile limit (the
+        # variants share nn.Sequential.forward) or dims made dynamic by an earlier shape.
+        torch._dynamo.reset()
     run = torch.compile(module, dynamic=False) if compile else module
     x = x.detach().requires_grad_()
     params = list(module.parameters())
@@ -785,8 +789,6 @@ def linear_section(
             skipped.append(list(shape))
             continue
         m, k, n = shape
-        if compile:
-            torch._dynamo.reset()  # a fresh cache per shape: no recompile limits, no dynamic dims
         gen = torch.Generator(device=device).manual_seed(0)
         base = nn.Sequential(nn.Linear(k, n, bias=False, device=device))
         x = torch.randn(m, k, generator=gen, device=device, dtype=torch.bfloat16)
