@@ -32,6 +32,7 @@ import copy
 import gc
 import importlib.util
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -79,8 +80,11 @@ SECTIONS = ("tests", "gemm", "linear", "train")
 
 # The tests that need a GPU to mean anything: the CUDA route (fake CUDA tensors on a
 # CPU; on a GPU the same checks) and the compiled kernels' bits against the eager ones
-# (skipped without CUDA).
+# (skipped without CUDA). cuda_test_files adds any other file marked like the latter.
 CUDA_TESTS = ("tests/numerics/test_cuda_route.py", "tests/test_kernels_cuda.py")
+_CUDA_ONLY = re.compile(
+    r"pytestmark\s*=\s*pytest\.mark\.skipif\(\s*not torch\.cuda\.is_available\(\)"
+)
 
 # Exit codes of gpu.py: 2 is argparse's for a bad option.
 EXIT_OK = 0
@@ -432,8 +436,20 @@ def junit_counts(xml_path: Path, files: Sequence[str]) -> dict[str, Any]:
     return {"per_file": per_file, "totals": totals, "failures": failures}
 
 
+def cuda_test_files(root: Path = ROOT) -> list[str]:
+    """:data:`CUDA_TESTS`, then every other test file under ``tests/`` that skips itself
+    whole without CUDA (``pytestmark = pytest.mark.skipif(not torch.cuda.is_available()
+    ...``): what only a GPU can check."""
+    marked = [
+        path.relative_to(root).as_posix()
+        for path in sorted((root / "tests").rglob("test_*.py"))
+        if _CUDA_ONLY.search(path.read_text(encoding="utf-8"))
+    ]
+    return list(dict.fromkeys([*CUDA_TESTS, *marked]))
+
+
 def tests_section(
-    files: Sequence[str] = CUDA_TESTS,
+    files: Sequence[str] | None = None,
     *,
     root: Path = ROOT,
     timeout_s: float = 240.0,
@@ -443,7 +459,9 @@ def tests_section(
     path) and count the results. ``workers``: pytest-xdist processes where it is
     installed (0: none). Four share the one GPU, each with its own CUDA context, and
     compile the kernels of tests/test_kernels_cuda.py in parallel; the project's own
-    ``-n auto`` (addopts, cleared here) would start one per CPU core."""
+    ``-n auto`` (addopts, cleared here) would start one per CPU core. ``files``:
+    :func:`cuda_test_files` by default."""
+    files = cuda_test_files(root) if files is None else files
     env = dict(os.environ)
     src = str(root / "src")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)

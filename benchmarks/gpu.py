@@ -7,9 +7,10 @@ and train-step timings against bf16 and torchao (issue 28).
 Sections, in this order (``benchmarks/_gpu_bench.py`` holds them; each says what it
 measures):
 
-1. ``tests``: ``tests/numerics/test_cuda_route.py`` and ``tests/test_kernels_cuda.py``
-   (compiled quantisation kernels, triton on CUDA, bitwise equal to the eager ones) run
-   by pytest on the device, pass/fail counts per file;
+1. ``tests``: ``tests/numerics/test_cuda_route.py``, ``tests/test_kernels_cuda.py``
+   (compiled quantisation kernels, triton on CUDA, bitwise equal to the eager ones) and
+   any other test file that skips itself without CUDA, run by pytest on the device,
+   pass/fail counts per file;
 2. ``gemm``: every GEMM of every recipe that this GPU's compute capability routes to
    ``torch.nn.functional.scaled_mm`` (``fp8train.cuda_gemm.route``), hardware against
    the emulation and against float64 on the same quantised operands; bitwise where it

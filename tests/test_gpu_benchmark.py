@@ -251,11 +251,20 @@ def test_tests_section_ends_pytest_at_its_timeout(bench: ModuleType, tmp_path: P
     ]
 
 
-def test_the_cuda_tests_exist_and_skip_without_cuda(bench: ModuleType) -> None:
+def test_the_cuda_tests_exist_and_skip_without_cuda(bench: ModuleType, tmp_path: Path) -> None:
     for path in bench.CUDA_TESTS:
         assert (ROOT / path).is_file(), path
-    text = (ROOT / "tests" / "test_kernels_cuda.py").read_text(encoding="utf-8")
-    assert "pytest.mark.skipif(\n    not torch.cuda.is_available()" in text
+    found = bench.cuda_test_files()
+    assert found[:2] == list(bench.CUDA_TESTS)
+    assert "tests/test_gpu_benchmark.py" not in found  # skips one test, not itself
+    # a new file that skips itself without CUDA is picked up
+    (tmp_path / "tests" / "sub").mkdir(parents=True)
+    (tmp_path / "tests" / "sub" / "test_new_gpu.py").write_text(
+        "pytestmark = pytest.mark.skipif(\n    not torch.cuda.is_available(), reason='gpu')\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "tests" / "test_cpu.py").write_text("def test_x():\n    pass\n", encoding="utf-8")
+    assert bench.cuda_test_files(tmp_path) == [*bench.CUDA_TESTS, "tests/sub/test_new_gpu.py"]
 
 
 # ---------------------------------------------------------------- gemm comparison
