@@ -24,9 +24,10 @@ measures):
    (hidden 4096), bf16 and each recipe.
 
 A section that fails is recorded with its error and the run goes on; past the time
-budget (``--budget-s``, seconds of work) no further section, shape or model starts.
-The default sizes finish within 8 minutes on one H100; ``--quick`` takes smaller
-ones. Results: ``benchmarks/results/gpu.json`` (``gpu-quick.json`` with ``--quick``),
+budget (``--budget-s``, seconds of work) no further section, shape, model or variant
+starts, which keeps a run within the 8 minutes one H100 may give it, whatever the
+compilations cost (what the budget cut is listed as skipped); ``--quick`` takes smaller
+sizes. Results: ``benchmarks/results/gpu.json`` (``gpu-quick.json`` with ``--quick``),
 with the GPU, its compute capability, the driver, torch, CUDA, triton and torchao
 versions; ``docs/gen_performance.py`` shows it as the performance page's CUDA section.
 
