@@ -853,7 +853,9 @@ def linear_section(
         del base, x, dy
         free_memory()
     return {
-        "what": "one bias-free Linear, forward + backward; TFLOP/s count its 3 GEMMs (6*M*K*N)",
+        "what": "one bias-free Linear, forward + backward; TFLOP/s count its 3 GEMMs "
+        "(6*M*K*N); under torch.compile an fp8train layer is a graph break by design, "
+        "running its own compiled quantisation kernels (fp8train/nn.py)",
         "compile": compile,
         "torchao": torchao_version,
         "variants": variants,

@@ -321,7 +321,12 @@ def _gpu_linear(r: dict[str, Any]) -> str:
                 rows.append([shape, name, _missing(v), "-", "-"])
     head = (
         f"One bias-free Linear's forward + backward (M x K x N; {_LINEAR_SETTING}), "
-        + ("every variant under `torch.compile`, " if r.get("compile") else "")
+        + (
+            "every variant under `torch.compile` (an fp8train layer is a graph break there "
+            "by design, running its own compiled quantisation kernels), "
+            if r.get("compile")
+            else ""
+        )
         + "median of CUDA-event timings; TFLOP/s count the three GEMMs (6 M K N). "
         f"torchao: {r['torchao']}."
     )
