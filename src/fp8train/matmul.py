@@ -81,8 +81,16 @@ def bf16_gemm_is_native(device_type: str) -> bool:
 def gemm_dtype(out_dtype: torch.dtype, power_of_two: bool, device_type: str) -> torch.dtype:
     """The dtype the emulated GEMM multiplies its dequantised operands in: bf16 when the
     output is bf16, every scale a power of two (so each operand is exact in bf16) and
-    bf16 GEMMs are native here; fp32 otherwise (exact operands too, fp32 accumulation)."""
-    if out_dtype == torch.bfloat16 and power_of_two and bf16_gemm_is_native(device_type):
+    bf16 GEMMs are native on this CPU; fp32 otherwise (exact operands too, fp32
+    accumulation). Always fp32 on a GPU: cuBLAS may reduce a bf16 GEMM's split-K partial
+    sums in bf16 (torch allows it by default), while an fp32 GEMM accumulates in fp32
+    even with TF32 on (FP8 values times power-of-two scales are exact in TF32)."""
+    if (
+        out_dtype == torch.bfloat16
+        and power_of_two
+        and device_type == "cpu"
+        and bf16_gemm_is_native(device_type)
+    ):
         return torch.bfloat16
     return torch.float32
 

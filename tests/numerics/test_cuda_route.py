@@ -400,3 +400,9 @@ def test_on_the_gpu_the_layer_matches_the_emulation(name: str) -> None:
     if not on_hardware:
         for got, want in zip(results["auto"], results["emulate"], strict=True):
             assert torch.equal(got, want), "both took the emulation"
+
+
+def test_the_emulation_accumulates_in_fp32_on_a_gpu() -> None:
+    # cuBLAS may reduce a bf16 GEMM's split-K partial sums in bf16; the emulation on a
+    # GPU multiplies in fp32 so that its sums stay fp32 sums.
+    assert fp8train.matmul.gemm_dtype(torch.bfloat16, True, "cuda") == torch.float32
