@@ -268,9 +268,7 @@ def markdown(results: dict[str, Any]) -> str:
             "each storage once, parameters excluded. The curves validate on "
             f"{plural(cfg['eval_windows'], 'fixed window')}; final val loss on "
             f"{cfg['final_eval_windows']}. "
-            "FP8 linears: layers converted / all "
-            "Linear layers (a recipe leaves a layer whose shape it cannot take in high "
-            "precision)."
+            "FP8 linears: layers converted / all Linear layers."
         ),
         "",
         "![loss curves](loss_curves.png)",

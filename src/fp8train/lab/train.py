@@ -154,36 +154,11 @@ def precision_context(precision: str) -> contextlib.AbstractContextManager[Any]:
 
 
 def require_fp8_layers(model: nn.Module, precision: str) -> None:
-    """Raise ``LabError`` when ``precision`` is an FP8 recipe that can take none of
-    ``model``'s Linear layers: such a run would train entirely in bf16 under the
-    recipe's name. The message gives each shape rule the layers broke (the recipe's
-    ``unsupported_reason``) and which layers broke it. Some layers left in high precision
-    are fine: the report counts them (FP8 linears k/n). A peer precision needs torchao
-    (``LabError`` with the install line when it is missing)."""
+    """Raise ``LabError`` before training when ``precision`` cannot run here: a peer
+    precision needs torchao (the message gives the install line). fp8train's recipes
+    take every layer shape (``Recipe.min_multiple`` is 1), so they always can."""
     if peer_of(precision) is not None:
         peer.require_torchao(precision)
-        return
-    name = recipe_of(precision)
-    if name is None:
-        return
-    recipe = fp8train.Recipe.from_name(name)
-    broken: dict[str, list[str]] = {}  # reason -> the layers it stops, in model order
-    linears = 0
-    for layer, m in model.named_modules():
-        if isinstance(m, nn.Linear):
-            linears += 1
-            reason = recipe.unsupported_reason(m.in_features, m.out_features)
-            if reason is None:
-                return
-            broken.setdefault(reason, []).append(layer)
-    if not linears:
-        return
-    rules = "; ".join(f"{reason} ({', '.join(layers)})" for reason, layers in broken.items())
-    raise LabError(
-        f"precision {precision} would run no FP8: recipe {name} can take none of the "
-        f"model's {linears} Linear layers: {rules}; choose --d-model (and so every layer "
-        f"width) a multiple of {recipe.min_multiple}"
-    )
 
 
 def apply_precision(
@@ -191,10 +166,8 @@ def apply_precision(
 ) -> nn.Module:
     """Swap the Linear layers for the recipe's FP8 layers (ablations applied), or for
     the peer's; fp32 and bf16 leave the model as it is. ``fp8_head=False`` leaves the
-    last Linear (the output head) in high precision. Layers whose shape the recipe
-    cannot take stay in high precision (the library logs which; the run records how many
-    were converted), but a recipe that converts no layer at all is a ``LabError``
-    (``require_fp8_layers``)."""
+    last Linear (the output head) in high precision. The run records how many Linear
+    layers were converted."""
     layers = peer.fp8_layer_names(model, head=fp8_head)
     torchao_recipe = peer_of(precision)
     if torchao_recipe is not None:
