@@ -136,7 +136,11 @@ def table(out: Path) -> str:
         "| precision | seeds | final val loss | gap vs bf16 | SE | gap vs tensorwise | SE |",
         "|---|---|---|---|---|---|---|",
     ]
-    for precision, by_seed in losses.items():
+    # The study's order, then any other precision in the folder.
+    order = [p for p in STUDY_PRECISIONS if p in losses]
+    order += [p for p in losses if p not in STUDY_PRECISIONS]
+    for precision in order:
+        by_seed = losses[precision]
         seeds = sorted(by_seed)
         loss = statistics.fmean(by_seed[s] for s in seeds)
         row = [precision, str(len(seeds)), f"{loss:.4f}"]
