@@ -20,6 +20,10 @@ Sections (``--sections``, in this order):
 * ``train``: a train step of the lab GPT and of a Llama-style block, bf16 and every
   recipe.
 
+Both timing sections also carry the planner's prediction for the GPU they ran on
+(``fp8train.planner``; :func:`planner_target` maps the GPU's name to its table row) and
+its error against the measurement, per shape (or model) and recipe.
+
 A section that raises is recorded with its error and the run goes on; once the time
 budget is spent, the remaining sections (and the remaining shapes and models inside
 ``linear`` and ``train``) are recorded as skipped.
@@ -53,6 +57,7 @@ from torch import nn
 import fp8train
 from fp8train import cuda_gemm
 from fp8train._kernels import KernelChoice
+from fp8train.planner import GPUS, plan_linear, plan_model
 from fp8train.recipes import RECIPE_NAMES, Recipe
 from fp8train.scaling import ScaleSpec
 from fp8train.tensor import ScaledTensor
@@ -865,6 +870,136 @@ def linear_section(
     }
 
 
+# ---------------------------------------------------------------- planner vs measured
+# torch.cuda.get_device_name -> the planner's GPU table key, with the compute capability
+# major the part reports (ROCm reports gfx942 as 9.4). First match wins. Parts whose
+# clocks, memory or links differ from every row (H100 NVL, H200 NVL, GH200, H800, A100)
+# match nothing and get no planner entry: the nearest row would be a guess.
+PLANNER_GPUS: tuple[tuple[str, str, int], ...] = (
+    (r"\bH100\b.*\bPCIe\b", "h100-pcie", 9),
+    (r"\bH100\b.*\b(SXM\d?|HBM3)\b", "h100-sxm", 9),  # "NVIDIA H100 80GB HBM3"
+    (r"\bH200\b(?!.*\bNVL\b)", "h200", 9),
+    (r"\bB200\b", "b200", 10),  # \b: "GB200" is not a B200
+    (r"\bB300\b", "b300", 10),
+    (r"\bGB200\b", "gb200", 10),
+    (r"\bL40S\b", "l40s", 8),
+    (r"\bMI300X\b", "mi300x", 9),
+    (r"\bMI325X\b", "mi325x", 9),
+)
+
+
+def planner_target(name: str, capability: str) -> dict[str, Any]:
+    """``{"gpu": key, "note": ...}``: the planner's table key (``fp8train.planner.GPUS``)
+    for the GPU torch names ``name`` with compute capability ``capability`` ("9.0"), or
+    ``"gpu": None`` and a note saying there is no planner entry (no pattern matches, or
+    the capability is not the part's)."""
+    for pattern, key, major in PLANNER_GPUS:
+        if re.search(pattern, name, flags=re.IGNORECASE):
+            if capability.split(".")[0] != str(major):
+                return {
+                    "gpu": None,
+                    "note": f"no planner entry: {name!r} reads as {key} but reports compute "
+                    f"capability {capability}, not {major}.x",
+                }
+            return {"gpu": key, "note": f"planner row {key} ({GPUS[key].label})"}
+    return {
+        "gpu": None,
+        "note": f"no planner entry for {name!r} (compute capability {capability}); "
+        f"the planner knows {', '.join(GPUS)}",
+    }
+
+
+def planner_error(predicted: float, measured: float) -> float:
+    """``predicted / measured - 1``: +0.10 when the planner says 10% more than measured."""
+    if not measured > 0:
+        raise ValueError(f"a measured value must be > 0 to compare against, got {measured}")
+    return predicted / measured - 1
+
+
+def _comparison(
+    predicted: tuple[float, float], measured: tuple[float | None, float | None]
+) -> dict[str, Any]:
+    """The fields of one planner row from predicted and measured (bf16, FP8) times in
+    ms; the measured ones and the errors are None where a time is missing."""
+    (p_bf16, p_fp8), (m_bf16, m_fp8) = predicted, measured
+    speedup = m_bf16 / m_fp8 if m_bf16 is not None and m_fp8 is not None else None
+    return {
+        "predicted_bf16_ms": p_bf16,
+        "predicted_fp8_ms": p_fp8,
+        "predicted_speedup": p_bf16 / p_fp8,
+        "measured_bf16_ms": m_bf16,
+        "measured_fp8_ms": m_fp8,
+        "measured_speedup": speedup,
+        "error": planner_error(p_bf16 / p_fp8, speedup) if speedup is not None else None,
+        "bf16_ms_error": planner_error(p_bf16, m_bf16) if m_bf16 is not None else None,
+        "fp8_ms_error": planner_error(p_fp8, m_fp8) if m_fp8 is not None else None,
+    }
+
+
+def planner_vs_linear(linear: dict[str, Any], target: dict[str, Any]) -> dict[str, Any]:
+    """The planner against the ``linear`` section's record: per shape and per FP8
+    variant (an fp8train recipe, or torchao's of that recipe name),
+    :func:`fp8train.planner.plan_linear` on ``target["gpu"]`` beside the measured
+    medians, with ``error`` (speed-up) and the time errors; no rows without a planner
+    entry. A variant not measured, or one the planner says this GPU cannot run, has its
+    errors None and a ``note``."""
+    rows: list[dict[str, Any]] = []
+    if target["gpu"] is not None:
+        for result in linear.get("results", []):
+            m, k, n = result["shape"]
+            bf16 = result["variants"].get("bf16", {}).get("median_s")
+            for variant, record in result["variants"].items():
+                if variant == "bf16":
+                    continue
+                recipe = variant.removeprefix("torchao ")
+                row: dict[str, Any] = {"shape": [m, k, n], "layer": variant, "recipe": recipe}
+                try:
+                    plan = plan_linear(m, k, n, gpu=target["gpu"], recipe=recipe)
+                except ValueError as e:  # a recipe the planner does not know
+                    rows.append({**row, "note": f"no prediction: {e}"})
+                    continue
+                fp8 = record.get("median_s")
+                row.update(
+                    _comparison(
+                        (plan.bf16_ms, plan.fp8_ms),
+                        (
+                            None if bf16 is None else 1e3 * bf16,
+                            None if fp8 is None else 1e3 * fp8,
+                        ),
+                    )
+                )
+                if not plan.supported:
+                    row.update(error=None, fp8_ms_error=None, note=f"planner: {plan.reason}")
+                elif fp8 is None or bf16 is None:
+                    row["note"] = "not measured (skipped or failed)"
+                rows.append(row)
+    return {
+        **target,
+        "what": "fp8train.planner.plan_linear for each shape and FP8 variant against the "
+        "measured medians; error = predicted / measured - 1 (speed-up, and each time)",
+        "rows": rows,
+    }
+
+
+def plan_train_step(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    gpu: str,
+    recipe: str,
+    bf16_ms: float,
+    fp8_ms: float | None,
+) -> dict[str, Any]:
+    """One model's planner row: :func:`fp8train.planner.plan_model` with the measured
+    bf16 step as ``bf16_step_ms`` (the time outside the Linears is then measured, not
+    modelled) and every layer ``convert`` takes in FP8 (``step_all``), against the
+    measured FP8 step."""
+    step = plan_model(model, tokens, gpu=gpu, recipe=recipe, bf16_step_ms=bf16_ms).step_all
+    row = {"recipe": recipe, **_comparison((step.bf16_ms, step.fp8_ms), (bf16_ms, fp8_ms))}
+    if fp8_ms is None:
+        row["note"] = "not measured (skipped or failed)"
+    return row
+
+
 # ---------------------------------------------------------------- section: train
 def build_gpt(size: GptSize) -> nn.Module:
     from fp8train.lab.gpt import GPT
@@ -938,11 +1073,15 @@ def train_section(
     warmup: int,
     repeats: int,
     kernels: KernelChoice = "auto",
+    planner: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A train step of each model (``name: (build, vocab, batch, seq)``) for bf16 and
     each recipe (``fp8train.convert`` with its defaults), one after another on fresh
-    copies of the same initial weights."""
+    copies of the same initial weights. ``planner`` (:func:`planner_target`'s record):
+    the result's ``"planner"`` then holds, per model and recipe, the planner's step
+    prediction from the measured bf16 step (:func:`plan_train_step`)."""
     results: list[dict[str, Any]] = []
+    planned: list[dict[str, Any]] = []
     skipped: list[str] = []
     errors: list[str] = []
     for name, (build, vocab, batch, seq) in models.items():
@@ -991,15 +1130,36 @@ def train_section(
             if bf16 and "median_s" in record:
                 record["vs_bf16"] = record["median_s"] / bf16
         results.append(row)
+        gpu_key = planner["gpu"] if planner else None
+        if gpu_key is not None:
+            for recipe in recipes:
+                fp8 = row["variants"].get(recipe, {}).get("median_s")
+                fp8_ms = None if fp8 is None else 1e3 * fp8
+                try:
+                    if not bf16:
+                        raise ValueError("the bf16 step was not measured")
+                    p = plan_train_step(base, tokens, gpu_key, recipe, 1e3 * bf16, fp8_ms)
+                except Exception as e:  # the planner's failure is a result too
+                    p = {"recipe": recipe, "note": f"no prediction: {type(e).__name__}: {e}"}
+                planned.append({"model": name, **p})
         del base
         free_memory()
-    return {
+    out: dict[str, Any] = {
         "what": "AdamW train step, fp32 master weights, bf16 autocast, eager model "
         "(the FP8 layers' quantisation kernels compiled: convert's default kernels='auto')",
         "results": results,
         "skipped_for_budget": skipped,
         "errors": errors,
     }
+    if planner is not None:
+        out["planner"] = {
+            **planner,
+            "what": "fp8train.planner.plan_model with the measured bf16 step as "
+            "bf16_step_ms, every layer convert takes in FP8, against the measured step; "
+            "error = predicted / measured - 1",
+            "rows": planned,
+        }
+    return out
 
 
 def train_models(s: Sizes) -> dict[str, tuple[Callable[[], nn.Module], int, int, int]]:
@@ -1087,6 +1247,7 @@ def run_benchmark(
     scaled GEMM as ``hardware``, no compilation and the eager kernels."""
     budget = Budget(args.budget_s)
     recipes, not_taken = device_recipes(capability)
+    target = planner_target(gpu["name"], gpu["compute_capability"])
     s = chosen or sizes(args.quick)
     log(f"recipes on F.scaled_mm here: {', '.join(recipes) or 'none'}")
     for name, reason in not_taken.items():
@@ -1112,11 +1273,19 @@ def run_benchmark(
             warmup=s.train_warmup,
             repeats=s.train_repeats,
             kernels=kernels,
+            planner=target,
         ),
     }
     sections = run_sections(
         [(name, plan[name]) for name in args.sections], budget, after=free_memory, log=log
     )
+    log(f"planner: {target['note']}")
+    linear = sections.get("linear", {})
+    if linear.get("status") == "ok":
+        try:  # after the timings: a failure here must not lose them
+            linear["planner"] = planner_vs_linear(linear, target)
+        except Exception as e:
+            linear["planner"] = {**target, "error": f"{type(e).__name__}: {e}", "rows": []}
     return payload(args, s, gpu, recipes, not_taken, sections, budget.elapsed())
 
 
@@ -1195,4 +1364,23 @@ def summary(body: dict[str, Any]) -> str:
         parts.append(
             "\n" + _common.format_table(["model", "precision", "median ms", "vs bf16"], rows)
         )
+    for name, first in (("linear", "shape"), ("train", "model")):
+        planner = body["sections"].get(name, {}).get("planner")
+        if not planner:
+            continue
+        rows = [
+            [
+                "x".join(map(str, r["shape"])) if "shape" in r else r["model"],
+                r.get("layer", r["recipe"]),
+                r.get("predicted_speedup", "-"),
+                r.get("measured_speedup") or "-",
+                "-" if r.get("error") is None else f"{100 * r['error']:+.0f}%",
+            ]
+            for r in planner["rows"]
+        ]
+        parts.append(f"\n{name}, planner vs measured: {planner['note']}")
+        if rows:
+            parts.append(
+                _common.format_table([first, "layer", "predicted x", "measured x", "error"], rows)
+            )
     return "\n".join(parts)

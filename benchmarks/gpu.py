@@ -23,6 +23,11 @@ measures):
 4. ``train``: a train step of the lab GPT (d_model 1024) and of a Llama-style block
    (hidden 4096), bf16 and each recipe.
 
+``linear`` and ``train`` also record ``fp8train.planner``'s prediction for this GPU
+(found in the planner's table by its name; "no planner entry" for a part the table does
+not describe) beside each measured shape or model and recipe: predicted bf16 and FP8
+times, predicted and measured speed-up, and the error, predicted / measured - 1.
+
 A section that fails is recorded with its error and the run goes on; past the time
 budget (``--budget-s``, seconds of work) no further section, shape, model or variant
 starts, which keeps a run within the 8 minutes one H100 may give it, whatever the

@@ -332,7 +332,55 @@ def _gpu_linear(r: dict[str, Any]) -> str:
     )
     if r.get("skipped_for_budget"):
         head += f" Skipped for the time budget: {r['skipped_for_budget']}."
-    return head + "\n\n" + _table(["shape", "layer", "median", "TFLOP/s", "vs bf16"], rows)
+    table = _table(["shape", "layer", "median", "TFLOP/s", "vs bf16"], rows)
+    return head + "\n\n" + table + _planner(r.get("planner"), "`plan_linear` per shape")
+
+
+def _pct(error: float | None) -> str:
+    return "-" if error is None else f"{100 * error:+.1f}%"
+
+
+def _planner(p: dict[str, Any] | None, what: str) -> str:
+    """The "planner vs measured" table of a linear or train section's ``planner``
+    record ('' where the run has none: results from before it existed)."""
+    if not p:
+        return ""
+    head = f"\n\n**Planner vs measured** ({what}; {p['note']})"
+    if p.get("error"):
+        return head + f": the comparison failed: {p['error']}."
+    if not p["rows"]:
+        return head + "."
+    rows = []
+    for r in p["rows"]:
+        first = "x".join(str(v) for v in r["shape"]) if "shape" in r else r["model"]
+        if "predicted_speedup" not in r:
+            rows.append([first, r.get("layer", r["recipe"]), r["note"], "-", "-", "-", "-"])
+            continue
+        measured = r["measured_speedup"]
+        rows.append(
+            [
+                first,
+                r.get("layer", r["recipe"]),
+                f"{r['predicted_bf16_ms']:.3g} ms",
+                f"{r['predicted_fp8_ms']:.3g} ms",
+                _x(r["predicted_speedup"]),
+                _x(measured) if measured is not None else r.get("note", "-"),
+                _pct(r["error"]),
+            ]
+        )
+    headers = [
+        "shape" if "shape" in p["rows"][0] else "model",
+        "layer" if "layer" in p["rows"][0] else "precision",
+        "predicted bf16",
+        "predicted FP8",
+        "predicted speed-up",
+        "measured speed-up",
+        "error",
+    ]
+    return (
+        head + ": `fp8train.planner`'s prediction for this GPU beside the measurement; error = "
+        "predicted / measured speed-up - 1.\n\n" + _table(headers, rows)
+    )
 
 
 def _gpu_train(r: dict[str, Any]) -> str:
@@ -358,7 +406,8 @@ def _gpu_train(r: dict[str, Any]) -> str:
             )
     head = f"Train steps: {r['what']}."
     headers = ["model", "precision", "FP8 linears", "median step", "vs bf16", "peak memory"]
-    return head + "\n\n" + _table(headers, rows)
+    what = "`plan_model` with the measured bf16 step, every layer `convert` takes in FP8"
+    return head + "\n\n" + _table(headers, rows) + _planner(r.get("planner"), what)
 
 
 GPU_SECTIONS: dict[str, Callable[[dict[str, Any]], str]] = {

@@ -467,6 +467,114 @@ def test_torchao_status_says_installed_or_not(bench: ModuleType) -> None:
         assert isinstance(what, str) and what
 
 
+# ---------------------------------------------------------------- planner vs measured
+@pytest.mark.parametrize(
+    "name, capability, key",
+    [
+        ("NVIDIA H100 80GB HBM3", "9.0", "h100-sxm"),
+        ("NVIDIA H100 SXM5 80GB", "9.0", "h100-sxm"),
+        ("NVIDIA H100 PCIe", "9.0", "h100-pcie"),
+        ("NVIDIA H200", "9.0", "h200"),
+        ("NVIDIA B200", "10.0", "b200"),
+        ("NVIDIA GB200", "10.0", "gb200"),
+        ("NVIDIA B300 SXM6 AC", "10.3", "b300"),
+        ("NVIDIA L40S", "8.9", "l40s"),
+        ("AMD Instinct MI300X", "9.4", "mi300x"),
+        ("AMD Instinct MI325X", "9.4", "mi325x"),
+        # Parts no row describes: their rates differ from the nearest one's.
+        ("NVIDIA H100 NVL", "9.0", None),
+        ("NVIDIA H200 NVL", "9.0", None),
+        ("NVIDIA GH200 480GB", "9.0", None),
+        ("NVIDIA H20", "9.0", None),
+        ("NVIDIA A100-SXM4-80GB", "8.0", None),
+        ("NVIDIA H200", "8.0", None),  # a name that does not match its capability
+    ],
+)
+def test_planner_target_maps_the_gpu_name(
+    bench: ModuleType, name: str, capability: str, key: str | None
+) -> None:
+    from fp8train.planner import GPUS
+
+    target = bench.planner_target(name, capability)
+    assert target["gpu"] == key
+    if key is None:
+        assert target["note"].startswith("no planner entry") and name in target["note"]
+    else:
+        assert key in GPUS and GPUS[key].label in target["note"]
+
+
+def test_every_mapped_gpu_is_in_the_planner_table(bench: ModuleType) -> None:
+    from fp8train.planner import GPUS
+
+    assert {key for _, key, _ in bench.PLANNER_GPUS} == set(GPUS)
+
+
+def test_planner_error_is_predicted_over_measured_minus_one(bench: ModuleType) -> None:
+    assert bench.planner_error(1.1, 1.0) == pytest.approx(0.1)
+    assert bench.planner_error(0.75, 1.5) == pytest.approx(-0.5)
+    assert bench.planner_error(2.0, 2.0) == 0.0
+    with pytest.raises(ValueError, match="must be > 0"):
+        bench.planner_error(1.0, 0.0)
+
+
+def _fake_linear(bench: ModuleType) -> dict[str, Any]:
+    """A linear section's record as a GPU would write it: bf16 1 ms, tensorwise 0.8 ms,
+    torchao's rowwise skipped for the budget."""
+    return {
+        "status": "ok",
+        "results": [
+            {
+                "shape": [4096, 4096, 4096],
+                "variants": {
+                    "bf16": {"median_s": 1e-3},
+                    "tensorwise": {"median_s": 0.8e-3},
+                    "torchao rowwise": {"skipped": "time budget of 400 s spent"},
+                },
+            }
+        ],
+    }
+
+
+def test_planner_vs_linear_fields_from_a_fake_measurement(
+    bench: ModuleType, tmp_path: Path
+) -> None:
+    from fp8train.planner import plan_linear
+
+    target = bench.planner_target("NVIDIA H100 80GB HBM3", "9.0")
+    out = bench.planner_vs_linear(_fake_linear(bench), target)
+    assert out["gpu"] == "h100-sxm" and out["note"] == target["note"]
+    timed, skipped = out["rows"]
+    plan = plan_linear(4096, 4096, 4096, gpu="h100-sxm", recipe="tensorwise")
+    assert timed["shape"] == [4096, 4096, 4096] and timed["layer"] == timed["recipe"]
+    assert timed["predicted_bf16_ms"] == plan.bf16_ms
+    assert timed["predicted_fp8_ms"] == plan.fp8_ms
+    assert timed["predicted_speedup"] == pytest.approx(plan.speedup)
+    assert (timed["measured_bf16_ms"], timed["measured_fp8_ms"]) == (1.0, 0.8)
+    assert timed["measured_speedup"] == pytest.approx(1.25)
+    assert timed["error"] == pytest.approx(plan.speedup / 1.25 - 1)
+    assert timed["bf16_ms_error"] == pytest.approx(plan.bf16_ms / 1.0 - 1)
+    assert timed["fp8_ms_error"] == pytest.approx(plan.fp8_ms / 0.8 - 1)
+    assert "note" not in timed
+    # torchao's variant is predicted under the recipe of its name; not measured here.
+    assert skipped["layer"] == "torchao rowwise" and skipped["recipe"] == "rowwise"
+    assert skipped["predicted_speedup"] == pytest.approx(
+        plan_linear(4096, 4096, 4096, gpu="h100-sxm", recipe="rowwise").speedup
+    )
+    assert skipped["measured_speedup"] is None and skipped["error"] is None
+    assert skipped["note"] == "not measured (skipped or failed)"
+    # The fields survive the results file.
+    data = json.loads(bench.write("gpu", {"planner": out}, tmp_path).read_text(encoding="utf-8"))
+    assert data["planner"]["rows"][0]["error"] == pytest.approx(timed["error"])
+    assert data["planner"]["rows"][1]["error"] is None
+
+
+def test_planner_vs_linear_without_a_planner_entry(bench: ModuleType) -> None:
+    target = bench.planner_target("NVIDIA A100-SXM4-80GB", "8.0")
+    out = bench.planner_vs_linear(_fake_linear(bench), target)
+    assert out["gpu"] is None and out["rows"] == []
+    assert out["note"].startswith("no planner entry for 'NVIDIA A100-SXM4-80GB'")
+
+
 def _tiny_models(bench: ModuleType) -> dict[str, Any]:
     gpt = bench.GptSize(d_model=32, layers=1, heads=2, seq=16, batch=2)
 
@@ -589,6 +697,33 @@ def test_the_whole_run_on_the_cpu(bench: ModuleType, cpu_run: dict[str, Any]) ->
     assert cpu_run["config"]["sizes"]["linear_shapes"] == ((32, 64, 48),)
 
 
+def test_the_run_compares_the_planner_with_the_measurement(cpu_run: dict[str, Any]) -> None:
+    """The fake GPU is an H100 SXM: every timed shape and recipe, and every model and
+    recipe of the train section, gets the planner's prediction and its error."""
+    linear = cpu_run["sections"]["linear"]["planner"]
+    assert linear["gpu"] == "h100-sxm"
+    # torchao's variants too, where it imports, predicted under their recipe's name.
+    variants = cpu_run["sections"]["linear"]["variants"]
+    assert [(r["shape"], r["layer"]) for r in linear["rows"]] == [
+        ([32, 64, 48], variant) for variant in variants if variant != "bf16"
+    ]
+    assert {"tensorwise", "delayed", "rowwise"} <= {r["layer"] for r in linear["rows"]}
+    train = cpu_run["sections"]["train"]["planner"]
+    assert train["gpu"] == "h100-sxm"
+    assert [(r["model"], r["recipe"]) for r in train["rows"]] == [
+        (model["model"], recipe)
+        for model in cpu_run["sections"]["train"]["results"]
+        for recipe in ("tensorwise", "delayed", "rowwise")
+    ]
+    for row in linear["rows"] + train["rows"]:
+        if row["layer" if "layer" in row else "recipe"].startswith("torchao "):
+            continue  # torchao may not run on a CPU; its rows then carry a note
+        assert row["predicted_speedup"] > 0 and row["measured_speedup"] > 0, row
+        assert row["error"] == pytest.approx(row["predicted_speedup"] / row["measured_speedup"] - 1)
+    for row in train["rows"]:  # the measured bf16 step is the planner's bf16 step
+        assert row["predicted_bf16_ms"] == pytest.approx(row["measured_bf16_ms"])
+
+
 def test_results_file(bench: ModuleType, cpu_run: dict[str, Any], tmp_path: Path) -> None:
     path = bench.write("gpu", cpu_run, tmp_path)
     assert path == tmp_path / "gpu.json"
@@ -625,6 +760,32 @@ def test_performance_page_shows_the_cuda_results(
     assert "test_cuda_route.py` | 3 | 0 | 0 | 0 |" in cuda
     assert "tensorwise | random |" in cuda
     assert "not yet timed" not in page
+    assert cuda.count("**Planner vs measured**") == 2  # linear and train
+    assert "planner row h100-sxm (H100 SXM)" in cuda
+    row = cpu_run["sections"]["linear"]["planner"]["rows"][0]
+    assert f"| 32x64x48 | tensorwise | {row['predicted_bf16_ms']:.3g} ms |" in cuda
+    assert f"| {100 * row['error']:+.1f}% |" in cuda
+
+
+def test_performance_page_without_planner_data(
+    bench: ModuleType, gen_performance: ModuleType, cpu_run: dict[str, Any], tmp_path: Path
+) -> None:
+    """Results from before the planner comparison render without its table; a GPU the
+    planner does not know shows the note, no table."""
+    body = json.loads(json.dumps(cpu_run))
+    for name in ("linear", "train"):
+        del body["sections"][name]["planner"]
+    bench.write("gpu", body, tmp_path)
+    page = gen_performance.render(tmp_path)
+    assert "| 32x64x48 | tensorwise |" in page and "Planner vs measured" not in page
+    unknown = bench.planner_target("NVIDIA A100-SXM4-80GB", "8.0")
+    body["sections"]["linear"]["planner"] = bench.planner_vs_linear(
+        body["sections"]["linear"], unknown
+    )
+    bench.write("gpu", body, tmp_path)
+    cuda = gen_performance.render(tmp_path)
+    assert "**Planner vs measured** (`plan_linear` per shape; no planner entry for" in cuda
+    assert "predicted speed-up" not in cuda
 
 
 def test_performance_page_without_gpu_results(gen_performance: ModuleType, tmp_path: Path) -> None:
