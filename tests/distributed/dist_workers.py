@@ -399,3 +399,70 @@ def rank_dies(how: str, pg_timeout_s: float, marker: str) -> dict[str, Any]:
     result["elapsed"] = time.monotonic() - t0
     done.write_text("rank 0 is done")
     return result
+
+
+def comm_hook_bytes(steps: int) -> dict[str, Any]:
+    """DDP on an unconverted ``Net`` with the fp32, bf16 and FP8 communication hooks: per
+    hook, the inputs of every collective of ``steps`` steps (bytes per collective kind),
+    the averaged gradients of the first step, and the parameters after ``steps`` SGD
+    steps. Counted by wrapping the ``torch.distributed`` functions the hooks call."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    from fp8train.distributed.comm_hooks import Fp8CommState, fp8_compress_hook
+
+    fd.init_from_env(timeout_s=30)
+    names = ("all_reduce", "all_to_all_single", "all_gather_single")
+    originals = {n: getattr(dist, n) for n in names}
+
+    def bf16_hook(state, bucket):  # type: ignore[no-untyped-def]
+        # DDP refuses the built-in bf16 hook by name without CUDA/NCCL, and checks the
+        # annotations (strings under this file's future import): none given.
+        return default_hooks.bf16_compress_hook(state, bucket)
+
+    hooks: dict[str, tuple[Any, Any]] = {
+        "fp32": (None, default_hooks.allreduce_hook),
+        "bf16": (None, bf16_hook),
+        "fp8": (Fp8CommState(), fp8_compress_hook),
+    }
+    out: dict[str, Any] = {}
+    for label, (state, hook) in hooks.items():
+        counts = {n: 0 for n in names}
+
+        def counting(name: str, counts: dict[str, int] = counts) -> Any:
+            def call(*a: Any, **kw: Any) -> Any:
+                src = a[1] if name != "all_reduce" else a[0]  # (output, input) or (tensor)
+                counts[name] += src.numel() * src.element_size()
+                return originals[name](*a, **kw)
+
+            return call
+
+        torch.manual_seed(0)
+        model = fd.setup(Net(), "ddp")
+        model.register_comm_hook(state, hook)  # type: ignore[operator]
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        grads: dict[str, torch.Tensor] = {}
+        for n in names:
+            setattr(dist, n, counting(n))
+        try:
+            for step in range(steps):
+                x, y = (fd.batch_shard(t) for t in global_batch(step))
+                F.mse_loss(model(x), y).backward()
+                if step == 0:
+                    grads = {k: p.grad.clone() for k, p in model.named_parameters()}  # type: ignore[union-attr]
+                opt.step()
+                opt.zero_grad()
+        finally:
+            for n in names:
+                setattr(dist, n, originals[n])
+        out[label] = {
+            "counts": counts,
+            "grads": grads,
+            "params": {k: p.detach().clone() for k, p in model.named_parameters()},
+            "hook_state": None
+            if state is None
+            else {"payload": state.payload_bytes, "scales": state.scale_bytes},
+        }
+        del model
+    out["parameters"] = sum(p.numel() for p in Net().parameters())
+    _finish()
+    return out
