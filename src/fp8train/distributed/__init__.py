@@ -35,6 +35,8 @@ One module per job:
 * :mod:`~fp8train.distributed.loss_scaler` -- :class:`DistributedLossScaler`.
 * :mod:`~fp8train.distributed.checkpoint` -- :func:`save_checkpoint` and
   :func:`load_checkpoint`.
+* :mod:`~fp8train.distributed.comm_hooks` -- :func:`fp8_compress_hook`, a DDP
+  communication hook that averages gradient buckets through FP8 collectives.
 
 What stays identical on every rank, and why:
 
@@ -61,6 +63,7 @@ are collectives.
 """
 
 from fp8train.distributed.checkpoint import load_checkpoint, save_checkpoint
+from fp8train.distributed.comm_hooks import Fp8CommState, fp8_compress_hook
 from fp8train.distributed.fp8_all_gather import (
     Fp8AllGatherWeight,
     Fp8GatheredWeight,
@@ -86,12 +89,14 @@ __all__ = [
     "DistInfo",
     "DistributedLossScaler",
     "Fp8AllGatherWeight",
+    "Fp8CommState",
     "Fp8GatheredWeight",
     "Fp8LayerHooks",
     "RankFailureError",
     "batch_shard",
     "collective_errors",
     "fp8_all_gather_unsupported_reason",
+    "fp8_compress_hook",
     "init_from_env",
     "is_main",
     "load_checkpoint",
