@@ -4,14 +4,16 @@ tensorwise, with paired seeds, at two model sizes.
     python docs/loss_parity/run_study.py run --size d128 --seeds 5 --out runs/loss_parity/d128
     python docs/loss_parity/run_study.py run --size d256 --seeds 1 --precisions tensorwise \\
         --out runs/loss_parity/d256-timing
-    python docs/loss_parity/run_study.py table runs/loss_parity/d128
+    python docs/loss_parity/run_study.py table runs/loss_parity/d128 [MORE_FOLDERS ...]
 
 ``run`` trains every (seed, precision) through the lab (``fp8train.lab.compare.run_all``,
 the code behind ``fp8train compare``) into ``--out``: checkpoints, results.json,
 report.md. Run it again with the same arguments to resume an interrupted study (each
 run continues from its last checkpoint). ``table`` prints the paired gaps to bf16 as a
 markdown table, from results.json, or, while the study is still running, from the
-final checkpoints of the runs that finished.
+final checkpoints of the runs that finished. Given several folders (studies of the same
+size split by seeds or precisions: each run depends only on its precision and seed),
+it pools their runs, the first folder's where two hold the same run.
 
 Sizes (``SIZES``): ``d128`` is the lab's default configuration; ``d256`` is the one of
 issue 33 (d_model 256, 4 layers, 4 heads, sequence 128 x batch 16, 400 steps, AdamW lr
@@ -125,11 +127,16 @@ def _final_losses(out: Path) -> dict[str, dict[int, float]]:
     return losses
 
 
-def table(out: Path) -> str:
+def table(*outs: Path) -> str:
     """Markdown: per precision, the mean final validation loss and the gap to bf16
     (mean and standard error over the seeds both finished, paired by seed), and for the
     torchao precisions and tensorwise's ablations the paired gap to our tensorwise."""
-    losses = _final_losses(out)
+    losses: dict[str, dict[int, float]] = {}
+    for out in outs:
+        for precision, by_seed in _final_losses(out).items():
+            pooled = losses.setdefault(precision, {})
+            for seed, loss in by_seed.items():
+                pooled.setdefault(seed, loss)
     ref = losses.get("bf16", {})
     tw = losses.get("tensorwise", {})
     lines = [
@@ -170,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", required=True)
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     show = commands.add_parser("table", help="print the paired-gap table of a study folder")
-    show.add_argument("out")
+    show.add_argument("out", nargs="+", help="study folders (pooled)")
     args = parser.parse_args(argv)
     if args.command == "table":
-        print(table(Path(args.out)))
+        print(table(*map(Path, args.out)))
         return 0
     return _run(args)
 
