@@ -28,6 +28,10 @@ where the GPU's compute capability has the operands' scaling, operands padded to
 kernel's multiples) and the emulation elsewhere: on CPU, where it measured faster
 (benchmarks/linear.py), and for GEMMs the GPU cannot take, with one log line per label
 and reason.
+
+``accumulation=`` chooses what the sum keeps: ``"fp32"`` (the above) or a
+:class:`~fp8train.accumulator.TensorCoreAccumulator`, the model of an FP8 tensor core's
+narrower accumulator, which always runs in the emulation (the hardware GEMM has its own).
 """
 
 from __future__ import annotations
@@ -41,6 +45,12 @@ from typing import Literal
 import torch
 
 from fp8train import cuda_gemm
+from fp8train.accumulator import (
+    Accumulation,
+    TensorCoreAccumulator,
+    check_accumulation,
+    tensor_core_mm,
+)
 from fp8train.formats import E2M1, E4M3, E5M2, INT8
 from fp8train.scaling import Granularity, ScaleSpec
 from fp8train.tensor import ScaledTensor
@@ -191,8 +201,10 @@ def scaled_mm(
     out_dtype: torch.dtype = torch.bfloat16,
     backend: Backend = "auto",
     label: str = "scaled_mm",
+    accumulation: Accumulation = "fp32",
 ) -> torch.Tensor:
-    """``a (M, K) @ b (K, N) [+ bias (N,)] -> (M, N)`` in ``out_dtype``, fp32 accumulation.
+    """``a (M, K) @ b (K, N) [+ bias (N,)] -> (M, N)`` in ``out_dtype``, fp32 accumulation
+    unless ``accumulation`` says otherwise.
 
     ``bias`` is added in the GEMM epilogue, before the single rounding to ``out_dtype``
     (as ``torch._scaled_mm`` does), which is also what inductor fuses ``mm + bias`` into:
@@ -203,6 +215,12 @@ def scaled_mm(
     operands' device, ValueError where it cannot take them). ``label`` names the GEMM
     in the log line that says why a GPU GEMM takes the emulation (once per label and
     reason).
+
+    ``accumulation``: ``"fp32"`` (exact fp32 accumulation, the default) or a
+    :class:`~fp8train.accumulator.TensorCoreAccumulator`: the sum as the model of an
+    FP8 tensor core keeps it (FP8 operands only; always the emulation, so
+    ``backend="scaled_mm"`` refuses it; the bias is added to its fp32 result before
+    the rounding to ``out_dtype``).
 
     Not promised: bitwise equality across backends (summation order may differ; the
     tests bound the difference at fp32-accumulation level).
@@ -217,6 +235,8 @@ def scaled_mm(
         )
     if backend not in ("auto", "scaled_mm", "emulate"):
         raise ValueError(f"backend must be 'auto', 'scaled_mm' or 'emulate', got {backend!r}")
+    if accumulation != "fp32":
+        return _modelled_mm(a, b, bias, out_dtype, backend, label, accumulation)
     # Autocast would silently turn the fp32 GEMMs into bf16 ones.
     with autocast_off(a.device.type):
         if a.device.type == "cuda" and backend != "emulate":
@@ -263,6 +283,39 @@ def _torch_scaled_mm(
         bias=None if bias is None else bias.to(out_dtype),
         out_dtype=out_dtype,
     )
+
+
+def _modelled_mm(
+    a: ScaledTensor,
+    b: ScaledTensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    backend: Backend,
+    label: str,
+    accumulation: object,
+) -> torch.Tensor:
+    """The emulated GEMM with the tensor-core accumulator model."""
+    check_accumulation(accumulation, label)
+    assert isinstance(accumulation, TensorCoreAccumulator)  # check_accumulation
+    if backend == "scaled_mm":
+        raise ValueError(
+            f"{label}: the tensor-core accumulator model runs in the emulation (a hardware "
+            "GEMM accumulates its own way); use backend='auto' or 'emulate'"
+        )
+    if a.fmt not in _FP8 or b.fmt not in _FP8:
+        raise ValueError(
+            f"{label}: the tensor-core accumulator models FP8 GEMMs, got {a.fmt.name} x "
+            f"{b.fmt.name} (INT8 tensor cores accumulate exactly in int32); use "
+            "accumulation='fp32'"
+        )
+    # The operands as the fp32 emulation multiplies them (exact for power-of-two scales).
+    with autocast_off(a.device.type):
+        out = tensor_core_mm(a.dequantize(torch.float32), b.dequantize(torch.float32), accumulation)
+        if bias is not None:
+            # In out_dtype first, as the emulation takes it; added in fp32 before the
+            # single output rounding.
+            out = out + bias.to(out_dtype).to(torch.float32)
+        return out.to(out_dtype)
 
 
 def _emulated_mm(

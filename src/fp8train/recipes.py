@@ -20,6 +20,7 @@ import enum
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
+from fp8train.accumulator import Accumulation, check_accumulation
 from fp8train.formats import E4M3, E5M2, INT8
 from fp8train.scaling import Granularity, ScaleSpec
 
@@ -61,6 +62,10 @@ class Recipe:
     * ``"input"``: x as it arrives, in its own dtype (one rounding, to FP8);
     * ``"compute_dtype"``: x first rounded to the compute dtype (two roundings, as a
       layer whose input was already bf16 would see it).
+    ``accumulation``: what the FP8 GEMMs' sums keep: ``"fp32"`` (exact, the default) or
+    a :class:`~fp8train.accumulator.TensorCoreAccumulator` (the model of an FP8 tensor
+    core's narrower accumulator, emulated; FP8 recipes only). GEMMs the recipe runs in
+    high precision are not affected.
     ``min_multiple``: in/out features must be multiples of this or ``convert`` leaves
     the layer in high precision. 1 (every shape) by default: the emulation takes any
     shape, and the CUDA route pads operands to the multiples its kernels need (16, or
@@ -79,6 +84,7 @@ class Recipe:
     save_fp8_activations: bool = True
     fp8_fprop: bool = True
     quantize_from: Literal["input", "compute_dtype"] = "input"
+    accumulation: Accumulation = "fp32"
     min_multiple: int = field(default=1, compare=False)
     description: str = field(default="", compare=False)
 
@@ -122,6 +128,12 @@ class Recipe:
             raise ValueError(f"recipe {self.name!r}: MX scaling must be used for every operand")
         if G.BLOCK in kinds and kinds != {G.BLOCK}:
             raise ValueError(f"recipe {self.name!r}: block scaling must be used for every operand")
+        check_accumulation(self.accumulation, f"recipe {self.name!r}")
+        if self.accumulation != "fp32" and any(int8):
+            raise ValueError(
+                f"recipe {self.name!r}: the tensor-core accumulator models FP8 GEMMs; INT8 "
+                "tensor cores accumulate exactly in int32; use accumulation='fp32'"
+            )
         if self.min_multiple < 1:
             raise ValueError(f"recipe {self.name!r}: min_multiple must be >= 1")
         for flag in ("fp8_fprop", "fp8_dgrad", "fp8_wgrad", "save_fp8_activations"):
@@ -207,7 +219,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 
 # Numerics fields added after recipe states were first saved, with the default that
 # reproduces the earlier behaviour (Recipe.canonical leaves them out at that default).
-_LATER_FIELDS = ("fp8_fprop", "quantize_from")
+_LATER_FIELDS = ("fp8_fprop", "quantize_from", "accumulation")
 
 
 def _spec(fmt=E4M3, g: Granularity = G.TENSOR, **kw: object) -> ScaleSpec:  # type: ignore[no-untyped-def]
