@@ -20,8 +20,9 @@ Here both live in one byte each, with one fp32 scale per block of ``block`` elem
   round-to-nearest keeps it where it was. The root moves half as far
   per step and sticks more often: ``sqrt-e4m3`` drifted 2x further from fp32's ``v``
   and its update direction 1.5x further than ``e4m3``'s; E5M2's coarser grid the same.
-  Stochastic rounding (``rounding="stochastic"``) removes the bias but adds more noise
-  than it removes at this horizon (measured too). Choose ``sqrt-e4m3`` where gradients
+  Stochastic rounding (``rounding="stochastic"``) is unbiased, and brought ``v``'s error
+  down a little, but the noise it adds to ``m`` left the update further off than
+  round-to-nearest's (measured too). Choose ``sqrt-e4m3`` where gradients
   within a row span more than 2^8.9 (``v`` more than E4M3's 2^17.8): the test suite
   holds a block where only the root survives.
 
@@ -50,7 +51,8 @@ Contract:
   ``weight_decay``, ``betas``, ``eps``, ``block``, ``second_moment`` and ``rounding``,
   and any module.
 * DTensor parameters (FSDP2): each rank steps its local shard and keeps its shard's
-  states as plain tensors. ``state_dict()`` is then per rank: save and load it on the
+  states as plain tensors; with row blocks, 2 FSDP2 ranks step bitwise like one process
+  (tests/distributed/test_comm_hooks.py). ``state_dict()`` is then per rank: save and load it on the
   same number of ranks with the same sharding; ``torch.distributed.checkpoint``'s
   resharding is not supported for these states.
 * ``step(closure)`` runs the closure under ``enable_grad``, as torch's optimizers do.

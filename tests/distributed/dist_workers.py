@@ -466,3 +466,67 @@ def comm_hook_bytes(steps: int) -> dict[str, Any]:
     out["parameters"] = sum(p.numel() for p in Net().parameters())
     _finish()
     return out
+
+
+def fp8_adamw_train(steps: int, world: int | None = None) -> dict[str, Any]:
+    """``fp8train.Fp8AdamW`` on the unconverted ``Net``: under FSDP2 on this rank's group
+    (``world`` None), or in one process on the global batch as ``world`` micro-batches
+    with averaged gradients (the reference). Returns the global losses, the full
+    parameters and the decoded moments of every parameter (full tensors)."""
+    distributed = world is None
+    if distributed:
+        fd.init_from_env(timeout_s=30)
+    torch.manual_seed(0)
+    model: nn.Module = Net()
+    if distributed:
+        model = fd.setup(model, "fsdp2")
+    opt = fp8train.Fp8AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    losses = []
+    for step in range(steps):
+        if distributed:
+            x, y = (fd.batch_shard(t) for t in global_batch(step))
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            losses.append(fd.mean_over_ranks(loss))
+        else:
+            assert world is not None
+            parts = []
+            for r in range(world):
+                x, y = local_batch(step, r, world)
+                part = F.mse_loss(model(x), y)
+                part.backward()
+                parts.append(part.detach())
+            for p in model.parameters():
+                assert p.grad is not None
+                p.grad.div_(world)
+            losses.append(float(sum(parts[1:], parts[0]) / world))
+        opt.step()
+        opt.zero_grad()
+
+    def full(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if not distributed:
+            return t.detach().clone()
+        # A local moment of a sharded parameter: gathered like the parameter itself.
+        from torch.distributed.tensor import DTensor
+
+        spec = like
+        assert isinstance(spec, DTensor)
+        return DTensor.from_local(
+            t.reshape(spec.to_local().shape).contiguous(),
+            spec.device_mesh,
+            spec.placements,
+            shape=spec.shape,
+            stride=spec.stride(),
+        ).full_tensor()
+
+    out: dict[str, Any] = {"losses": losses, "params": {}, "moments": {}}
+    for name, p in model.named_parameters():
+        moments = opt.moments(p)
+        assert moments is not None
+        out["moments"][name] = tuple(full(m, p) for m in moments)
+        value = p.full_tensor() if distributed else p  # type: ignore[operator]
+        out["params"][name] = value.detach().clone()
+    if distributed:
+        out["state_bytes"] = opt.state_bytes()
+        _finish()
+    return out

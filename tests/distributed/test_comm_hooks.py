@@ -1,14 +1,18 @@
-"""fp8train.distributed.comm_hooks on 2 gloo ranks: bytes on the wire against DDP's
-fp32 and bf16 hooks, the averaged gradient's error, and identical replicas."""
+"""Issue 31 on 2 gloo ranks: fp8train.distributed.comm_hooks (bytes on the wire against
+DDP's fp32 and bf16 hooks, the averaged gradient's error, identical replicas) and
+fp8train.Fp8AdamW under FSDP2 (bitwise the single-process run)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import dist_workers as w
 import pytest
 import torch
 from dist_harness import run_ranks
 
+import fp8train
 from fp8train.distributed.comm_hooks import Fp8CommState
 from fp8train.testing import assert_bitwise_equal
 
@@ -30,6 +34,14 @@ def _sent(counts: dict[str, int], world: int) -> float:
         + counts["all_to_all_single"] * (world - 1) / world
         + counts["all_gather_single"] * (world - 1)
     )
+
+
+@pytest.fixture
+def single_thread() -> Any:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -78,3 +90,23 @@ def test_state_validates() -> None:
     with pytest.raises(ValueError, match="block"):
         Fp8CommState(block=0)
     assert Fp8CommState(fmt="e5m2").spec.fmt.name == "e5m2"
+
+
+def test_fp8_adamw_under_fsdp2_is_bitwise_the_single_process(
+    tmp_path: Path, single_thread: None
+) -> None:
+    """Fp8AdamW steps each rank's shard; its row blocks make the shard's scales those of
+    the whole parameter, so 2 FSDP2 ranks match one process bit for bit (gloo averages
+    the two gradients exactly, as the single process does with two micro-batches)."""
+    steps = 3
+    ranks = run_ranks("fp8_adamw_train", tmp_path, world=WORLD, steps=steps)
+    ref = w.fp8_adamw_train(steps, world=WORLD)
+    for r in ranks:
+        assert r.value["losses"] == ref["losses"]
+        for name, value in ref["params"].items():
+            assert_bitwise_equal(r.value["params"][name], value)
+            for got, want in zip(r.value["moments"][name], ref["moments"][name], strict=True):
+                assert_bitwise_equal(got, want)
+    # Each rank holds half of the states (Net's rows split evenly over 2 ranks).
+    total = fp8train.Fp8AdamW.state_bytes_for(w.Net().parameters())
+    assert sum(r.value["state_bytes"] for r in ranks) == total
