@@ -200,12 +200,16 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 _LAYER_KEYS = frozenset({"recipe", "recipe_config", "features", "histories", "nonfinite"})
+# Present (True) only on a layer demoted to high precision (LayerState.high_precision).
+_OPTIONAL_KEYS = frozenset({"high_precision"})
 
 
 def recipe_state_dict(model: nn.Module) -> dict[str, Any]:
     """Versioned recipe state of every converted layer: its recipe (name and
     :meth:`Recipe.canonical` description), ``(in_features, out_features)`` (a per-tensor
-    history does not show the width), amax histories and non-finite counters."""
+    history does not show the width), amax histories and non-finite counters, and
+    ``"high_precision": True`` for a layer demoted to high precision
+    (``LayerState.high_precision``, e.g. by :class:`fp8train.Guard`)."""
     layers = {
         name: {
             "recipe": m.recipe.name,
@@ -299,7 +303,7 @@ def _stored_config(config: object) -> object:
 
 
 def _check_entry_keys(where: str, entry: object) -> None:
-    if not isinstance(entry, dict) or set(entry) != _LAYER_KEYS:
+    if not isinstance(entry, dict) or not _LAYER_KEYS <= set(entry) <= _LAYER_KEYS | _OPTIONAL_KEYS:
         got = sorted(map(str, entry)) if isinstance(entry, dict) else type(entry).__name__
         raise ValueError(
             f"{where}: expected a dict with keys {sorted(_LAYER_KEYS)}, got {got}; save it "
@@ -341,6 +345,11 @@ def _check_layer_state(name: str, layer: Fp8Linear, entry: object) -> None:
             f"{where}: 'features' (in_features, out_features) is {entry['features']!r} in "
             f"the checkpoint, {features} in the model; load it into a model of the same "
             "shape"
+        )
+    if not isinstance(entry.get("high_precision", False), bool):
+        raise ValueError(
+            f"{where}: 'high_precision' must be a bool (the layer runs in high precision), "
+            f"got {entry['high_precision']!r}"
         )
     histories = layer.fp8_state.histories
     saved = entry["histories"]
@@ -492,6 +501,8 @@ def _migrated_entry(where: str, layer: Fp8Linear, entry: dict[str, Any]) -> tupl
     nonfinite = entry["nonfinite"] if isinstance(entry["nonfinite"], dict) else {}
     new = _fresh_entry(layer, {r: nonfinite.get(r, 0) for r in layer.fp8_state.nonfinite})
     new["histories"] = {r: h.state_dict() for r, h in histories.items()}
+    if entry.get("high_precision") is True:  # a demoted layer stays demoted
+        new["high_precision"] = True
     done = []
     if seeded:
         by_count: dict[int, list[str]] = {}

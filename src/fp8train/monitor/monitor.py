@@ -26,9 +26,11 @@ from fp8train.monitor.detectors import (
     ScaleChangeDetector,
     Thresholds,
 )
+from fp8train.monitor.gemms import GemmCheck
 from fp8train.monitor.recorder import OperandRecorder
 from fp8train.monitor.shadow import Bf16Shadow
 from fp8train.monitor.sinks import Sink, open_sinks
+from fp8train.monitor.stats import OperandStats
 from fp8train.monitor.stats import grad_norm as model_grad_norm
 from fp8train.nn import Fp8Linear, fp8_layers
 
@@ -54,7 +56,10 @@ class Monitor:
     file to append records to. ``tensorboard``: log folder for TensorBoard, skipped
     with a log line when tensorboard is not installed. ``sinks``: further sinks.
     ``shadow_every``: run the BF16 shadow check on steps that are multiples of this.
-    ``thresholds``: when to warn (:class:`Thresholds`).
+    ``thresholds``: when to warn (:class:`Thresholds`). ``gemm_check``: on observed
+    steps, also measure each layer's three GEMMs against high precision
+    (:mod:`fp8train.monitor.gemms`; layer records with roles ``"gemm.output"``,
+    ``"gemm.grad_input"``, ``"gemm.grad_weight"`` and field ``rel_err``).
 
     Use as a context manager (``with Monitor(model) as mon:``) or call ``attach()`` and
     ``detach()``; ``close()`` detaches and closes the sinks. A layer can have one
@@ -72,6 +77,7 @@ class Monitor:
         shadow_every: int | None = None,
         thresholds: Thresholds | None = None,
         start: int = 0,
+        gemm_check: bool = False,
     ) -> None:
         if not isinstance(every, int) or every < 1:
             raise ValueError(
@@ -96,7 +102,8 @@ class Monitor:
         self.warnings: list[dict[str, Any]] = []  # every warning record, in order
         self.latest: dict[tuple[str, str], dict[str, Any]] = {}  # last record per (layer, role)
 
-        self._recorder = OperandRecorder(self.layers)
+        self._gemms = GemmCheck(self.layers) if gemm_check else None
+        self._recorder = OperandRecorder(self.layers, self._gemms)
         self._shadow = Bf16Shadow(self.layers)
         self._nonfinite = NonFiniteDetector(self.layers)
         self._jumps = AmaxJumpDetector(self.layers)
@@ -204,6 +211,8 @@ class Monitor:
         raised = self._nonfinite.check(s, loss_f) + self._jumps.check(s)
         if recorded:
             records = self._recorder.records(s) + self._shadow.records(s)
+            if self._gemms is not None:
+                records += self._gemms.records(s)
             for rec in records:
                 self.latest[(rec["layer"], rec["role"])] = rec
                 self._emit(rec)
@@ -240,6 +249,52 @@ class Monitor:
         if self._attached:
             self._configure()
         return raised
+
+    # ------------------------------------------------- for fp8train.Guard (and others)
+    @property
+    def step_stats(self) -> dict[tuple[str, str], OperandStats]:
+        """The current step's pooled statistics by ``(layer, role)`` so far (observed
+        steps; empty otherwise). Cleared by :meth:`step`."""
+        return self._recorder.stats
+
+    def gemm_errors(self) -> dict[tuple[str, str], float]:
+        """The current step's GEMM errors by ``(layer, gemm)`` (``gemm_check`` on an
+        observed step; empty otherwise): :mod:`fp8train.monitor.gemms`."""
+        return {} if self._gemms is None or not self._observing else self._gemms.errors()
+
+    def enable_gemm_check(self) -> None:
+        """Switch the GEMM check on (see ``gemm_check``) from the next observed step."""
+        if self._gemms is None:
+            self._gemms = GemmCheck(self.layers)
+            self._recorder.gemms = self._gemms
+
+    def observe_now(self) -> None:
+        """Forget what the current step recorded so far and observe the rest of it (for
+        a step run again to be looked at, e.g. by :class:`fp8train.Guard`)."""
+        if not self._attached:
+            raise ValueError("observe_now() needs an attached monitor; call attach() first")
+        self._recorder.clear()
+        self._shadow.clear()
+        if not self._observing:
+            self._uninstall()
+            self._observing = True
+            self._recorder.install()
+
+    def restart_at(self, step: int) -> None:
+        """Continue counting steps from ``step`` (e.g. after a rollback), dropping what
+        the current step recorded so far."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        self._recorder.clear()
+        self._shadow.clear()
+        self.step_count = step
+        if self._attached:
+            self._configure()
+
+    def emit(self, record: dict[str, Any]) -> None:
+        """Write ``record`` (a JSON-ready dict with ``"step"`` and ``"kind"``) to every
+        sink, e.g. a guard's diagnosis."""
+        self._emit(record)
 
     def _emit(self, record: dict[str, Any]) -> None:
         for sink in self._sinks:

@@ -5,7 +5,8 @@
 ``q is None`` when ``t`` held NaN/inf) and a forward pre-hook that notes the grad mode,
 so that forward quantisations under ``torch.no_grad()`` (evaluation) are left out. It
 pools :func:`~fp8train.monitor.stats.operand_stats` per (layer, role) for the step and
-turns them into layer records.
+turns them into layer records; given a :class:`~fp8train.monitor.gemms.GemmCheck`, it
+hands it every training operand too.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from fp8train.autograd import LayerState
+from fp8train.monitor.gemms import GemmCheck
 from fp8train.monitor.stats import FORWARD_ROLES, OperandStats, operand_stats
 from fp8train.nn import Fp8Linear
 from fp8train.tensor import ScaledTensor
@@ -27,8 +29,11 @@ __all__ = ["OperandRecorder"]
 class OperandRecorder:
     """Observer and grad-mode hooks on ``layers``; this step's pooled statistics."""
 
-    def __init__(self, layers: Sequence[tuple[str, Fp8Linear]]) -> None:
+    def __init__(
+        self, layers: Sequence[tuple[str, Fp8Linear]], gemms: GemmCheck | None = None
+    ) -> None:
         self._layers = list(layers)
+        self.gemms = gemms  # also fed every training operand, when given
         self._order = {name: i for i, (name, _) in enumerate(self._layers)}
         # Records use the qualified module name (a hand-built Fp8Linear's state may carry
         # another name).
@@ -62,6 +67,8 @@ class OperandRecorder:
         """Forget this step's statistics (at the end of every step)."""
         self.stats = {}
         self._grad_mode = {}
+        if self.gemms is not None:
+            self.gemms.clear()
 
     def _pre_hook(self, name: str) -> Any:
         def hook(module: nn.Module, args: Any) -> None:
@@ -86,6 +93,8 @@ class OperandRecorder:
                 self.stats[(name, role)] = stats
             else:
                 acc.add(stats)
+            if self.gemms is not None:
+                self.gemms.observe(name, role, t, q)
         if history is not None and q is not None:
             # The history has recorded this amax; the next quantisation's scale uses it.
             self._history_amax[(name, role)] = float(history.reduced())

@@ -88,6 +88,9 @@ class TensorBoardSink:
         if kind == "warning":
             self._writer.add_text("warnings", record["message"], step)
             return
+        if kind not in ("step", "layer"):  # e.g. a guard's diagnosis or action
+            self._writer.add_text(str(kind), str(record.get("message", record)), step)
+            return
         prefix = "train" if kind == "step" else f"{record['layer']}/{record['role']}"
         for key, value in record.items():
             if key in ("step", "kind", "layer", "role") or isinstance(value, bool):
