@@ -221,6 +221,23 @@ def fixed_cost(d: dict[str, Any]) -> str:
     return head + "\n\n" + _table(headers, rows)
 
 
+def accumulator(d: dict[str, Any]) -> str:
+    c = d["config"]
+    load = ", ".join(f"{x:.1f}" for x in d["load_average_before"])
+    head = (
+        f"The tensor-core accumulator model's cost on the lab GPT's train step ({c['recipe']}, "
+        f"d_model {c['model']['d_model']}, {c['batch']} x {c['model']['seq']} tokens), "
+        f"interleaved, median of {c['steps']} steps (`benchmarks/accumulator.py`; "
+        f"docs/accumulator.md). Load average before the run: {load} (1, 5, 15 min): "
+        "read the ratio, not the times."
+    )
+    rows = [
+        [name, _ms(r["median_s"]), _x(r["step_vs_fp32_accumulation"])]
+        for name, r in d["results"].items()
+    ]
+    return head + "\n\n" + _table(["precision", "median step", "vs fp32 accumulation"], rows)
+
+
 def _rel(x: float) -> str:
     return "0" if x == 0 else f"{x:.1e}"
 
@@ -442,6 +459,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "fixed_cost": fixed_cost,
     "monitor": monitor,
     "dist_fp8_all_gather": dist_fp8_all_gather,
+    "accumulator": accumulator,
 }
 
 
