@@ -13,10 +13,12 @@ import torch
 from torch import nn
 
 import fp8train
-from fp8train.guard import Guard
+from fp8train.guard import Guard, GuardThresholds
 from fp8train.monitor import HealthWarning
 
 D_IN, HIDDEN, D_OUT, BATCH = 32, 64, 16, 24
+# The loss and gradient triggers judge from 8 steps on (16 by default): short test runs.
+TH = GuardThresholds(min_history=8)
 
 
 def make_model(recipe: str = "tensorwise") -> nn.Module:

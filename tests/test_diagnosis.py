@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 import torch
-from guard_helpers import Batches, Fault, make_model, train
+from guard_helpers import TH, Batches, Fault, make_model, train
 from torch import nn
 
 import fp8train
@@ -60,7 +60,7 @@ def test_diagnosis_names_the_faulty_layer_gemm_and_operand(
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     # observed: every step is observed; looked-again: none is, so the guard runs the
     # triggered step a second time, observed.
-    guard = Guard(model, opt, policy="warn", every=1 if observed else 10**6, start=1)
+    guard = Guard(model, opt, thresholds=TH, policy="warn", every=1 if observed else 10**6, start=1)
     fault = Fault(model, layer, at=12, kind=kind)
     with guard:
         train(guard, Batches(), 14, fault.before)
@@ -78,7 +78,7 @@ def test_diagnosis_names_the_faulty_layer_gemm_and_operand(
 def test_weight_outlier_is_named_in_the_output_gemm() -> None:
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    guard = Guard(model, opt, policy="warn", every=10**6, start=1)
+    guard = Guard(model, opt, thresholds=TH, policy="warn", every=10**6, start=1)
     w = model.get_submodule("4").weight
 
     def before(step: int) -> None:
@@ -94,7 +94,8 @@ def test_weight_outlier_is_named_in_the_output_gemm() -> None:
 
 
 def test_gemm_error_leaving_its_baseline_triggers_alone() -> None:
-    baselines = GemmBaselines(GuardThresholds(gemm_warmup=3))
+    th = GuardThresholds(gemm_warmup=3, gemm_floor=0.15, gemm_cap=0.5)
+    baselines = GemmBaselines(th)
     key = ("l", "output")
     for s in range(5):
         baselines.update(s, {key: 0.03 * (1 + 0.1 * (s % 2))})
@@ -102,8 +103,10 @@ def test_gemm_error_leaving_its_baseline_triggers_alone() -> None:
     assert not baselines.out(key, 0.14)  # under the floor: never out
     assert baselines.out(key, 0.3)  # 10x its usual error
     assert baselines.out(key, math.nan)
-    fresh = GemmBaselines(GuardThresholds())
+    fresh = GemmBaselines(th)
     assert not fresh.out(key, 0.3) and fresh.out(key, 0.6)  # before warm-up: the cap
+    with pytest.raises(ValueError, match="gemm_floor < gemm_cap"):
+        GuardThresholds(gemm_floor=0.9)
     assert baselines.describe(key)["observations"] == 5
 
 
@@ -112,7 +115,7 @@ def test_diagnosis_reaches_the_health_log(tmp_path: Any) -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     log = tmp_path / "health.jsonl"
     fault = Fault(model, "2", at=10, kind="nan")
-    with Guard(model, opt, policy="warn", every=5, jsonl=log, start=1) as guard:
+    with Guard(model, opt, thresholds=TH, policy="warn", every=5, jsonl=log, start=1) as guard:
         train(guard, Batches(), 12, fault.before)
     from fp8train.lab.health import read_log
 

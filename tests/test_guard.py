@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 import torch
-from guard_helpers import Batches, Fault, make_model, train
+from guard_helpers import TH, Batches, Fault, make_model, train
 from torch import nn
 
 import fp8train
@@ -36,19 +36,25 @@ def test_arguments_are_checked() -> None:
     model = make_model()
     opt = _adam(model)
     with pytest.raises(ValueError, match="policy must be one of"):
-        Guard(model, opt, policy="panic")  # type: ignore[arg-type]
+        Guard(model, opt, thresholds=TH, policy="panic")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="snapshot_every"):
-        Guard(model, opt, policy="rollback", data=Batches())
+        Guard(model, opt, thresholds=TH, policy="rollback", data=Batches())
     with pytest.raises(ValueError, match="data="):
-        Guard(model, opt, policy="rollback", snapshot_every=4)
+        Guard(model, opt, thresholds=TH, policy="rollback", snapshot_every=4)
     with pytest.raises(ValueError, match="snapshot_every is for policy 'rollback'"):
-        Guard(model, opt, policy="skip", snapshot_every=4)
+        Guard(model, opt, thresholds=TH, policy="skip", snapshot_every=4)
 
 
 def test_a_healthy_run_takes_no_action() -> None:
     model = make_model()
     with Guard(
-        model, _adam(model), policy="rollback", snapshot_every=4, data=Batches(), every=2
+        model,
+        _adam(model),
+        thresholds=TH,
+        policy="rollback",
+        snapshot_every=4,
+        data=Batches(),
+        every=2,
     ) as g:
         losses = train(g, g.data, 20)  # type: ignore[arg-type]
     assert g.events == [] and g.diagnoses == [] and g.demoted == []
@@ -57,7 +63,7 @@ def test_a_healthy_run_takes_no_action() -> None:
 
 def test_warn_logs_and_steps_on() -> None:
     model = make_model()
-    guard = Guard(model, _adam(model), policy="warn", every=10**6, start=1)
+    guard = Guard(model, _adam(model), thresholds=TH, policy="warn", every=10**6, start=1)
     fault = Fault(model, "2", at=12, kind="grad_output")
     before: dict[str, torch.Tensor] = {}
 
@@ -79,7 +85,7 @@ def test_skip_drops_the_batch_and_its_history_records() -> None:
     """Delayed scaling: an outlier batch would enter the amax history and flush the next
     batches to zero; skip leaves the weights and every history as they were."""
     model = make_model("delayed")
-    guard = Guard(model, _adam(model), policy="skip", every=10**6, start=1)
+    guard = Guard(model, _adam(model), thresholds=TH, policy="skip", every=10**6, start=1)
     fault = Fault(model, "0", at=12, kind="outlier")
     seen: dict[str, Any] = {}
 
@@ -105,7 +111,7 @@ def test_skip_drops_the_batch_and_its_history_records() -> None:
 
 def test_demote_moves_the_culprit_to_high_precision_and_keeps_it_in_the_recipe_state() -> None:
     model = make_model()
-    guard = Guard(model, _adam(model), policy="demote", every=10**6, start=1)
+    guard = Guard(model, _adam(model), thresholds=TH, policy="demote", every=10**6, start=1)
     fault = Fault(model, "2", at=12, kind="grad_output")
     with guard:
         train(guard, Batches(), 16, fault.before)
@@ -148,7 +154,14 @@ def test_rollback_replays_bit_for_bit_like_a_run_with_the_culprit_in_high_precis
     opt_a = _adam(model_a)
     data_a = Batches()
     guard = Guard(
-        model_a, opt_a, policy="rollback", snapshot_every=4, data=data_a, every=every, start=0
+        model_a,
+        opt_a,
+        thresholds=TH,
+        policy="rollback",
+        snapshot_every=4,
+        data=data_a,
+        every=every,
+        start=0,
     )
     fault = Fault(model_a, "2", at=at, kind="grad_output")
     with guard:
@@ -188,6 +201,7 @@ def test_rollback_with_a_loss_scaler_and_clipping() -> None:
     guard = Guard(
         model,
         opt,
+        thresholds=TH,
         policy="rollback",
         snapshot_every=4,
         data=data,

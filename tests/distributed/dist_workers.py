@@ -530,3 +530,49 @@ def fp8_adamw_train(steps: int, world: int | None = None) -> dict[str, Any]:
         out["state_bytes"] = opt.state_bytes()
         _finish()
     return out
+
+
+def guard_agreement(steps: int, fault_step: int) -> dict[str, Any]:
+    """fp8train.Guard (policy "demote") under DDP with a fault on rank 1 only: an outlier
+    in one layer's grad_output at one step, while that layer runs in FP8. Rank 0's own
+    operands are clean (it would skip), rank 1 names the layer: every rank must look
+    again, demote the same layer and keep identical replicas."""
+    info = fd.init_from_env(timeout_s=30)
+    net = make_model("tensorwise")
+    target = [n for n, _ in fp8_layers(net)][-2]
+    layer = net.get_submodule(target)
+    now = {"step": -1}
+
+    def fault(module: nn.Module, grad_output: Any) -> Any:
+        if info.rank != 1 or now["step"] != fault_step or layer.fp8_state.high_precision:
+            return None
+        g = grad_output[0].clone()
+        g.view(-1, g.shape[-1])[0, 0] = g.abs().max() * 1e12
+        return (g,)
+
+    layer.register_full_backward_pre_hook(fault)
+    model = fd.setup(net, "ddp")
+    opt = make_optimizer(model)
+    thresholds = fp8train.GuardThresholds(min_history=4)
+    guard = fp8train.Guard(model, opt, policy="demote", every=10**6, start=1, thresholds=thresholds)
+    while guard.step_count < steps:
+        now["step"] = guard.step_count
+        x, y = (fd.batch_shard(t) for t in global_batch(guard.step_count))
+
+        def closure(x: torch.Tensor = x, y: torch.Tensor = y, m: nn.Module = model) -> torch.Tensor:
+            loss = F.mse_loss(m(x).float(), y)
+            loss.backward()
+            return loss
+
+        guard.step(closure)
+    out = {
+        "target": target,
+        "events": [(e["step"], e["action"], e["layer"]) for e in guard.events],
+        "diagnosed": [d.layer for d in guard.diagnoses],
+        "demoted": guard.demoted,
+        "params": {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()},
+    }
+    guard.close()
+    del model, opt, guard
+    _finish()
+    return out

@@ -30,16 +30,18 @@ class GuardThresholds:
     loss_spike: float = 2.0  # the loss above this times the median loss
     grad_jump: float = 10.0  # the gradient norm above this times the median norm
     window: int = 32  # losses and gradient norms the medians are taken over
-    min_history: int = 8  # values needed before the two triggers judge
+    min_history: int = 16  # values needed before the two triggers judge
     # A GEMM's error (fp8train.monitor.gemms) leaves its baseline when its log exceeds the
     # baseline's by log(gemm_factor) and by gemm_sigmas spreads, and it exceeds
     # gemm_floor: the usual FP8 GEMM error is a few percent, a flushed or clipped
-    # operand makes it tens of percent and more.
+    # operand loses whole rows or columns (an error near 1). Early in training a
+    # gradient GEMM's error swings several-fold (0.06 to 0.35 on the lab GPT's head in
+    # its first steps), hence a floor well above such swings.
     gemm_factor: float = 4.0
     gemm_sigmas: float = 4.0
-    gemm_floor: float = 0.15
-    gemm_warmup: int = 3  # observations before a baseline judges; until then:
-    gemm_cap: float = 0.5  # an error above this is out of any baseline
+    gemm_floor: float = 0.5
+    gemm_warmup: int = 5  # observations before a baseline judges; until then:
+    gemm_cap: float = 0.8  # an error above this is out of any baseline
     ema: float = 0.1  # weight of a new observation in the baselines
 
     def __post_init__(self) -> None:
