@@ -184,6 +184,28 @@ def monitor(d: dict[str, Any]) -> str:
     return head + "\n\n" + _table(["setting", "extra time per step"], rows)
 
 
+def guard(d: dict[str, Any]) -> str:
+    m = d["model"]
+    load = ", ".join(f"{x:.1f}" for x in d["load_average_before"])
+    head = (
+        f"The guard's cost on the lab GPT ({m['recipe']}, d_model {m['d_model']}), "
+        f"medians of same-round differences over {d['rounds']} interleaved rounds, "
+        f"{d['torch_threads']} torch thread(s) (`benchmarks/guard.py`; docs/guard.md). "
+        f"Load average before the run: {load} (1, 5, 15 min): read the ratios, not the "
+        "times; a negative share is below the noise of the machine."
+    )
+    rows = [
+        [f"every={n}" + (" (default)" if int(n) == d["default_every"] else ""), f"{100 * v:.1f}%"]
+        for n, v in d["overhead_at_interval"].items()
+    ]
+    rows.append(["observed step alone", f"{100 * (d['observed_step_ratio'] - 1):.0f}%"])
+    rows += [
+        [f"rollback snapshot every {k} steps", f"{100 * v:.2f}%"]
+        for k, v in d["snapshot_overhead_at_interval"].items()
+    ]
+    return head + "\n\n" + _table(["setting", "extra time per step"], rows)
+
+
 def dist_fp8_all_gather(d: dict[str, Any]) -> str:
     head = (
         f"Bytes on the wire per rank per step, {d['world_size']} ranks, gloo, {d['recipe']} "
@@ -458,6 +480,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "cast": cast,
     "fixed_cost": fixed_cost,
     "monitor": monitor,
+    "guard": guard,
     "dist_fp8_all_gather": dist_fp8_all_gather,
     "accumulator": accumulator,
 }
