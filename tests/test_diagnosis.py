@@ -136,3 +136,17 @@ def test_ranks_agree_on_the_most_severe_action_and_earliest_culprit() -> None:
     assert agree([1, 2], fake_reduce_max) == [3, 5]
     assert agree([4, 7], fake_reduce_max) == [4, 7]
     assert agree([4, 7], None) == [4, 7]
+
+
+def test_an_amax_jump_from_an_all_zero_window_is_reported_not_a_crash() -> None:
+    """An operand all zero for a whole delayed window, then not: the jump's ratio is inf
+    (the message divided by the zero window amax, a ZeroDivisionError mid-training)."""
+    from fp8train.autograd import AmaxJumpWarning
+
+    layer = fp8train.Fp8Linear(8, 4, recipe="delayed", kernels="eager")
+    for _ in range(3):
+        layer(torch.zeros(2, 8)).sum().backward()
+    with pytest.warns(AmaxJumpWarning, match="inf times"):
+        layer(torch.ones(2, 8)).sum().backward()
+    jump = layer.fp8_state.amax_jumps[-1]
+    assert (jump.role, jump.ratio) == ("input", math.inf)

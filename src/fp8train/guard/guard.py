@@ -338,7 +338,7 @@ class Guard:
             new = min(state.amax_jump_count - njumps, len(state.amax_jumps))
             if new > 0:
                 for j in list(state.amax_jumps)[-new:]:
-                    jumps.append((name, j.role, j.amax / j.window_amax))
+                    jumps.append((name, j.role, j.ratio))
         return nonfinite, jumps
 
     def _run(self, closure: Callable[[], torch.Tensor | float]) -> tuple[float, float]:

@@ -416,7 +416,7 @@ class AmaxJumpDetector:
                         "amax_jump",
                         name,
                         jump.role,
-                        f"amax {jump.amax:.4g} is {jump.amax / jump.window_amax:.3g} times "
+                        f"amax {jump.amax:.4g} is {jump.ratio:.3g} times "
                         f"the history window's {jump.window_amax:.4g} (limit {jump.limit:.3g}): "
                         "values of the earlier size quantise to zero while it stays in the "
                         "window",
