@@ -117,6 +117,12 @@ class AmaxJump(NamedTuple):
     window_amax: float  # the window's amax before it (what the scale came from)
     limit: float  # amax_jump_limit of the operand's format
 
+    @property
+    def ratio(self) -> float:
+        """``amax / window_amax``; inf when the window held only zeros (an operand that
+        was all zero for a whole window: its scale came from the amax floor)."""
+        return self.amax / self.window_amax if self.window_amax > 0 else float("inf")
+
 
 # How many amax jump events each layer keeps for a monitor to read (a count is kept too).
 _JUMP_EVENTS_KEPT = 64
@@ -197,6 +203,9 @@ class LayerState:
                 r: AmaxHistory(recipe.history_len, recipe.history_algo) for r in self.ROLES
             }
         self.nonfinite: dict[str, int] = {r: 0 for r in self.ROLES}
+        # A per-layer override (fp8train.Guard's "demote"): True runs all three GEMMs in
+        # the compute dtype, quantising and recording nothing. Part of the recipe state.
+        self.high_precision = False
         self.observer: Observer | None = None
         self.distributed: DistributedHooks | None = None
         self._replays: deque[_Replay] = deque(maxlen=_REPLAY_LIMIT)
@@ -232,10 +241,13 @@ class LayerState:
         return None
 
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "histories": {r: h.state_dict() for r, h in self.histories.items()},
             "nonfinite": dict(self.nonfinite),
         }
+        if self.high_precision:  # only when set: other checkpoints keep their keys
+            state["high_precision"] = True
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if set(state["histories"]) != set(self.histories):
@@ -247,6 +259,7 @@ class LayerState:
         for role, h in state["histories"].items():
             self.histories[role].load_state_dict(h)
         self.nonfinite.update(state.get("nonfinite", {}))
+        self.high_precision = bool(state.get("high_precision", False))
 
     def report_nonfinite(self, role: str, shape: torch.Size) -> None:
         self.nonfinite[role] += 1
@@ -266,7 +279,7 @@ class LayerState:
         h = self.histories[jump.role]
         warnings.warn(
             f"fp8train: layer {self.name!r}: {jump.role} amax {jump.amax:.4g} at history "
-            f"step {jump.history_step} is {jump.amax / jump.window_amax:.3g} times the "
+            f"step {jump.history_step} is {jump.ratio:.3g} times the "
             f"window's amax {jump.window_amax:.4g}, beyond what the format's range holds "
             f"alongside it ({jump.limit:.3g}): while it stays in the amax history "
             f"({h.length} steps, {h.algo!r}), values of the earlier size quantise to zero. "
@@ -518,7 +531,12 @@ class _Fp8Linear(torch.autograd.Function):
                 qw = step.quantize(weight, recipe.weight, "weight", work, keep_payload=keep_w)
             if fprop and qx is not None and qw is not None:
                 y = scaled_mm(
-                    qx, qw.t(), bias=bias, out_dtype=out_dtype, label=state.gemm_label("output")
+                    qx,
+                    qw.t(),
+                    bias=bias,
+                    out_dtype=out_dtype,
+                    label=state.gemm_label("output"),
+                    accumulation=recipe.accumulation,
                 )
             else:
                 y = torch.nn.functional.linear(
@@ -598,7 +616,13 @@ class _Fp8Linear(torch.autograd.Function):
                         weight, recipe.weight.transposed(), "weight.t", work_d, keep_payload=False
                     )
                 if qdy is not None and qw is not None:
-                    dx = scaled_mm(qdy, qw, out_dtype=gdtype, label=state.gemm_label("grad_input"))
+                    dx = scaled_mm(
+                        qdy,
+                        qw,
+                        out_dtype=gdtype,
+                        label=state.gemm_label("grad_input"),
+                        accumulation=recipe.accumulation,
+                    )
                 else:
                     dx = dy2d @ weight.to(gdtype)
                 dx = dx.reshape(ctx.in_shape).to(ctx.x_dtype)
@@ -636,7 +660,11 @@ class _Fp8Linear(torch.autograd.Function):
                         )
                 if qdy_t is not None and qx is not None:
                     dw = scaled_mm(
-                        qdy_t.t(), qx, out_dtype=gdtype, label=state.gemm_label("grad_weight")
+                        qdy_t.t(),
+                        qx,
+                        out_dtype=gdtype,
+                        label=state.gemm_label("grad_weight"),
+                        accumulation=recipe.accumulation,
                     )
                 else:
                     if x_hp is None:
@@ -665,8 +693,9 @@ def fp8_linear(
     ``x.dtype``; the bias is added in that dtype. Gradients: ``dx`` in ``x.dtype``,
     ``dW`` and ``db`` in the parameters' dtypes (fp32 master weights get fp32 grads).
     ``x`` must be float32, bfloat16 or float16 (else ``TypeError``, before any state
-    changes). An empty ``x`` (0 tokens) or weight, and the meta device, run in high
-    precision and record nothing (:func:`_high_precision_linear`).
+    changes). An empty ``x`` (0 tokens) or weight, the meta device and a layer whose
+    ``state.high_precision`` is set run in high precision and record nothing
+    (:func:`_high_precision_linear`).
     ``kernels``: the kernel set of this call (default ``state.kernels``; the compiled
     one under ``torch.compile``, see below). Called directly in compiled code, this
     function is a graph break whose frame dynamo recompiles per weight shape, as for any
@@ -689,7 +718,7 @@ def fp8_linear(
     if torch.compiler.is_compiling():
         out: torch.Tensor = _fp8_linear_in_compiled_model(x, weight, bias, state)
         return out
-    if x.device.type == "meta" or x.numel() == 0 or weight.numel() == 0:
+    if state.high_precision or x.device.type == "meta" or x.numel() == 0 or weight.numel() == 0:
         return _high_precision_linear(x, weight, bias)
     y: torch.Tensor = _Fp8Linear.apply(  # type: ignore[no-untyped-call]
         x, weight, bias, state, kernels or state.kernels
@@ -712,7 +741,9 @@ def _high_precision_linear(
       ``(..., N)`` with no elements, ``dx`` empty, ``dW`` and ``db`` zeros;
     * the meta device (shape propagation, e.g. building a model before materialising
       it): no data to quantise. Autocast does not apply to meta tensors (``nn.Linear``
-      on meta returns ``x.dtype`` under CPU autocast too), so neither does it here.
+      on meta returns ``x.dtype`` under CPU autocast too), so neither does it here;
+    * a layer demoted to high precision (``LayerState.high_precision``), e.g. by
+      :class:`fp8train.Guard`: the same arithmetic as ``nn.Linear`` under autocast.
     """
     device = x.device.type
     out_dtype = x.dtype if device == "meta" else _compute_dtype(x)
