@@ -553,8 +553,10 @@ def guard_agreement(steps: int, fault_step: int) -> dict[str, Any]:
     layer.register_full_backward_pre_hook(fault)
     model = fd.setup(net, "ddp")
     opt = make_optimizer(model)
-    thresholds = fp8train.GuardThresholds(min_history=4)
-    guard = fp8train.Guard(model, opt, policy="demote", every=10**6, start=1, thresholds=thresholds)
+    from fp8train.guard import Guard, GuardThresholds
+
+    thresholds = GuardThresholds(min_history=4)
+    guard = Guard(model, opt, policy="demote", every=10**6, start=1, thresholds=thresholds)
     while guard.step_count < steps:
         now["step"] = guard.step_count
         x, y = (fd.batch_shard(t) for t in global_batch(guard.step_count))
