@@ -1,6 +1,7 @@
 """fp8train: bit-exact FP8 mixed-precision training for PyTorch."""
 
 from fp8train import formats
+from fp8train.accumulator import TensorCoreAccumulator
 from fp8train.activations import Fp8SavedActivations
 from fp8train.cast import cast, round_to_grid
 from fp8train.formats import E2M1, E4M3, E5M2, E8M0, INT8, Format
@@ -41,6 +42,7 @@ __all__ = [
     "Recipe",
     "ScaleSpec",
     "ScaledTensor",
+    "TensorCoreAccumulator",
     "Thresholds",
     "__version__",
     "cast",

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from fp8train.accumulator import TensorCoreAccumulator
 from fp8train.formats import E4M3, E5M2
 from fp8train.recipes import Recipe
 
@@ -99,6 +100,15 @@ ABLATIONS: dict[str, tuple[str, Callable[[Recipe], Recipe]]] = {
     "hp-wgrad": ("the grad_weight GEMM in bf16", lambda r: replace(r, fp8_wgrad=False)),
     "e4m3-grads": ("gradients (dy) in E4M3", _grads(E4M3)),
     "e5m2-grads": ("gradients (dy) in E5M2", _grads(E5M2)),
+    # fp8train.accumulator (issue 30): the FP8 GEMMs sum as a Hopper tensor core would.
+    "tc-acc": (
+        "FP8 GEMMs in the tensor-core accumulator model (14 bits, K step 32), never promoted",
+        lambda r: replace(r, accumulation=TensorCoreAccumulator(promote_every=None)),
+    ),
+    "tc-acc-promote": (
+        "FP8 GEMMs in the tensor-core accumulator model, promoted to fp32 every 128 of K",
+        lambda r: replace(r, accumulation=TensorCoreAccumulator()),
+    ),
 }
 TASKS = ("gpt", "digits")
 # --dist: None (one process), or a data-parallel mode of fp8train.distributed.
