@@ -313,6 +313,7 @@ def summarize(config: LabConfig, records: dict[str, list[dict[str, Any]]]) -> di
             "median_step_s": _finite(step_s),
             "step_time_vs_bf16": _finite(step_s / bf16_step) if bf16_step else None,
             "saved_activation_bytes": recs[0]["saved_activation_bytes"],
+            "memory": recs[0].get("memory"),  # the first seed's ledger (lab.memory)
             "skipped_steps": sum(r["skipped_steps"] for r in recs),
             "loss_scaler": recs[0]["loss_scaler"],
             "converted_linears": recs[0]["converted_linears"],

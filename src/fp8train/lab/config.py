@@ -21,6 +21,7 @@ __all__ = [
     "ABLATION_SEPARATOR",
     "ACTIVATION_STORAGE_SUFFIX",
     "DIST_MODES",
+    "FP8_OPTIMIZER_SUFFIX",
     "FP8_RECIPES",
     "KNOWN_PRECISIONS",
     "PEER_PRECISIONS",
@@ -39,6 +40,7 @@ __all__ = [
     "resolve",
     "runs_fp8",
     "stores_fp8_activations",
+    "uses_fp8_optimizer",
 ]
 
 # Precisions that need no FP8 library support: "fp32" runs nothing special, "bf16"
@@ -53,6 +55,10 @@ PRECISIONS = REFERENCE_PRECISIONS + FP8_RECIPES
 # measure what COAT-style activation compression costs in loss. Not run by default.
 ACTIVATION_STORAGE_SUFFIX = "+fp8act"
 KNOWN_PRECISIONS = PRECISIONS + tuple(r + ACTIVATION_STORAGE_SUFFIX for r in FP8_RECIPES)
+# "<precision>+fp8optim" (last): bf16 or any FP8 precision above, with AdamW's moments
+# stored in FP8 (fp8train.Fp8AdamW) instead of fp32, to measure what the saved optimizer
+# memory costs in loss (issue 31). Not run by default.
+FP8_OPTIMIZER_SUFFIX = "+fp8optim"
 # The peer: torchao's float8 training recipes (torchao.float8, emulated on the CPU), run
 # on the same model, batches and seeds as ours (fp8train.lab.peer). An optional extra,
 # pip install 'fp8train[peer]'; not run by default.
@@ -345,13 +351,26 @@ def parse_precisions(text: str) -> tuple[str, ...]:
 
 def _split(precision: str) -> tuple[str, list[str]]:
     """``"tensorwise~nopow2~hpsave+fp8act"`` -> ``("tensorwise", ["nopow2", "hpsave"])``."""
-    base, *ablations = precision.removesuffix(ACTIVATION_STORAGE_SUFFIX).split(ABLATION_SEPARATOR)
+    arithmetic = precision.removesuffix(FP8_OPTIMIZER_SUFFIX).removesuffix(
+        ACTIVATION_STORAGE_SUFFIX
+    )
+    base, *ablations = arithmetic.split(ABLATION_SEPARATOR)
     return base, ablations
 
 
 def check_precision(precision: str) -> None:
     """Raise ``LabError`` unless ``precision`` is one the lab runs: fp32, bf16, an FP8
-    recipe with ablations and ``+fp8act`` optional, or a peer precision."""
+    recipe with ablations and ``+fp8act`` optional, or a peer precision; each but fp32
+    and the peer's with ``+fp8optim`` optional."""
+    if uses_fp8_optimizer(precision):
+        arithmetic = precision.removesuffix(FP8_OPTIMIZER_SUFFIX)
+        if arithmetic != "bf16" and recipe_of(arithmetic) is None:
+            raise LabError(
+                f"precision {precision!r}: {FP8_OPTIMIZER_SUFFIX} applies to bf16 and fp8train's "
+                "recipes (fp32 is the reference; the peer keeps torch's AdamW)"
+            )
+        check_precision(arithmetic)
+        return
     if precision in KNOWN_PRECISIONS or precision in PEER_PRECISIONS:
         return
     base, ablations = _split(precision)
@@ -417,7 +436,13 @@ def runs_fp8(precision: str) -> bool:
 
 
 def stores_fp8_activations(precision: str) -> bool:
-    return precision.endswith(ACTIVATION_STORAGE_SUFFIX) and recipe_of(precision) is not None
+    arithmetic = precision.removesuffix(FP8_OPTIMIZER_SUFFIX)
+    return arithmetic.endswith(ACTIVATION_STORAGE_SUFFIX) and recipe_of(precision) is not None
+
+
+def uses_fp8_optimizer(precision: str) -> bool:
+    """Whether the precision keeps AdamW's moments in FP8 (``fp8train.Fp8AdamW``)."""
+    return precision.endswith(FP8_OPTIMIZER_SUFFIX)
 
 
 def from_dict(values: dict[str, Any]) -> LabConfig:

@@ -15,7 +15,14 @@ from fp8train.checkpoint import atomic_write_bytes, unique_tmp_path
 from fp8train.lab.config import PRECISIONS, LabError, stores_fp8_activations
 from fp8train.lab.verdicts import plural, thresholds_text
 
-__all__ = ["markdown", "plot_curves", "require_plotting", "write_report"]
+__all__ = [
+    "ledger_markdown",
+    "markdown",
+    "plot_curves",
+    "plot_ledger",
+    "require_plotting",
+    "write_report",
+]
 
 
 def require_plotting() -> None:
@@ -135,6 +142,11 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
         f"gap to bf16 ({'mean of ' + str(len(seeds)) + ' seeds' if len(seeds) > 1 else 'one seed'})"
     )
     ax_gap.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Write ``fig`` as PNG to ``path`` atomically (readers never see half a file)."""
     tmp = unique_tmp_path(path)  # two writers never share a temporary
     try:
         fig.savefig(tmp, dpi=110)
@@ -319,8 +331,93 @@ def health_sections(results: dict[str, Any], out: Path) -> str:
     return "\n\n".join(parts)
 
 
+# The ledger's parts, as the table and the picture name them (fp8train.lab.memory).
+_LEDGER_PARTS = {
+    "parameters": "parameters",
+    "gradients": "gradients",
+    "optimizer_states": "optimizer states",
+    "saved_activations": "saved activations",
+}
+
+
+def _ledgers(results: dict[str, Any]) -> dict[str, dict[str, int | None]]:
+    return {p: run["memory"] for p, run in results["runs"].items() if run.get("memory")}
+
+
+def ledger_markdown(results: dict[str, Any]) -> str:
+    """The memory ledger table: each part in MiB and as a ratio to bf16's (bf16 AMP),
+    and the measured peak; empty when no run measured one (distributed runs)."""
+    ledgers = {
+        p: dict(ledger, sum=sum(v for k in _LEDGER_PARTS if (v := ledger.get(k)) is not None))
+        for p, ledger in _ledgers(results).items()
+    }
+    if not ledgers:
+        return ""
+    ref = ledgers.get("bf16")
+
+    def cell(ledger: dict[str, Any], key: str) -> str:
+        value = ledger.get(key)
+        if value is None:
+            return "n/a"
+        base = None if ref is None else ref.get(key)
+        ratio = f" ({value / base:.2f}x)" if base else ""
+        return f"{value / 2**20:.2f} MiB{ratio}"
+
+    head = ["precision", *_LEDGER_PARTS.values(), "sum of parts", "measured peak"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for precision, ledger in ledgers.items():
+        cells = [cell(ledger, k) for k in (*_LEDGER_PARTS, "sum", "peak")]
+        lines.append("| " + " | ".join([f"**{precision}**", *cells]) + " |")
+    note = (
+        "Bytes of one training step of the first seed, in MiB, with the ratio to bf16 "
+        "autocast in brackets"
+        + ("" if ref is not None else " (bf16 not run: no ratios)")
+        + ". Parameters, gradients and optimizer states: the bytes of their tensors after "
+        "the second step's update (fp32 master weights and gradients; AdamW's two fp32 "
+        "moments, or fp8train.Fp8AdamW's FP8 moments and scales with `+fp8optim`). Saved "
+        "activations: what autograd kept for backward on the first step. Measured peak: "
+        "the most bytes of live tensor storages at any operator boundary of the second "
+        "step (forward, backward, unscale and clip, optimizer step), seen by a "
+        "TorchDispatchMode (fp8train.lab.memory.LiveTensorBytes), the same quantity as "
+        "CUDA's max_memory_allocated without the allocator's caching; the parts are not "
+        "all alive at once, so the sum of parts is not the peak. docs/memory.md says more."
+    )
+    return "\n".join(lines) + "\n\n" + note + "\n\n![memory ledger](memory.png)\n"
+
+
+def plot_ledger(results: dict[str, Any], path: Path) -> bool:
+    """A stacked bar per precision (its ledger's parts) with its measured peak as a
+    black mark; returns False (and draws nothing) when no run has a ledger."""
+    ledgers = _ledgers(results)
+    if not ledgers:
+        return False
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(6.0, 1.1 * len(ledgers) + 3), 4.6), layout="constrained")
+    ax = fig.subplots()
+    names = list(ledgers)
+    xs = range(len(names))
+    bottoms = [0.0] * len(names)
+    colors = ("#4c72b0", "#dd8452", "#55a868", "#c44e52")
+    for (key, label), color in zip(_LEDGER_PARTS.items(), colors, strict=True):
+        heights = [(ledgers[n].get(key) or 0) / 2**20 for n in names]
+        ax.bar(xs, heights, bottom=bottoms, color=color, label=label, width=0.6)
+        bottoms = [b + h for b, h in zip(bottoms, heights, strict=True)]
+    peaks = [(ledgers[n].get("peak") or math.nan) / 2**20 for n in names]
+    ax.scatter(xs, peaks, marker="_", s=900, color="black", linewidths=2.5, label="measured peak")
+    ax.set_xticks(list(xs), names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("MiB")
+    ax.set_title("memory ledger of one training step")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, path)
+    return True
+
+
 def write_report(results: dict[str, Any], out: Path) -> None:
     plot_curves(results, out / "loss_curves.png")
     health = health_sections(results, out)
-    text = markdown(results) + ("\n\n## Numerics health\n\n" + health if health else "")
+    ledger = ledger_markdown(results) if plot_ledger(results, out / "memory.png") else ""
+    text = markdown(results) + ("\n\n## Memory ledger\n\n" + ledger if ledger else "")
+    text += ("\n\n## Numerics health\n\n" + health) if health else ""
     atomic_write_bytes(out / "report.md", text.encode())

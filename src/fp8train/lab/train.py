@@ -9,7 +9,9 @@ activations saved for backward in FP8 (``fp8train.Fp8SavedActivations``); the pe
 precisions ("torchao-tensorwise", "torchao-rowwise") swap the same layers for torchao's
 emulated float8 layers (``fp8train.lab.peer``) under the same autocast. Master weights
 stay float32 and the optimiser is AdamW in every case, so the precisions differ only in the
-arithmetic.
+arithmetic; "<precision>+fp8optim" keeps AdamW's moments in FP8 (``fp8train.Fp8AdamW``).
+Step 2 measures the memory ledger (``fp8train.lab.memory``): parameters, gradients,
+optimizer states and the step's peak of live tensor bytes.
 FP8 runs go through ``fp8train.LossScaler`` (dynamic), which skips steps whose
 gradients are not finite; the count is reported. With ``micro_batches`` N each batch
 runs as N equal micro-batches whose gradients and losses are averaged before the step
@@ -47,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fp8train
-from fp8train.lab import peer
+from fp8train.lab import memory, peer
 from fp8train.lab.config import (
     LabConfig,
     LabError,
@@ -56,10 +58,12 @@ from fp8train.lab.config import (
     recipe_for,
     recipe_of,
     stores_fp8_activations,
+    uses_fp8_optimizer,
 )
 from fp8train.lab.data import Corpus, Digits, eval_windows, sample_windows
 from fp8train.lab.gpt import GPT
 from fp8train.lab.world import CHECKPOINT_FORMAT, World, fp8_all_gather_for, world_for
+from fp8train.optim import Fp8AdamW
 
 __all__ = [
     "SavedTensorBytes",
@@ -255,9 +259,12 @@ def lr_at(step: int, config: LabConfig) -> float:
     return floor + 0.5 * (config.lr - floor) * (1.0 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: nn.Module, config: LabConfig) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: nn.Module, config: LabConfig, *, fp8_states: bool = False
+) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (nanoGPT): norms, biases and nothing
-    1-D is decayed."""
+    1-D is decayed. ``fp8_states``: ``fp8train.Fp8AdamW`` (moments in FP8, the same
+    arithmetic otherwise) instead of ``torch.optim.AdamW``."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -265,6 +272,8 @@ def make_optimizer(model: nn.Module, config: LabConfig) -> torch.optim.Optimizer
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    if fp8_states:
+        return Fp8AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
 
 
@@ -281,6 +290,7 @@ def _new_history() -> dict[str, Any]:
         "step_s": [],  # wall time of each warm step (see timing_warmup_steps)
         "cold_step_s": [],  # the others, used only when a run has no warm step
         "saved_activation_bytes": None,  # measured on step 1
+        "memory": None,  # the memory ledger (fp8train.lab.memory), measured on step 2
         "final": None,  # evaluate(final=True) at the last step
     }
 
@@ -318,7 +328,7 @@ def train_run(
     # ``model`` runs the steps: ``net`` itself, sharded in place by FSDP2, or its DDP
     # wrapper. The optimiser comes after: FSDP2 replaces the Parameters.
     model, fp8_all_gather = world.wrap(net, precision)
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(model, config, fp8_states=uses_fp8_optimizer(precision))
     scaler = world.loss_scaler(precision)
     data_gen = torch.Generator().manual_seed(seed)  # batch order: the same for every precision
     history = _new_history()
@@ -369,19 +379,33 @@ def train_run(
         meter = None
         if step == 0 and world.measures_saved_bytes:
             meter = SavedTensorBytes(model.parameters())
-        loss = _forward_backward(
-            model, task, precision, x, y, config.micro_batches, scaler, storage, meter
-        )
+        # Step 2 (the optimizer states exist by then) measures the memory ledger's peak:
+        # forward, backward and the optimizer step watched by LiveTensorBytes, which
+        # only observes (every operator's result is returned unchanged); it also hooks
+        # what autograd saves, in the place of step 1's meter.
+        live = None
+        if step == 1 and world.measures_saved_bytes:
+            live = memory.LiveTensorBytes()
+            live.track([*model.parameters(), *memory.optimizer_tensors(optimizer), x, y])
+        with live if live is not None else contextlib.nullcontext():
+            loss = _forward_backward(
+                model, task, precision, x, y, config.micro_batches, scaler, storage, meter or live
+            )
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         if meter is not None:
             history["saved_activation_bytes"] = meter.total
         grad_norm = world.grad_norm(model, config.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)  # skipped when the gradients are not finite
-            scaler.update()
-        else:
-            optimizer.step()
+        with live if live is not None else contextlib.nullcontext():
+            if scaler is not None:
+                scaler.step(optimizer)  # skipped when the gradients are not finite
+                scaler.update()
+            else:
+                optimizer.step()
+        if live is not None:
+            params = list(model.parameters())
+            saved = history["saved_activation_bytes"]
+            history["memory"] = memory.ledger(params, optimizer, saved, live.peak)
         train_loss = world.mean(loss)  # the global batch's loss
         observed = monitor is not None and monitor.observing
         if monitor is not None:
@@ -453,7 +477,7 @@ def _forward_backward(
     micro_batches: int,
     scaler: fp8train.LossScaler | None,
     storage: fp8train.Fp8SavedActivations | None,
-    meter: SavedTensorBytes | None,
+    meter: SavedTensorBytes | memory.LiveTensorBytes | None,
 ) -> torch.Tensor:
     """Forward and backward of one batch as ``micro_batches`` equal parts whose gradients
     add up in ``.grad`` and are then averaged; return the batch's loss (detached). With
@@ -534,6 +558,7 @@ def _record(
         "final_metrics": final,
         "median_step_s": statistics.median(history["step_s"] or history["cold_step_s"]),
         "saved_activation_bytes": history["saved_activation_bytes"],
+        "memory": history.get("memory"),  # None: not measured (distributed, or 1 step)
         "loss_scaler": None if scaler is None else type(scaler).__name__,
         "skipped_steps": int(getattr(scaler, "skipped_steps", 0)) if scaler is not None else 0,
         "curves": {
