@@ -308,9 +308,12 @@ def _modelled_mm(
             f"{b.fmt.name} (INT8 tensor cores accumulate exactly in int32); use "
             "accumulation='fp32'"
         )
-    # The operands as the fp32 emulation multiplies them (exact for power-of-two scales).
+    # The operands the exact emulation multiplies (bf16 only where that holds them
+    # exactly), so a layer's cached operands are reused; float64 inside the model.
+    power_of_two = a.spec.scales_are_power_of_two and b.spec.scales_are_power_of_two
+    work = gemm_dtype(out_dtype, power_of_two, a.device.type)
     with autocast_off(a.device.type):
-        out = tensor_core_mm(a.dequantize(torch.float32), b.dequantize(torch.float32), accumulation)
+        out = tensor_core_mm(a.dequantize(work), b.dequantize(work), accumulation)
         if bias is not None:
             # In out_dtype first, as the emulation takes it; added in fp32 before the
             # single output rounding.
