@@ -24,6 +24,7 @@ import fp8train
 from fp8train import distributed as fd
 from fp8train.distributed.wrap import unwrap
 from fp8train.nn import fp8_layers
+from fp8train.optim import Fp8AdamW
 from fp8train.tensor import ScaledTensor
 
 D, H = 128, 256
@@ -480,7 +481,7 @@ def fp8_adamw_train(steps: int, world: int | None = None) -> dict[str, Any]:
     model: nn.Module = Net()
     if distributed:
         model = fd.setup(model, "fsdp2")
-    opt = fp8train.Fp8AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    opt = Fp8AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     losses = []
     for step in range(steps):
         if distributed:

@@ -12,8 +12,8 @@ import pytest
 import torch
 from dist_harness import run_ranks
 
-import fp8train
 from fp8train.distributed.comm_hooks import Fp8CommState
+from fp8train.optim import Fp8AdamW
 from fp8train.testing import assert_bitwise_equal
 
 WORLD = 2
@@ -108,5 +108,5 @@ def test_fp8_adamw_under_fsdp2_is_bitwise_the_single_process(
             for got, want in zip(r.value["moments"][name], ref["moments"][name], strict=True):
                 assert_bitwise_equal(got, want)
     # Each rank holds half of the states (Net's rows split evenly over 2 ranks).
-    total = fp8train.Fp8AdamW.state_bytes_for(w.Net().parameters())
+    total = Fp8AdamW.state_bytes_for(w.Net().parameters())
     assert sum(r.value["state_bytes"] for r in ranks) == total
