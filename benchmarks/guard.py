@@ -44,13 +44,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import format_table, write_results
+from monitor import model_info, setup
 
-import fp8train
 from fp8train.guard import DEFAULT_GUARD_EVERY, Guard
 from fp8train.lab.config import LabConfig
-from fp8train.lab.data import load_corpus, sample_windows
-from fp8train.lab.gpt import GPT
-from fp8train.lab.train import make_optimizer
+from fp8train.lab.data import sample_windows
 from fp8train.monitor import HealthWarning
 
 VARIANTS = ("base", "off", "observed", "snapshot")
@@ -114,20 +112,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
 
     cfg = LabConfig()
-    torch.manual_seed(0)
-    corpus = load_corpus(None, corpus_mb=1.0, val_fraction=cfg.val_fraction, seq=cfg.seq)
-    model = fp8train.convert(
-        GPT(seq=cfg.seq, d_model=cfg.d_model, layers=cfg.layers, heads=cfg.heads), "tensorwise"
-    )
-    model.train()
-    gen = torch.Generator().manual_seed(0)
-    s = {
-        "corpus": corpus,
-        "model": model,
-        "optimizer": make_optimizer(model, cfg),
-        "scaler": fp8train.LossScaler(mode="dynamic"),
-        "gen": gen,
-    }
+    s = setup(cfg)  # the lab GPT, AdamW, dynamic loss scaling: as benchmarks/monitor.py
+    model, gen = s["model"], s["gen"]
     common: dict[str, Any] = {"scaler": s["scaler"], "max_grad_norm": cfg.grad_clip}
     # Each guard's monitor attaches for that guard's steps only (one observer per layer).
     # start=1 with a huge interval: never observed; every=1: always.
@@ -185,17 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     default = overhead(DEFAULT_GUARD_EVERY)
     payload = {
         "benchmark": "guard",
-        "model": {
-            "task": "lab GPT",
-            "recipe": "tensorwise",
-            "d_model": cfg.d_model,
-            "layers": cfg.layers,
-            "heads": cfg.heads,
-            "seq": cfg.seq,
-            "batch": cfg.batch,
-            "fp8_linears": sum(1 for _ in fp8train.nn.fp8_layers(model)),
-            "autocast": "bf16",
-        },
+        "model": model_info(cfg, s),
         "rounds": args.rounds,
         "warmup_rounds": args.warmup,
         "torch_threads": torch.get_num_threads(),

@@ -49,7 +49,7 @@ INTERVALS = (1, 5, 10, 25, 50, 100)
 BUDGET = 0.05  # the issue's limit: at most 5% of step time at the default interval
 
 
-def _setup(cfg: LabConfig) -> dict[str, Any]:
+def setup(cfg: LabConfig) -> dict[str, Any]:
     torch.manual_seed(0)
     corpus = load_corpus(None, corpus_mb=1.0, val_fraction=cfg.val_fraction, seq=cfg.seq)
     model = fp8train.convert(
@@ -63,6 +63,21 @@ def _setup(cfg: LabConfig) -> dict[str, Any]:
         "scaler": fp8train.LossScaler(mode="dynamic"),
         "gen": torch.Generator().manual_seed(0),
         "layers": sum(1 for _ in fp8train.nn.fp8_layers(model)),
+    }
+
+
+def model_info(cfg: LabConfig, s: dict[str, Any]) -> dict[str, Any]:
+    """What a results file says about the model :func:`setup` built."""
+    return {
+        "task": "lab GPT",
+        "recipe": "tensorwise",
+        "d_model": cfg.d_model,
+        "layers": cfg.layers,
+        "heads": cfg.heads,
+        "seq": cfg.seq,
+        "batch": cfg.batch,
+        "fp8_linears": s["layers"],
+        "autocast": "bf16",
     }
 
 
@@ -99,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     cfg = LabConfig()
-    s = _setup(cfg)
+    s = setup(cfg)
     monitors: dict[str, Monitor | None] = {
         "base": None,
         # every=1: each step is observed. start=1 with a huge interval: never observed.
@@ -141,17 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     default = overhead(DEFAULT_EVERY)
     payload = {
         "benchmark": "monitor",
-        "model": {
-            "task": "lab GPT",
-            "recipe": "tensorwise",
-            "d_model": cfg.d_model,
-            "layers": cfg.layers,
-            "heads": cfg.heads,
-            "seq": cfg.seq,
-            "batch": cfg.batch,
-            "fp8_linears": s["layers"],
-            "autocast": "bf16",
-        },
+        "model": model_info(cfg, s),
         "rounds": args.rounds,
         "excluded_forced_observations": excluded,
         "warnings_seen": {v: len(m.warnings) for v, m in monitors.items() if m is not None},
