@@ -579,3 +579,35 @@ def guard_agreement(steps: int, fault_step: int) -> dict[str, Any]:
     del model, opt, guard
     _finish()
     return out
+
+
+def fsdp2_reduce_scatter_bytes() -> dict[str, Any]:
+    """FSDP2 on the unconverted ``Net`` with ``reduce_dtype`` None (fp32) and bf16: the
+    input bytes of every gradient reduce-scatter of one backward (counted by wrapping
+    ``dist.reduce_scatter_single``, the collective FSDP2's default reduce-scatter calls)
+    and the full gradients."""
+    fd.init_from_env(timeout_s=30)
+    original = dist.reduce_scatter_single
+    out: dict[str, Any] = {}
+    for label, reduce_dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        counts = {"reduce_scatter": 0, "calls": 0}
+
+        def counting(*a: Any, counts: dict[str, int] = counts, **kw: Any) -> Any:
+            src = kw["input"] if "input" in kw else a[1]
+            counts["reduce_scatter"] += src.numel() * src.element_size()
+            counts["calls"] += 1
+            return original(*a, **kw)
+
+        torch.manual_seed(0)
+        model = fd.setup(Net(), "fsdp2", reduce_dtype=reduce_dtype)
+        x, y = (fd.batch_shard(t) for t in global_batch(0))
+        dist.reduce_scatter_single = counting
+        try:
+            F.mse_loss(model(x), y).backward()
+        finally:
+            dist.reduce_scatter_single = original
+        grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}  # type: ignore[union-attr]
+        out[label] = {"counts": counts, "grads": grads}
+        del model
+    _finish()
+    return out

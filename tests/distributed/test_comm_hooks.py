@@ -110,3 +110,15 @@ def test_fp8_adamw_under_fsdp2_is_bitwise_the_single_process(
     # Each rank holds half of the states (Net's rows split evenly over 2 ranks).
     total = Fp8AdamW.state_bytes_for(w.Net().parameters())
     assert sum(r.value["state_bytes"] for r in ranks) == total
+
+
+def test_fsdp2_bf16_reduce_scatter_halves_the_bytes(tmp_path: Path) -> None:
+    """FSDP2's gradient reduce-scatter in bf16 is MixedPrecisionPolicy(reduce_dtype=...),
+    passed by fd.setup: half the bytes, one bf16 rounding of the reduced gradient."""
+    run = run_ranks("fsdp2_reduce_scatter_bytes", tmp_path, world=WORLD)[0].value
+    fp32, bf16 = run["fp32"], run["bf16"]
+    assert fp32["counts"]["calls"] == bf16["counts"]["calls"] > 0
+    assert bf16["counts"]["reduce_scatter"] * 2 == fp32["counts"]["reduce_scatter"]
+    for name, g in fp32["grads"].items():
+        assert _rel(bf16["grads"][name].float(), g) < MAX_BF16_REL_ERR, name
+    print(f"reduce-scatter input bytes per rank: {fp32['counts']} (fp32), {bf16['counts']} (bf16)")
