@@ -150,3 +150,25 @@ def test_an_amax_jump_from_an_all_zero_window_is_reported_not_a_crash() -> None:
         layer(torch.ones(2, 8)).sum().backward()
     jump = layer.fp8_state.amax_jumps[-1]
     assert (jump.role, jump.ratio) == ("input", math.inf)
+
+
+def test_a_guard_can_share_the_callers_monitor(tmp_path: Any) -> None:
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    log = tmp_path / "health.jsonl"
+    monitor = Monitor(model, every=4, jsonl=log).attach()
+    with pytest.raises(ValueError, match="with monitor= the guard writes"):
+        Guard(model, opt, monitor=monitor, jsonl=tmp_path / "other.jsonl")
+    guard = Guard(model, opt, thresholds=TH, policy="warn", monitor=monitor)
+    fault = Fault(model, "2", at=10, kind="nan")
+    train(guard, Batches(), 12, fault.before)
+    guard.close()
+    assert monitor.attached  # the caller's monitor stays open
+    monitor.close()
+    from fp8train.lab.health import read_log
+
+    records = read_log(log)
+    assert {"gemm.output", "gemm.grad_weight"} <= {r.get("role") for r in records}
+    # "warn" stepped on NaN gradients: from step 11 on the first layer meets NaN weights.
+    assert [r["layer"] for r in records if r["kind"] == "diagnosis"] == ["2", "0"]
+    assert max(r["step"] for r in records if r["kind"] == "step") == 11
