@@ -533,8 +533,9 @@ def fp8_adamw_train(steps: int, world: int | None = None) -> dict[str, Any]:
     return out
 
 
-def guard_agreement(steps: int, fault_step: int) -> dict[str, Any]:
-    """fp8train.Guard (policy "demote") under DDP with a fault on rank 1 only: an outlier
+def guard_agreement(steps: int, fault_step: int, mode: str = "ddp") -> dict[str, Any]:
+    """fp8train.Guard (policy "demote") under ``mode`` (DDP or FSDP2) with a fault on rank
+    1 only: an outlier
     in one layer's grad_output at one step, while that layer runs in FP8. Rank 0's own
     operands are clean (it would skip), rank 1 names the layer: every rank must look
     again, demote the same layer and keep identical replicas."""
@@ -552,7 +553,7 @@ def guard_agreement(steps: int, fault_step: int) -> dict[str, Any]:
         return (g,)
 
     layer.register_full_backward_pre_hook(fault)
-    model = fd.setup(net, "ddp")
+    model = fd.setup(net, mode)
     opt = make_optimizer(model)
     from fp8train.guard import Guard, GuardThresholds
 
@@ -573,7 +574,11 @@ def guard_agreement(steps: int, fault_step: int) -> dict[str, Any]:
         "events": [(e["step"], e["action"], e["layer"]) for e in guard.events],
         "diagnosed": [d.layer for d in guard.diagnoses],
         "demoted": guard.demoted,
-        "params": {k: v.detach().clone() for k, v in unwrap(model).state_dict().items()},
+        # FSDP2 holds shards: each rank gathers the whole tensor (the same order on all).
+        "params": {
+            k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in unwrap(model).state_dict().items()
+        },
     }
     guard.close()
     del model, opt, guard

@@ -27,6 +27,9 @@ runs in high precision (``fp8_fprop`` and friends off) or that met NaN/inf (thos
 reported as non-finite instead). A layer called several times in a step pairs each
 backward with the latest unpaired forward of the same token count and keeps the worst
 error per GEMM. Evaluation passes (grad mode off) are left out by the recorder.
+Memory on an observed step: each layer's weight (high precision and dequantised) is
+copied, since FSDP2 frees an unsharded weight after its forward; the step's inputs and
+output gradients are held until its end.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ SAMPLE_ROWS = 32
 class _Operand(NamedTuple):
     t: torch.Tensor  # the high-precision tensor as quantised, 2-D
     q: ScaledTensor | None  # None: it held NaN/inf
+    deq: torch.Tensor | None = None  # the dequantised operand, where taken at once
 
 
 def _rows(n: int) -> torch.Tensor:
@@ -86,7 +90,9 @@ def gemm_rel_err(a: _Operand, b: _Operand, transpose_a: bool, transpose_b: bool)
     an operand held NaN/inf (no FP8 GEMM ran) or the products are not finite."""
     if a.q is None or b.q is None:
         return math.nan
-    a_hp, a_q, b_hp, b_q = a.t, _dequantized(a.q), b.t, _dequantized(b.q)
+    a_q = a.deq if a.deq is not None else _dequantized(a.q)
+    b_q = b.deq if b.deq is not None else _dequantized(b.q)
+    a_hp, b_hp = a.t, b.t
     if transpose_a:
         a_hp, a_q = a_hp.t(), a_q.t()
     if transpose_b:
@@ -125,7 +131,13 @@ class GemmCheck:
         )
         if starts or not calls:
             calls.append([])
-        calls[-1].append((role, _Operand(t.detach(), q)))
+        if role.startswith("weight"):
+            # Copied now: FSDP2 frees an unsharded weight (and an FP8-gathered one) after
+            # its forward, long before the step's end, where the errors are computed.
+            deq = None if q is None else _dequantized(q).clone()
+            calls[-1].append((role, _Operand(t.detach().clone(), q, deq)))
+        else:
+            calls[-1].append((role, _Operand(t.detach(), q)))
         self._errors = None
 
     def clear(self) -> None:
