@@ -82,6 +82,13 @@ def test_state_bytes_are_two_per_element_plus_scales() -> None:
     assert Fp8AdamW.state_bytes_for([w, b]) == expected
     # A row shorter than a block still has one scale per row: 100 + 4 bytes per moment.
     assert Fp8AdamW.state_bytes_for([torch.empty(3, 100)]) == 2 * 3 * (100 + 4)
+    # Rows of one element would pay 4 bytes of scale per payload byte: fp32 moments.
+    column = nn.Parameter(torch.randn(5, 1))
+    column.grad = torch.randn_like(column)
+    opt = Fp8AdamW([column])
+    opt.step()
+    assert opt.state_bytes() == Fp8AdamW.state_bytes_for([column]) == 8 * 5
+    assert opt.state[column]["exp_avg"].dtype == torch.float32
 
 
 def test_vectors_step_bitwise_like_torch_adamw() -> None:

@@ -32,7 +32,8 @@ shorter). Rows never share a block, so a parameter sharded along dim 0 (FSDP2's
 ``Shard(0)``) gets the same blocks, scales and bits on every shard as the whole
 parameter on one process. Parameters with fewer than two dimensions (biases, norm
 weights) keep fp32 moments: they are a negligible share of the bytes and FSDP2 would
-split their single row between ranks.
+split their single row between ranks; so do matrices with rows of one element, whose
+scales would cost more than fp32 moments.
 
 Contract:
 
@@ -99,6 +100,12 @@ def _spec(fmt: Format, block: int, rounding: Rounding = "nearest") -> ScaleSpec:
 
 def _as_2d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
+
+
+def _fp8_states(p: torch.Tensor) -> bool:
+    """Whether ``p``'s moments are stored in FP8: two or more dimensions, and rows of at
+    least 2 elements (a row of 1 would pay 4 bytes of scale per byte of payload)."""
+    return p.dim() >= 2 and p.shape[-1] >= 2
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -208,7 +215,7 @@ class Fp8AdamW(torch.optim.Optimizer):
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
         state = self.state[p]
-        quantized = p.dim() >= 2
+        quantized = _fp8_states(p)
         if not state:
             state["step"] = 0
             if quantized:
@@ -283,7 +290,7 @@ class Fp8AdamW(torch.optim.Optimizer):
         state = self.state.get(p)
         if not state:
             return None
-        if p.dim() < 2:
+        if not _fp8_states(p):
             return state["exp_avg"].clone(), state["exp_avg_sq"].clone()
         group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
         m, v = self._decoded(state, group)
@@ -308,7 +315,7 @@ class Fp8AdamW(torch.optim.Optimizer):
         total = 0
         for p in params:
             shape = _local(p).shape
-            if p.dim() >= 2:
+            if _fp8_states(p):
                 rows, k = math.prod(shape[:-1]), shape[-1]
                 total += 2 * (rows * k + 4 * rows * -(-k // block))
             else:
