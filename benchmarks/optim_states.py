@@ -18,7 +18,9 @@ element with the reference's. At a few checkpoints we report, over every matrix:
 * ``update_max_ratio``: the largest ``|u_fp8| / max|u|`` (an element far above 1 is
   a runaway step).
 
-Results: benchmarks/results/optim_states.json; docs/memory.md quotes them.
+Results: benchmarks/results/<name>.json (``optim_states``, and
+``optim_states-stochastic`` for ``--steps 50 --candidates
+e4m3/nearest,sqrt-e4m3/stochastic,e4m3/stochastic``); docs/memory.md quotes them.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 from typing import Any
 
+import _common
 import torch
 
 from fp8train.lab.config import resolve
@@ -51,7 +53,9 @@ def main() -> None:
         default=",".join(f"{f}/nearest" for f in SECOND_MOMENT_FORMS) + ",sqrt-e4m3/stochastic",
         help="comma-separated <second_moment>/<rounding> pairs",
     )
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results/optim_states.json")
+    ap.add_argument(
+        "--name", default="optim_states", help="results file: benchmarks/results/<name>.json"
+    )
     args = ap.parse_args()
 
     config = resolve("gpt", "default", {"steps": args.steps})
@@ -164,9 +168,8 @@ def main() -> None:
         "fp8_adamw": next(iter(opts.values())).state_bytes(),
         "parameters": sum(p.numel() for p in params),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results["state_bytes"]))
+    path = _common.write_results(args.name, results)
+    print(json.dumps(results["state_bytes"]), f"-> {path}")
 
 
 if __name__ == "__main__":

@@ -260,6 +260,38 @@ def accumulator(d: dict[str, Any]) -> str:
     return head + "\n\n" + _table(["precision", "median step", "vs fp32 accumulation"], rows)
 
 
+def optim_states(d: dict[str, Any]) -> str:
+    c = d["config"]
+    head = (
+        f"fp8train.Fp8AdamW's decoded moments against fp32 AdamW's on the lab GPT's gradient "
+        f"stream (blocks of {c['block']}, betas {c['betas'][0]} / {c['betas'][1]}, "
+        f"{c['steps']} steps; `benchmarks/optim_states.py`, docs/memory.md): norm-relative "
+        "errors over every matrix, per second-moment form and rounding, at each checkpoint."
+    )
+    rows = [
+        [
+            step,
+            form,
+            f"{r['v_rel_err']:.3f}",
+            f"{r['m_rel_err']:.3f}",
+            f"{r['update_rel_err']:.3f}",
+            f"{r['update_max_ratio']:.2f}",
+            _rel(r["v_zero_frac"]),
+        ]
+        for step, row in d["checkpoints"].items()
+        for form, r in row.items()
+        if form != "loss"
+    ]
+    sb = d["state_bytes"]
+    tail = (
+        f"State bytes: {sb['fp8_adamw']:,} against AdamW's {sb['fp32_adamw']:,} for "
+        f"{sb['parameters']:,} parameters ({sb['fp8_adamw'] / sb['parameters']:.3f} and "
+        f"{sb['fp32_adamw'] / sb['parameters']:.3f} per parameter)."
+    )
+    head_row = ["step", "form", "v error", "m error", "update error", "max update ratio", "v -> 0"]
+    return head + "\n\n" + _table(head_row, rows) + "\n\n" + tail
+
+
 def _rel(x: float) -> str:
     return "0" if x == 0 else f"{x:.1e}"
 
@@ -483,6 +515,7 @@ RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "guard": guard,
     "dist_fp8_all_gather": dist_fp8_all_gather,
     "accumulator": accumulator,
+    "optim_states": optim_states,
 }
 
 
