@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,14 @@ def _results(out: Path) -> dict[str, Any]:
     return results
 
 
+def _train_ddp(
+    tmp_path: Path, text: Path, out: Path, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    """``torchrun`` of the tiny preset on 2 DDP ranks, writing to ``out``."""
+    args = ["-m", "fp8train", "train", *TINY, "--data", str(text), "--dist", "ddp", *extra]
+    return torchrun(*args, "--out", str(out), cwd=tmp_path)
+
+
 def _assert_same_run(dist: dict[str, Any], ref: dict[str, Any]) -> None:
     a, b = dist["runs"][PRECISION], ref["runs"][PRECISION]
     # Exact float equality: every train and validation loss, and the final one.
@@ -111,19 +120,7 @@ def _assert_main_rank_wrote(stdout: str, out: Path) -> None:
 
 def test_train_dist_ddp_is_one_process_with_micro_batches(tmp_path: Path, text: Path) -> None:
     out = tmp_path / "ddp"
-    proc = torchrun(
-        "-m",
-        "fp8train",
-        "train",
-        *TINY,
-        "--data",
-        str(text),
-        "--dist",
-        "ddp",
-        "--out",
-        str(out),
-        cwd=tmp_path,
-    )
+    proc = _train_ddp(tmp_path, text, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _assert_main_rank_wrote(proc.stdout, out)
     results = _results(out)
@@ -132,6 +129,7 @@ def test_train_dist_ddp_is_one_process_with_micro_batches(tmp_path: Path, text: 
         "world_size": 2,
         "backend": "gloo",
         "fp8_all_gather": [],
+        "grad_comm": "fp32",
     }
     assert results["config"]["dist"] == "ddp"
     assert "Data-parallel: ddp over 2 ranks" in (out / "report.md").read_text()
@@ -164,9 +162,33 @@ def test_train_dist_fsdp2_resumed_is_one_process_with_micro_batches(
         "world_size": 2,
         "backend": "gloo",
         "fp8_all_gather": [PRECISION],
+        "grad_comm": "fp32",
     }
     assert (ckpt / "latest").read_text().strip() == "step-000006"
     _assert_same_run(results, _reference(tmp_path / "ref", text, *NO_CLIP))
+
+
+@pytest.mark.parametrize("grad_comm", ["bf16", "fp8"])
+def test_train_dist_ddp_grad_comm_hook_changes_the_gradients(
+    tmp_path: Path, text: Path, grad_comm: str
+) -> None:
+    """--grad-comm registers its hook: the first step's loss (before any gradient has
+    crossed the wire) is the fp32 run's bit for bit, the later ones are not, since the
+    averaged gradients were rounded to bf16 or E4M3."""
+    out = tmp_path / grad_comm
+    proc = _train_ddp(tmp_path, text, out, "--grad-comm", grad_comm)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = _results(out)
+    assert results["config"]["grad_comm"] == grad_comm
+    assert results["distributed"]["grad_comm"] == grad_comm
+    assert f"gradients averaged in {grad_comm} (" in (out / "report.md").read_text()
+    # The fp32 DDP run is bitwise the micro-batch reference (the test above).
+    ref = _reference(tmp_path / "ref", text)
+    losses = results["runs"][PRECISION]["curves"]["train_loss"]
+    ref_losses = ref["runs"][PRECISION]["curves"]["train_loss"]
+    assert losses[0] == ref_losses[0]
+    assert losses[1:] != ref_losses[1:]
+    assert results["runs"][PRECISION]["final_val_loss"] != ref["runs"][PRECISION]["final_val_loss"]
 
 
 def test_train_dist_batch_must_split_over_the_ranks(tmp_path: Path, text: Path) -> None:

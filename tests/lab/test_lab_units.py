@@ -53,12 +53,21 @@ def test_config_is_frozen_and_validates() -> None:
         config.resolve("gpt", "default", {"dist": "fsdp"})
     with pytest.raises(LabError, match="apply to --dist fsdp2 only"):
         config.resolve("gpt", "default", {"dist": "ddp", "fp8_all_gather": True})
+    # --grad-comm: fp32 everywhere (no hook); bf16 and fp8 under DDP only.
+    assert config.resolve("gpt", "default", {}).grad_comm == "fp32"
+    for comm in config.GRAD_COMMS:
+        assert config.resolve("gpt", "default", {"dist": "ddp", "grad_comm": comm}).grad_comm
+    with pytest.raises(LabError, match=r"--grad-comm must be one of fp32, bf16, fp8, got 'e4m3'"):
+        config.resolve("gpt", "default", {"dist": "ddp", "grad_comm": "e4m3"})
+    for dist in (None, "fsdp2"):
+        with pytest.raises(LabError, match="--grad-comm fp8 applies to --dist ddp only"):
+            config.resolve("gpt", "default", {"dist": dist, "grad_comm": "fp8"})
 
 
 def test_saved_config_without_newer_fields_still_loads() -> None:
     # A checkpoint or config.json from before dist/micro_batches existed resumes.
     saved = dataclasses.asdict(config.resolve("gpt", "tiny", {}))
-    for name in ("micro_batches", "dist", "fp8_all_gather"):
+    for name in ("micro_batches", "dist", "fp8_all_gather", "grad_comm"):
         del saved[name]
     assert config.from_dict(saved) == config.resolve("gpt", "tiny", {})
 

@@ -36,7 +36,8 @@ One module per job:
 * :mod:`~fp8train.distributed.checkpoint` -- :func:`save_checkpoint` and
   :func:`load_checkpoint`.
 * :mod:`~fp8train.distributed.comm_hooks` -- :func:`fp8_compress_hook`, a DDP
-  communication hook that averages gradient buckets through FP8 collectives.
+  communication hook that averages gradient buckets through FP8 collectives, and
+  :func:`bf16_allreduce_hook`, torch's bf16 hook under a name DDP accepts on gloo.
 
 What stays identical on every rank, and why:
 
@@ -63,7 +64,7 @@ are collectives.
 """
 
 from fp8train.distributed.checkpoint import load_checkpoint, save_checkpoint
-from fp8train.distributed.comm_hooks import Fp8CommState, fp8_compress_hook
+from fp8train.distributed.comm_hooks import Fp8CommState, bf16_allreduce_hook, fp8_compress_hook
 from fp8train.distributed.fp8_all_gather import (
     Fp8AllGatherWeight,
     Fp8GatheredWeight,
@@ -94,6 +95,7 @@ __all__ = [
     "Fp8LayerHooks",
     "RankFailureError",
     "batch_shard",
+    "bf16_allreduce_hook",
     "collective_errors",
     "fp8_all_gather_unsupported_reason",
     "fp8_compress_hook",

@@ -55,7 +55,7 @@ from fp8train.formats import E4M3, Format, by_name
 from fp8train.scaling import Granularity, ScaleSpec
 from fp8train.tensor import ScaledTensor, quantize
 
-__all__ = ["Fp8CommState", "fp8_compress_hook"]
+__all__ = ["Fp8CommState", "bf16_allreduce_hook", "fp8_compress_hook"]
 
 
 @dataclass
@@ -148,3 +148,17 @@ def fp8_compress_hook(
     fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
     fut.set_result(buffer)
     return fut
+
+
+def bf16_allreduce_hook(
+    state: dist.ProcessGroup | None,
+    bucket: dist.GradBucket,  # type: ignore[name-defined]
+) -> torch.futures.Future[torch.Tensor]:
+    """torch's ``bf16_compress_hook`` (the bucket cast to bf16, all-reduced, divided by
+    the world size, cast back), under another name: DDP refuses a hook *named*
+    ``bf16_compress_hook`` unless CUDA with NCCL or XPU with XCCL is present, although
+    the hook itself runs on gloo. ``state``: the process group (None: the world)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    # Annotated ProcessGroup, but its body reads None as the world group (its docstring).
+    return default_hooks.bf16_compress_hook(state, bucket)  # type: ignore[arg-type]

@@ -130,6 +130,14 @@ _SHARED: list[tuple[str, dict[str, Any]]] = [
             "supports it, same results; --fp8-all-gather makes it required)",
         },
     ),
+    (
+        "--grad-comm",
+        {
+            "choices": ["fp32", "bf16", "fp8"],
+            "help": "--dist ddp: average gradients over the ranks in fp32 (default), bf16 "
+            "(torch's bf16_compress_hook) or FP8 (fp8train's fp8_compress_hook, E4M3)",
+        },
+    ),
 ]
 
 

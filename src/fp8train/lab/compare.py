@@ -248,6 +248,8 @@ def run_all(
             "backend": torch.distributed.get_backend(),
             # Precisions whose FSDP2 all-gathers carried FP8 weights (the others: fp32).
             "fp8_all_gather": [p for p, rs in records.items() if rs[0]["fp8_all_gather"]],
+            # The dtype DDP's gradient buckets were averaged in (fp32: no hook).
+            "grad_comm": config.grad_comm,
         },
     )
     # Key order of the file: context first, runs last.

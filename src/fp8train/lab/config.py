@@ -23,6 +23,7 @@ __all__ = [
     "DIST_MODES",
     "FP8_OPTIMIZER_SUFFIX",
     "FP8_RECIPES",
+    "GRAD_COMMS",
     "KNOWN_PRECISIONS",
     "PEER_PRECISIONS",
     "PRECISIONS",
@@ -119,6 +120,8 @@ ABLATIONS: dict[str, tuple[str, Callable[[Recipe], Recipe]]] = {
 TASKS = ("gpt", "digits")
 # --dist: None (one process), or a data-parallel mode of fp8train.distributed.
 DIST_MODES = (None, "ddp", "fsdp2")
+# --grad-comm: the dtype DDP's gradient buckets are averaged in (the DDP comm hook).
+GRAD_COMMS = ("fp32", "bf16", "fp8")
 
 
 class LabError(Exception):
@@ -216,6 +219,11 @@ class LabConfig:
     # whose weight scales allow it (tensorwise, delayed, blockwise, int8; the same
     # bits either way); True: required (an error for rowwise and mxfp8); False: never.
     fp8_all_gather: bool | None = None
+    # DDP only: the gradient buckets' all-reduce. "fp32": DDP's own (no hook); "bf16":
+    # torch's bf16_compress_hook (half the bytes); "fp8": fp8train's fp8_compress_hook
+    # (E4M3, one scale per 128 elements, summed in fp32; about a quarter of the bytes).
+    # fp32 by default: the other two change the numbers, and are what --grad-comm studies.
+    grad_comm: str = "fp32"
 
     def validate(self) -> None:
         """Raise ``LabError`` naming the first invalid field and what it accepts."""
@@ -260,6 +268,16 @@ class LabConfig:
             raise LabError(
                 "--fp8-all-gather / --no-fp8-all-gather apply to --dist fsdp2 only "
                 "(DDP keeps full replicas and gathers no weights)"
+            )
+        if self.grad_comm not in GRAD_COMMS:
+            raise LabError(
+                f"--grad-comm must be one of {', '.join(GRAD_COMMS)}, got {self.grad_comm!r}"
+            )
+        if self.grad_comm != "fp32" and self.dist != "ddp":
+            raise LabError(
+                f"--grad-comm {self.grad_comm} applies to --dist ddp only (got --dist "
+                f"{self.dist or 'none'}: one process communicates nothing, and FSDP2 "
+                "reduce-scatters its gradients itself); drop it or add --dist ddp"
             )
         if not isinstance(self.fp8_head, bool):
             raise LabError(f"fp8_head must be True or False, got {self.fp8_head!r}")

@@ -24,6 +24,12 @@ __all__ = [
     "write_report",
 ]
 
+# How --grad-comm averaged DDP's gradients, for the report's data-parallel line.
+_GRAD_COMM_HOOKS = {
+    "bf16": " (torch's bf16_compress_hook)",
+    "fp8": " (fp8train's fp8_compress_hook: E4M3, one scale per 128 elements, summed in fp32)",
+}
+
 
 def require_plotting() -> None:
     try:
@@ -211,12 +217,14 @@ def markdown(results: dict[str, Any]) -> str:
     dist = results.get("distributed")
     if dist:
         gathered = ", ".join(dist["fp8_all_gather"]) or "none"
+        grad_comm = dist.get("grad_comm", "fp32")  # results from before --grad-comm: fp32
         lines += [
             (
                 f"Data-parallel: {dist['mode']} over {plural(dist['world_size'], 'rank')} "
                 f"({dist['backend']}), each training on its {cfg['batch'] // dist['world_size']} "
-                f"rows of every batch; FP8 weight all-gather: {gathered}. Step times include "
-                "the communication; saved for backward is not measured."
+                f"rows of every batch; FP8 weight all-gather: {gathered}; gradients averaged "
+                f"in {grad_comm}{_GRAD_COMM_HOOKS.get(grad_comm, '')}. "
+                "Step times include the communication; saved for backward is not measured."
             ),
             "",
         ]

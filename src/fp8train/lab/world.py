@@ -6,8 +6,9 @@ The training loop (``fp8train.lab.train.train_run``) is written once against
 * :class:`SingleProcess`: the model as built, the whole batch, the loss as it is, and
   one ``torch.save`` checkpoint file.
 * :class:`DataParallel` (under torchrun; the caller has joined the process group): the
-  converted model made data-parallel with ``fp8train.distributed.setup`` (DDP, or FSDP2
-  with FP8 weight all-gather where the recipe allows it); every rank draws the same
+  converted model made data-parallel with ``fp8train.distributed.setup`` (DDP, with the
+  gradient communication hook ``config.grad_comm`` names, or FSDP2 with FP8 weight
+  all-gather where the recipe allows it); every rank draws the same
   global batch and trains on its ``batch_shard``; the logged loss is the mean over ranks,
   i.e. the global batch's; the loss scaler is a ``DistributedLossScaler`` (one skip
   decision for all ranks); checkpoints are ``torch.distributed.checkpoint`` folders
@@ -49,6 +50,7 @@ __all__ = [
     "World",
     "fp8_all_gather_for",
     "read_checkpoint",
+    "register_grad_comm",
     "world_for",
 ]
 
@@ -239,9 +241,11 @@ class DataParallel:
     def wrap(self, model: nn.Module, precision: str) -> tuple[nn.Module, bool]:
         fp8_ag = fp8_all_gather_for(self.config, precision)
         try:
-            return fd.setup(model, self.config.dist or "", fp8_all_gather=fp8_ag), fp8_ag
+            wrapped = fd.setup(model, self.config.dist or "", fp8_all_gather=fp8_ag)
         except ValueError as e:  # the library's API errors say what to fix
             raise LabError(f"fp8train.distributed.setup refused the {precision} model: {e}") from e
+        register_grad_comm(wrapped, self.config.grad_comm)
+        return wrapped, fp8_ag
 
     def loss_scaler(self, precision: str) -> fp8train.LossScaler | None:
         return fd.DistributedLossScaler(mode="dynamic") if runs_fp8(precision) else None
@@ -310,6 +314,26 @@ class DataParallel:
         _check_format(latest, state)
         same_run(state)
         return state
+
+
+def register_grad_comm(model: nn.Module, grad_comm: str) -> None:
+    """Give a DDP ``model`` the communication hook ``grad_comm`` names (``LabConfig``):
+    nothing for "fp32" (DDP's own all-reduce), torch's ``bf16_compress_hook`` for "bf16"
+    (as ``fd.bf16_allreduce_hook``),
+    fp8train's ``fp8_compress_hook`` (E4M3, 128-element blocks) for "fp8". The config
+    has refused anything but "fp32" outside DDP."""
+    if grad_comm == "fp32":
+        return
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        raise LabError(f"--grad-comm {grad_comm} needs --dist ddp, got a {type(model).__name__}")
+    if grad_comm == "bf16":
+        # torch's bf16_compress_hook, renamed: DDP refuses that name without NCCL.
+        # The state is the process group; None: the default (world) group.
+        model.register_comm_hook(None, fd.bf16_allreduce_hook)
+    elif grad_comm == "fp8":
+        model.register_comm_hook(fd.Fp8CommState(), fd.fp8_compress_hook)
+    else:
+        raise LabError(f"unknown --grad-comm {grad_comm!r}")
 
 
 def fp8_all_gather_for(config: LabConfig, precision: str) -> bool:
