@@ -644,10 +644,14 @@ def gemm_section(
     # The emulation promises fp32 accumulation of exact operands. On CUDA it multiplies
     # with cuBLAS, which by default may reduce split-K partial sums of a bf16 GEMM in
     # bf16, and rounds fp32 operands to TF32 where TF32 is allowed: both off here.
+    # Only on CUDA: on a CPU-only build, setting these flags (even back to their values)
+    # leaves inductor unable to trace the compiled quantisation kernels afterwards.
     matmul_flags = torch.backends.cuda.matmul
     saved = (matmul_flags.allow_bf16_reduced_precision_reduction, matmul_flags.allow_tf32)
-    matmul_flags.allow_bf16_reduced_precision_reduction = False
-    matmul_flags.allow_tf32 = False
+    on_cuda = device.type == "cuda"
+    if on_cuda:
+        matmul_flags.allow_bf16_reduced_precision_reduction = False
+        matmul_flags.allow_tf32 = False
     rows: list[dict[str, Any]] = []
     violations: list[str] = []
     try:
@@ -685,7 +689,8 @@ def gemm_section(
                                 )
                         rows.append(row)
     finally:
-        matmul_flags.allow_bf16_reduced_precision_reduction, matmul_flags.allow_tf32 = saved
+        if on_cuda:
+            matmul_flags.allow_bf16_reduced_precision_reduction, matmul_flags.allow_tf32 = saved
     return {
         "capability": list(capability),
         "cases": {c: list(s) for c, s in cases.items()},
