@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+import fp8train
 from fp8train.matmul import bf16_gemm_is_native
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -127,7 +128,9 @@ def versions() -> dict[str, str | None]:
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "fp8train": _version("fp8train"),
+        # The package's own attribute: an editable install's metadata keeps the version
+        # it was installed with.
+        "fp8train": fp8train.__version__,
         "numpy": _version("numpy"),
         "git_commit": _git_commit(),
     }

@@ -193,12 +193,9 @@ def apply_precision(
 
 
 def _fp8train_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("fp8train")
-    except PackageNotFoundError:  # not installed as a distribution (e.g. PYTHONPATH=src)
-        return str(getattr(fp8train, "__version__", "unknown"))
+    # The package's own attribute: an editable install's metadata keeps the version it
+    # was installed with.
+    return fp8train.__version__
 
 
 # -------------------------------------------------------------- measurement helpers
