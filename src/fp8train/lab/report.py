@@ -12,7 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from fp8train.checkpoint import atomic_write_bytes, unique_tmp_path
-from fp8train.lab.config import PRECISIONS, LabError, stores_fp8_activations
+from fp8train.lab.config import (
+    PRECISIONS,
+    LabError,
+    stores_fp8_activations,
+    uses_fp8_optimizer,
+)
 from fp8train.lab.verdicts import plural, thresholds_text
 
 __all__ = [
@@ -59,8 +64,12 @@ def _color(precision: str) -> str:
 
 
 def _style(precision: str) -> str:
-    """Dashed for runs with FP8 activation storage, so they pair with their recipe."""
-    return "--" if stores_fp8_activations(precision) else "-"
+    """Dashed for runs with FP8 activation storage, dotted for FP8 optimizer states,
+    dash-dotted for both, so that each variant pairs with its recipe's colour."""
+    act, optim = stores_fp8_activations(precision), uses_fp8_optimizer(precision)
+    return {(False, False): "-", (True, False): "--", (False, True): ":", (True, True): "-."}[
+        (act, optim)
+    ]
 
 
 def _ema(values: list[float | None], alpha: float = 0.1) -> list[float]:
