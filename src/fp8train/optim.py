@@ -134,18 +134,16 @@ def _decode(payload: torch.Tensor, scale: torch.Tensor, fmt: Format, block: int)
 class Fp8AdamW(torch.optim.Optimizer):
     """AdamW with FP8 moments (see the module docstring for the contract).
 
-    Args:
-        params: parameters or parameter groups (dicts), as for ``torch.optim.AdamW``.
-        lr, betas, eps, weight_decay: as ``torch.optim.AdamW`` (same defaults).
-        block: elements per scale along each row of a parameter's 2-D view; >= 1.
-            128 costs 4 / 128 bytes of scale per element and moment.
-        second_moment: how ``v`` is stored: ``"e4m3"`` (default: ``v`` in E4M3),
-            ``"sqrt-e4m3"`` (``sqrt(v)`` in E4M3: twice the range in binades) or
-            ``"e5m2"`` (``v`` in E5M2).
-        rounding: ``"nearest"`` (default; deterministic) or ``"stochastic"`` (each
-            parameter's draws seeded from its position and step, so resuming still
-            reproduces the bits; unbiased, noisier, and an FSDP2 shard draws other
-            numbers than the whole parameter would).
+    ``params``: parameters or parameter groups (dicts), as for ``torch.optim.AdamW``;
+    ``lr``, ``betas``, ``eps``, ``weight_decay``: as ``torch.optim.AdamW`` (same
+    defaults). ``block``: elements per scale along each row of a parameter's 2-D view,
+    >= 1; 128 costs 4 / 128 bytes of scale per element and moment. ``second_moment``:
+    how ``v`` is stored: ``"e4m3"`` (default: ``v`` in E4M3), ``"sqrt-e4m3"``
+    (``sqrt(v)`` in E4M3: twice the range in binades) or ``"e5m2"`` (``v`` in E5M2).
+    ``rounding``: ``"nearest"`` (default; deterministic) or ``"stochastic"`` (each
+    parameter's draws seeded from its position and step, so resuming still reproduces
+    the bits; unbiased, noisier, and an FSDP2 shard draws other numbers than the whole
+    parameter would).
 
     Per element of a parameter with two or more dimensions the states take
     ``2 + 8 * ceil(K / block) / K`` bytes (``K`` its last dimension): 2.0625 at

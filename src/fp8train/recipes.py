@@ -62,6 +62,7 @@ class Recipe:
     * ``"input"``: x as it arrives, in its own dtype (one rounding, to FP8);
     * ``"compute_dtype"``: x first rounded to the compute dtype (two roundings, as a
       layer whose input was already bf16 would see it).
+
     ``accumulation``: what the FP8 GEMMs' sums keep: ``"fp32"`` (exact, the default) or
     a :class:`~fp8train.accumulator.TensorCoreAccumulator` (the model of an FP8 tensor
     core's narrower accumulator, emulated; FP8 recipes only). GEMMs the recipe runs in
