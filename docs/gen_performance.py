@@ -70,6 +70,11 @@ def _ms(seconds: float) -> str:
     return f"{1e3 * seconds:.1f} ms"
 
 
+def _load(d: dict[str, Any]) -> str:
+    """The 1, 5 and 15 minute load averages before a run, as ``"a, b, c"``."""
+    return ", ".join(f"{x:.1f}" for x in d["load_average_before"])
+
+
 def _x(ratio: float | None) -> str:
     return "-" if ratio is None else f"{ratio:.2f}x"
 
@@ -186,7 +191,7 @@ def monitor(d: dict[str, Any]) -> str:
 
 def guard(d: dict[str, Any]) -> str:
     m = d["model"]
-    load = ", ".join(f"{x:.1f}" for x in d["load_average_before"])
+    load = _load(d)
     head = (
         f"The guard's cost on the lab GPT ({m['recipe']}, d_model {m['d_model']}), "
         f"medians of same-round differences over {d['rounds']} interleaved rounds, "
@@ -245,7 +250,7 @@ def fixed_cost(d: dict[str, Any]) -> str:
 
 def accumulator(d: dict[str, Any]) -> str:
     c = d["config"]
-    load = ", ".join(f"{x:.1f}" for x in d["load_average_before"])
+    load = _load(d)
     head = (
         f"The tensor-core accumulator model's cost on the lab GPT's train step ({c['recipe']}, "
         f"d_model {c['model']['d_model']}, {c['batch']} x {c['model']['seq']} tokens), "
