@@ -5,6 +5,8 @@ tensorwise, with paired seeds, at two model sizes.
     python docs/loss_parity/run_study.py run --size d256 --seeds 1 --precisions tensorwise \\
         --out runs/loss_parity/d256-timing
     python docs/loss_parity/run_study.py table runs/loss_parity/d128 [MORE_FOLDERS ...]
+    python docs/loss_parity/run_study.py table --per-seed runs/loss_parity/d128 [...]
+    python docs/loss_parity/run_study.py numerics runs/loss_parity/d256 --seed 0
 
 ``run`` trains every (seed, precision) through the lab (``fp8train.lab.compare.run_all``,
 the code behind ``fp8train compare``) into ``--out``: checkpoints, results.json,
@@ -127,39 +129,122 @@ def _final_losses(out: Path) -> dict[str, dict[int, float]]:
     return losses
 
 
-def table(*outs: Path) -> str:
-    """Markdown: per precision, the mean final validation loss and the gap to bf16
-    (mean and standard error over the seeds both finished, paired by seed), and for the
-    torchao precisions and tensorwise's ablations the paired gap to our tensorwise."""
+def _pooled(outs: tuple[Path, ...]) -> dict[str, dict[int, float]]:
+    """precision -> seed -> final validation loss over several folders (the first
+    folder's where two hold the same run)."""
     losses: dict[str, dict[int, float]] = {}
     for out in outs:
         for precision, by_seed in _final_losses(out).items():
             pooled = losses.setdefault(precision, {})
             for seed, loss in by_seed.items():
                 pooled.setdefault(seed, loss)
+    return losses
+
+
+def _order(precisions: Any) -> list[str]:
+    """The study's order, then any other precision."""
+    order = [p for p in STUDY_PRECISIONS if p in precisions]
+    return order + [p for p in precisions if p not in STUDY_PRECISIONS]
+
+
+def _paired_gaps(by_seed: dict[int, float], base: dict[int, float]) -> dict[int, float]:
+    """seed -> gap in percent of ``by_seed`` over ``base``, on the seeds both have."""
+    return {s: 100.0 * (v / base[s] - 1.0) for s, v in sorted(by_seed.items()) if s in base}
+
+
+def table(*outs: Path) -> str:
+    """Markdown: per precision, the mean final validation loss and the gap to bf16
+    (mean and standard error over the seeds both finished, paired by seed), whether
+    that gap is within 2 standard errors of zero (issue 33's criterion; "-" with one
+    seed), and for the torchao precisions and tensorwise's ablations the paired gap to
+    our tensorwise."""
+    losses = _pooled(outs)
     ref = losses.get("bf16", {})
     tw = losses.get("tensorwise", {})
     lines = [
-        "| precision | seeds | final val loss | gap vs bf16 | SE | gap vs tensorwise | SE |",
-        "|---|---|---|---|---|---|---|",
+        "| precision | seeds | final val loss | gap vs bf16 | SE | within 2 SE "
+        "| gap vs tensorwise | SE |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    # The study's order, then any other precision in the folder.
-    order = [p for p in STUDY_PRECISIONS if p in losses]
-    order += [p for p in losses if p not in STUDY_PRECISIONS]
-    for precision in order:
+    for precision in _order(losses):
         by_seed = losses[precision]
-        seeds = sorted(by_seed)
-        loss = statistics.fmean(by_seed[s] for s in seeds)
-        row = [precision, str(len(seeds)), f"{loss:.4f}"]
+        loss = statistics.fmean(by_seed.values())
+        row = [precision, str(len(by_seed)), f"{loss:.4f}"]
         for name, base in (("bf16", ref), ("tensorwise", tw)):
-            paired = [s for s in seeds if s in base] if precision != name else []
-            gaps = [100.0 * (by_seed[s] / base[s] - 1.0) for s in paired]
+            gaps = list(_paired_gaps(by_seed, base).values()) if precision != name else []
             if gaps:
                 mean, se = _mean_se(gaps)
                 row += [f"{mean:+.2f}%", "-" if se is None else f"{se:.2f}%"]
+                if name == "bf16":
+                    row.append("-" if se is None else ("yes" if abs(mean) <= 2 * se else "no"))
             else:
-                row += ["", ""]
+                row += ["", ""] + ([""] if name == "bf16" else [])
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def per_seed(*outs: Path) -> str:
+    """Markdown: every precision's gap to bf16 seed by seed, and the standard deviation
+    of those gaps (the per-seed noise that sets how many seeds a gap needs)."""
+    losses = _pooled(outs)
+    ref = losses.get("bf16", {})
+    gaps = {p: _paired_gaps(v, ref) for p, v in losses.items() if p != "bf16"}
+    seeds = sorted({s for g in gaps.values() for s in g})
+    lines = [
+        "| precision | " + " | ".join(f"seed {s}" for s in seeds) + " | SD |",
+        "|---|" + "---|" * (len(seeds) + 1),
+    ]
+    for precision in _order(gaps):
+        by_seed = gaps[precision]
+        if not by_seed:
+            continue
+        cells = [f"{by_seed[s]:+.2f}%" if s in by_seed else "" for s in seeds]
+        sd = statistics.stdev(by_seed.values()) if len(by_seed) > 1 else None
+        cells.append("-" if sd is None else f"{sd:.2f}%")
+        lines.append(f"| {precision} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# The monitor's quantities that say how well an operand quantises (lab health logs).
+_NUMERICS = ("sqnr_db", "underflow", "clipped")
+
+
+def numerics(out: Path, seed: int = 0) -> str:
+    """Markdown: from the health monitor's logs of ``out`` (monitor/<precision>-seed<seed>
+    .jsonl), per precision and operand role, the median over observed steps and layers of
+    the quantisation SQNR (dB), the share of nonzero values flushed to zero and the
+    share clipped at the format's maximum, with the worst layer's median SQNR."""
+    lines = [
+        "| precision | operand | SQNR dB (median) | worst layer (median SQNR) "
+        "| flushed to zero | clipped |",
+        "|---|---|---|---|---|---|",
+    ]
+    logs = {
+        p.name.removesuffix(f"-seed{seed}.jsonl"): p
+        for p in (out / "monitor").glob(f"*-seed{seed}.jsonl")
+    }
+    for precision in _order(logs):
+        by_role: dict[str, dict[str, dict[str, list[float]]]] = {}
+        for line in logs[precision].read_text().splitlines():
+            record = json.loads(line)
+            if record.get("kind") != "layer" or record.get("sqnr_db") is None:
+                continue
+            layer = by_role.setdefault(record["role"], {}).setdefault(
+                record["layer"], {k: [] for k in _NUMERICS}
+            )
+            for key in _NUMERICS:
+                if record.get(key) is not None:
+                    layer[key].append(float(record[key]))
+        for role in sorted(by_role):
+            layers = by_role[role]
+            pooled = {k: [v for lay in layers.values() for v in lay[k]] for k in _NUMERICS}
+            worst = min(layers, key=lambda name: statistics.median(layers[name]["sqnr_db"]))
+            worst_db = statistics.median(layers[worst]["sqnr_db"])
+            lines.append(
+                f"| {precision} | {role} | {statistics.median(pooled['sqnr_db']):.1f} "
+                f"| {worst} ({worst_db:.1f}) | {statistics.fmean(pooled['underflow']):.2e} "
+                f"| {statistics.fmean(pooled['clipped']):.2e} |"
+            )
     return "\n".join(lines)
 
 
@@ -178,9 +263,19 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     show = commands.add_parser("table", help="print the paired-gap table of a study folder")
     show.add_argument("out", nargs="+", help="study folders (pooled)")
+    show.add_argument("--per-seed", action="store_true", help="every seed's gap to bf16 instead")
+    health = commands.add_parser(
+        "numerics", help="per precision and operand, the health monitor's quantisation figures"
+    )
+    health.add_argument("out", help="a study folder")
+    health.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.command == "table":
-        print(table(*map(Path, args.out)))
+        outs = tuple(map(Path, args.out))
+        print(per_seed(*outs) if args.per_seed else table(*outs))
+        return 0
+    if args.command == "numerics":
+        print(numerics(Path(args.out), args.seed))
         return 0
     return _run(args)
 

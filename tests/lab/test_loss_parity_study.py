@@ -49,8 +49,68 @@ def test_table_pairs_gaps_by_seed(tmp_path: Path) -> None:
     }
     # tensorwise: +1%, +1%, 0% -> mean +0.67%, SE 0.33%; its own tensorwise gap is blank.
     assert rows["tensorwise"][3:5] == ["+0.67%", "0.33%"]
-    assert rows["tensorwise"][5:] == ["", " |"]
-    # torchao: 0, 0, +0.91% vs bf16; vs tensorwise -0.99%, -0.99%, +0.91%.
-    assert rows["torchao-tensorwise"][3] == "+0.30%"
-    assert rows["torchao-tensorwise"][5] == "-0.36%"
+    assert rows["tensorwise"][6:] == ["", " |"]
+    # torchao: 0, 0, +0.91% vs bf16 (SE 0.30%: within 2 SE); vs tensorwise -0.99%,
+    # -0.99%, +0.91%.
+    assert rows["torchao-tensorwise"][3:6] == ["+0.30%", "0.30%", "yes"]
+    assert rows["torchao-tensorwise"][6] == "-0.36%"
     assert rows["bf16"][3] == ""
+
+
+def test_table_says_when_a_gap_is_beyond_two_standard_errors(tmp_path: Path) -> None:
+    # +1.0%, +1.1%, +0.9%: mean +1.0%, SE 0.058%: far beyond 2 SE. One seed: no SE.
+    losses = {"bf16": [2.0, 2.0, 2.0], "rowwise": [2.02, 2.022, 2.018], "mxfp8": [2.1]}
+    runs = {
+        p: {"per_seed": [{"seed": s, "final_val_loss": v} for s, v in enumerate(vals)]}
+        for p, vals in losses.items()
+    }
+    (tmp_path / "results.json").write_text(json.dumps({"runs": runs}))
+    rows = {
+        line.split(" | ")[0].removeprefix("| "): line.split(" | ")
+        for line in _study().table(tmp_path).splitlines()[2:]
+    }
+    assert rows["rowwise"][3:6] == ["+1.00%", "0.06%", "no"]
+    assert rows["mxfp8"][3:6] == ["+5.00%", "-", "-"]
+
+
+def test_per_seed_table_lists_each_seed_and_the_spread(tmp_path: Path) -> None:
+    losses = {"bf16": [2.0, 2.0, 2.0], "tensorwise": [2.02, 1.98, 2.0]}
+    runs = {
+        p: {"per_seed": [{"seed": s, "final_val_loss": v} for s, v in enumerate(vals)]}
+        for p, vals in losses.items()
+    }
+    (tmp_path / "results.json").write_text(json.dumps({"runs": runs}))
+    lines = _study().per_seed(tmp_path).splitlines()
+    assert lines[0] == "| precision | seed 0 | seed 1 | seed 2 | SD |"
+    # +1%, -1%, 0%: standard deviation 1%.
+    assert lines[2] == "| tensorwise | +1.00% | -1.00% | +0.00% | 1.00% |"
+    assert len(lines) == 3  # bf16 has no gap to itself
+
+
+def test_numerics_summarises_the_monitor_logs(tmp_path: Path) -> None:
+    def record(step: int, layer: str, role: str, sqnr: float, underflow: float) -> str:
+        return json.dumps(
+            {
+                "step": step,
+                "kind": "layer",
+                "layer": layer,
+                "role": role,
+                "sqnr_db": sqnr,
+                "underflow": underflow,
+                "clipped": 0.0,
+            }
+        )
+
+    (tmp_path / "monitor").mkdir()
+    lines = [
+        record(0, "a", "input", 30.0, 0.0),
+        record(1, "a", "input", 32.0, 0.0),
+        record(0, "b", "input", 20.0, 0.01),
+        record(1, "b", "input", 22.0, 0.03),
+        json.dumps({"step": 1, "kind": "loss", "loss": 2.0}),  # not a layer record
+    ]
+    (tmp_path / "monitor" / "rowwise-seed0.jsonl").write_text("\n".join(lines))
+    (tmp_path / "monitor" / "rowwise-seed1.jsonl").write_text(record(0, "a", "input", 1.0, 1))
+    rows = _study().numerics(tmp_path, seed=0).splitlines()[2:]
+    # Median of 30, 32, 20, 22 = 26; worst layer b (median 21); mean underflow 0.01.
+    assert rows == ["| rowwise | input | 26.0 | b (21.0) | 1.00e-02 | 0.00e+00 |"]
