@@ -1,5 +1,5 @@
-"""The format explorer: the table against the format definitions, the lab capture, and
-the three PNGs."""
+"""The format explorer: the table against the format definitions, the lab capture, the
+six PNGs, and the FP4 panels' numbers against ml_dtypes' float4_e2m1fn."""
 
 from __future__ import annotations
 
@@ -9,11 +9,14 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
+import numpy as np
 import pytest
 import torch
 
 from fp8train.formats import FORMATS, Format
 from fp8train.lab import explorer
+from fp8train.lab.cli import main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -90,7 +93,7 @@ def _png_size(path: Path) -> tuple[int, int]:
     return width, height
 
 
-def test_plot_formats_writes_three_pngs(tmp_path: Path, captured: dict[str, Any]) -> None:
+def test_plot_formats_writes_six_pngs(tmp_path: Path, captured: dict[str, Any]) -> None:
     out = tmp_path / "plots"
     paths = explorer.plot_formats(out, captured=captured)
     assert [p.name for p in paths] == list(explorer.FIGURES)
@@ -121,3 +124,89 @@ def test_fractions_printed_on_the_histograms_are_exact() -> None:
         1 / 3,
     )
     assert math.isclose(explorer._fractions(torch.tensor([[1e-3, 1.0]]), fmt, True)[0], 0.5)
+
+
+# ----------------------------------------------------------------------------- FP4
+
+
+def _ml_e2m1(codes: np.ndarray) -> np.ndarray:
+    """ml_dtypes' decode of 4-bit codes (held in the low bits of a byte) as float64."""
+    values: np.ndarray = codes.astype(np.uint8).view(ml_dtypes.float4_e2m1fn).astype(np.float64)
+    return values
+
+
+def test_fp4_codes_are_ml_dtypes_decode_of_all_16() -> None:
+    ref = _ml_e2m1(np.arange(16))
+    got = explorer.e2m1_codes()
+    assert [c for c, _ in got] == list(range(16))
+    for (code, value), r in zip(got, ref, strict=True):
+        # Bit for bit, so code 8 must be -0.0, not +0.0.
+        assert struct.pack(">d", value) == struct.pack(">d", float(r)), (code, value, r)
+
+
+def test_fp4_values_panel_draws_the_ml_dtypes_grid() -> None:
+    fig = explorer._fp4_values_figure()
+    stems = [c for c in fig.axes[0].collections if c.get_gid() == "e2m1_codes"]
+    assert len(stems) == 1
+    xs = sorted(float(seg[0][0]) for seg in stems[0].get_segments())
+    assert xs == sorted(_ml_e2m1(np.arange(16)).tolist())  # 16 stems, +0 and -0 both at 0
+
+
+def test_fp4_nearest_error_matches_ml_dtypes() -> None:
+    g = torch.Generator().manual_seed(1)
+    # Log-uniform over 10 binades below the amax, plus the top and exact ties.
+    mags = torch.cat(
+        [
+            torch.exp2(-10 * torch.rand(5000, generator=g, dtype=torch.float64)),
+            torch.tensor([1.0, 0.125, 1 / 48, 5 / 6], dtype=torch.float64),
+        ]
+    )
+    err = explorer.fp4_rounding_error(mags)
+    y32 = (mags.float() * 6).numpy()  # the scaled value, in fp32 as the cast computes it
+    q = y32.astype(ml_dtypes.float4_e2m1fn).astype(np.float64)  # RNE, saturating
+    y = y32.astype(np.float64)
+    np.testing.assert_array_equal(err["nearest"].numpy(), np.abs(q - y) / y)
+    np.testing.assert_array_equal(err["nearest_signed"].numpy(), (q - y) / y)
+    # Hand-derived: 0.75 ties to 1 (even code), 0.125 ties to 0, 5 ties to 4, 6 is exact.
+    assert err["nearest"][-4:].tolist() == [0.0, 1 / 3, 1.0, 0.2]
+
+
+def test_fp4_stochastic_error_formula_and_measured_bias() -> None:
+    # y = 0.375 (mags 1/16): between 0 and 0.5, f = 0.75, E|err| = 2 f (1 - f) h = 0.1875.
+    # y = 5 (mags 5/6): between 4 and 6, f = 1/2, E|err| = 1 (the nearest error's 0.2 x 5).
+    exact = explorer.fp4_rounding_error(torch.tensor([1 / 16, 5 / 6, 1.0], dtype=torch.float64))
+    assert exact["sr_expected"].tolist() == pytest.approx([0.5, 0.2, 0.0], abs=1e-7)
+    g = torch.Generator().manual_seed(2)
+    mags = torch.exp2(torch.linspace(-7, -0.01, 60, dtype=torch.float64))
+    draws = 3000
+    got = explorer.fp4_rounding_error(mags, draws=draws, generator=g)
+    # Statistical bounds: 6 standard errors over 60 magnitudes (a false alarm ~1e-7).
+    z_bias = got["sr_bias"] / got["sr_bias_se"].clamp(min=1e-12)
+    assert float(z_bias.abs().max()) < 6, float(z_bias.abs().max())
+    # |q - x| / x takes two values per x, (1 - f) h / x and f h / x, at most h / x apart,
+    # so its standard deviation is at most h / (2 x): 6 standard errors of the mean.
+    y = mags * 6
+    lo, hi = explorer._e2m1_neighbours(y)
+    bound = 6 * ((hi - lo) / y) / (2 * math.sqrt(draws))
+    assert bool(((got["sr_mean_abs"] - got["sr_expected"]).abs() <= bound).all())
+    # And stochastic rounding is unbiased where nearest is not: below amax/24 nearest
+    # loses everything.
+    assert float(got["nearest_signed"][mags < 1 / 24].max()) == -1.0
+
+
+def test_fp4_group_amax_is_each_blocks_max() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 96, generator=g)
+    (_, tensorwise), (_, mx) = explorer.FP4_SCHEMES[:2]
+    assert bool((explorer._group_amax(x, tensorwise) == x.abs().max()).all())
+    ref = x.abs().reshape(6, 3, 32).amax(-1, keepdim=True).expand(6, 3, 32).reshape(6, 96)
+    assert torch.equal(explorer._group_amax(x, mx), ref)
+
+
+def test_formats_cli_plots_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["formats", "--plot", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "e2m1" in out and "448" in out  # the table still prints first
+    for name in explorer.FIGURES:
+        assert f"wrote {tmp_path / name}" in out
+        assert (tmp_path / name).read_bytes()[:8] == PNG_SIGNATURE

@@ -10,11 +10,19 @@ trains where INT8 struggles.
   ``formats_tensors.png``: histograms of a real weight, activation and gradient from
   a lab GPT against each format's range, without and with tensorwise scaling, with
   the underflow and overflow fractions printed on them.
+* The same three for FP4 (E2M1, the element format of the mxfp4 and nvfp4 recipes):
+  ``formats_fp4_values.png``: its 16 codes, its range beside E4M3's and E5M2's, and
+  one block's values as the grid times the block's scale;
+  ``formats_fp4_rounding_error.png``: relative rounding error against magnitude,
+  round-to-nearest and stochastic rounding's expected error and bias;
+  ``formats_fp4_tensors.png``: the same real tensors against E2M1's range relative to
+  each scaling group's amax, with one scale per tensor and per 1x32 MX block.
 
-Every picture scales a format the way a tensorwise recipe does: multiply so that the
-tensor's amax lands on the format's max (for INT8 that is the symmetric grid
-``k / 127``). Plots use matplotlib's object API (``Figure``): no backend, no global
-state.
+Every FP8 picture scales a format the way a tensorwise recipe does: multiply so that
+the tensor's amax lands on the format's max (for INT8 that is the symmetric grid
+``k / 127``). The FP4 pictures quantise with the library's own specs
+(:data:`FP4_SCHEMES`), whose scaling groups are a tensor or a block. Plots use
+matplotlib's object API (``Figure``): no backend, no global state.
 """
 
 from __future__ import annotations
@@ -28,19 +36,41 @@ import torch
 
 from fp8train.cast import round_to_grid
 from fp8train.checkpoint import unique_tmp_path
-from fp8train.formats import E4M3, E5M2, FORMATS, INT8, Format
+from fp8train.formats import E2M1, E4M3, E5M2, FORMATS, INT8, Format
 from fp8train.monitor import operand_stats
-from fp8train.scaling import ScaleSpec
+from fp8train.scaling import Granularity, ScaleSpec, compute_amax, expand_scale
 from fp8train.tensor import quantize
 
-__all__ = ["FIGURES", "capture_lab_tensors", "formats_table", "plot_formats"]
+__all__ = [
+    "FIGURES",
+    "FP4_SCHEMES",
+    "capture_lab_tensors",
+    "e2m1_codes",
+    "formats_table",
+    "fp4_rounding_error",
+    "plot_formats",
+]
 
-# The files plot_formats writes, in order.
-FIGURES = ("formats_values.png", "formats_rounding_error.png", "formats_tensors.png")
+# The files plot_formats writes, in order: the FP8 pictures, then their FP4 counterparts.
+FIGURES = (
+    "formats_values.png",
+    "formats_rounding_error.png",
+    "formats_tensors.png",
+    "formats_fp4_values.png",
+    "formats_fp4_rounding_error.png",
+    "formats_fp4_tensors.png",
+)
 
 # One colour per format in every picture.
-_COLORS = {"e4m3": "#1f77b4", "e5m2": "#ff7f0e", "int8": "#2ca02c", "bf16": "#7f7f7f"}
-_LABEL = {"e4m3": "E4M3", "e5m2": "E5M2", "int8": "INT8", "bf16": "BF16"}
+_COLORS = {
+    "e4m3": "#1f77b4",
+    "e5m2": "#ff7f0e",
+    "int8": "#2ca02c",
+    "bf16": "#7f7f7f",
+    "e2m1": "#9467bd",
+    "stochastic": "#d62728",
+}
+_LABEL = {"e4m3": "E4M3", "e5m2": "E5M2", "int8": "INT8", "bf16": "BF16", "e2m1": "E2M1"}
 _PLOTTED = (E4M3, E5M2, INT8)
 
 
@@ -525,8 +555,403 @@ def _plot_tensors(captured: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
+# ------------------------------------------------------------------------ FP4 pictures
+
+# How the FP4 pictures scale a tensor: the label drawn over each column of
+# formats_fp4_tensors.png, and the spec the library quantises with. Tensorwise is the
+# baseline that shows why FP4 needs block scales; MX 1x32 is the mxfp4 recipe's
+# scaling (E8M0 power-of-two scales, the OCP floor rule).
+_BLOCK_SCHEMES: tuple[tuple[str, ScaleSpec], ...] = (
+    (
+        "MX (mxfp4): one E8M0 scale per 1x32 block, floor rule",
+        ScaleSpec(fmt=E2M1, granularity=Granularity.MX, block=(1, 32)),
+    ),
+)
+FP4_SCHEMES: tuple[tuple[str, ScaleSpec], ...] = (
+    ("one FP32 scale per tensor, amax -> 6", ScaleSpec(fmt=E2M1)),
+    *_BLOCK_SCHEMES,
+)
+
+
+def e2m1_codes() -> list[tuple[int, float]]:
+    """The 16 E2M1 codes in code order with their values (``-0.0`` for code 8): what
+    ``formats_fp4_values.png`` draws. Decoded from the bit fields by
+    :meth:`fp8train.formats.Format.decode`."""
+    return [(code, E2M1.decode(code)) for code in range(2**E2M1.bits)]
+
+
+def _e2m1_neighbours(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The grid points just below and just above each magnitude ``y`` in [0, 6]
+    (float64; both equal ``y`` where it is on the grid's top)."""
+    grid = torch.tensor([v for v in E2M1.values if v >= 0], dtype=torch.float64)
+    idx = (torch.searchsorted(grid, y, right=True) - 1).clamp(0, len(grid) - 1)
+    lo = grid[idx]
+    hi = grid[(idx + 1).clamp(max=len(grid) - 1)]
+    return lo, torch.where(y >= grid[-1], lo, hi)
+
+
+def fp4_rounding_error(
+    mags: torch.Tensor, *, draws: int = 0, generator: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
+    """Relative rounding error of E2M1 for magnitudes ``mags`` in (0, 1] relative to
+    their group's amax, the amax mapped onto E2M1's max (6), as a tensorwise or NVFP4
+    block scale does. Returns float64 tensors shaped like ``mags``:
+
+    * ``"nearest"``: ``|q(x) - x| / x`` for round-to-nearest-even (1.0 = flushed), and
+      ``"nearest_signed"``: ``(q(x) - x) / x``, its bias (the cast is deterministic);
+    * ``"sr_expected"``: stochastic rounding's exact expected error ``E|q(x) - x| / x``
+      ``= 2 f (1 - f) h / x``, with ``h`` the gap between the grid points around
+      ``x`` and ``f`` the fraction of it below ``x`` (up with probability ``f``, error
+      ``(1 - f) h``; down otherwise, error ``f h``). Its bias ``E[q(x)] - x`` is 0.
+
+    ``draws > 0`` adds the library's stochastic cast measured over that many draws per
+    magnitude: ``"sr_mean_abs"`` (mean ``|q - x| / x``), ``"sr_bias"`` (mean
+    ``(q - x) / x``) and ``"sr_bias_se"`` (its standard error).
+    """
+    y32 = mags.float() * E2M1.max  # the scaled value the cast sees (fp32, as the cast does)
+    y = y32.double()
+    q = round_to_grid(y32, E2M1).double()
+    lo, hi = _e2m1_neighbours(y)
+    h = hi - lo
+    f = torch.where(h > 0, (y - lo) / torch.where(h > 0, h, 1.0), 0.0)
+    out = {
+        "nearest": (q - y).abs() / y,
+        "nearest_signed": (q - y) / y,
+        "sr_expected": 2 * f * (1 - f) * h / y,
+    }
+    if draws > 0:
+        rep = y32.expand(draws, *y32.shape)
+        qs = round_to_grid(rep, E2M1, rounding="stochastic", generator=generator).double()
+        rel = (qs - y) / y  # (draws, *mags.shape)
+        out["sr_mean_abs"] = rel.abs().mean(0)
+        out["sr_bias"] = rel.mean(0)
+        out["sr_bias_se"] = rel.std(0) / math.sqrt(draws)
+    return out
+
+
+def _plot_fp4_values(path: Path) -> Path:
+    return _save(_fp4_values_figure(), path)
+
+
+def _fp4_values_figure() -> Any:
+    """(d) E2M1's 16 codes (one ``vlines`` collection with gid ``"e2m1_codes"`` in the
+    first axes), its range against E4M3 and E5M2 on a log2 axis, and one row of 32
+    values as each block's grid times its scale."""
+    fig = _figure((11, 10.5))
+    blocks = [f"block{i}" for i in range(len(_BLOCK_SCHEMES))]
+    axd = fig.subplot_mosaic(
+        [["codes"] * len(blocks), ["log"] * len(blocks), blocks],
+        height_ratios=[1.1, 0.9, 1.3],
+    )
+    ax_codes, ax_log = axd["codes"], axd["log"]
+    color = _COLORS["e2m1"]
+
+    # Codes: a stem per value, each labelled with its 4 bits (sign, 2 exponent, 1
+    # mantissa); +0 and -0 share x = 0.
+    codes = e2m1_codes()
+    ax_codes.vlines([v for _, v in codes], 0, 1, color=color, lw=1.5, gid="e2m1_codes")
+    for code, v in codes:
+        negative = code >> 3
+        ax_codes.text(
+            v,
+            1.08 if not negative else -0.08,
+            f"{code:04b}",
+            ha="center",
+            va="bottom" if not negative else "top",
+            fontsize=8,
+            family="monospace",
+        )
+        if v > 0 or (v == 0 and not negative):
+            ax_codes.text(v, 0.5, f" {v:g}", fontsize=9, color=color, va="center")
+    e4m3 = torch.tensor(E4M3.values) * (E2M1.max / E4M3.max)
+    ax_codes.eventplot(
+        e4m3.numpy(), lineoffsets=-0.55, linelengths=0.35, colors=_COLORS["e4m3"], linewidths=0.4
+    )
+    ax_codes.text(
+        6.25, -0.55, "E4M3 scaled\nto max 6", fontsize=7, color=_COLORS["e4m3"], va="center"
+    )
+    ax_codes.set_xlim(-6.6, 7.4)
+    ax_codes.set_ylim(-0.8, 1.35)
+    ax_codes.set_yticks([])
+    ax_codes.set_xticks(range(-6, 7))
+    ax_codes.grid(axis="x", alpha=0.3)
+    ax_codes.set_title(
+        f"E2M1: 16 codes (bits above: sign, exponent, mantissa; negatives below), "
+        f"{len(E2M1.values)} values, max {E2M1.max:g}, smallest {E2M1.min_subnormal:g}"
+    )
+    ax_codes.set_xlabel(
+        "value: a step of 0.5 up to 2, of 1 up to 4, then only 6; no inf, no NaN "
+        "(E4M3, scaled to the same max, has 253 values)"
+    )
+
+    # Range: each format's positive values with its max at 1 (log2 axis).
+    plotted = (E2M1, E4M3, E5M2)
+    for i, fmt in enumerate(plotted):
+        row = len(plotted) - 1 - i
+        pos = _unit_grid(fmt)
+        pos = pos[pos > 0]
+        ax_log.eventplot(
+            torch.log2(pos).numpy(),
+            lineoffsets=row,
+            linelengths=0.7,
+            colors=_COLORS[fmt.name],
+            linewidths=0.8 if fmt is E2M1 else 0.5,
+        )
+        ax_log.text(
+            -33.5,
+            row,
+            f"{_LABEL[fmt.name]}: {fmt.binades:.1f} binades, {len(pos)} positive values",
+            va="center",
+            fontsize=8,
+            color=_COLORS[fmt.name],
+        )
+    ax_log.set_yticks([])
+    ax_log.set_ylim(-0.6, len(plotted) - 0.4)
+    ax_log.set_xlim(-34, 1)
+    ax_log.grid(axis="x", alpha=0.3)
+    ax_log.set_xlabel(
+        "log2 (x / max): one scale covers 3.6 binades in E2M1 against 17.8 in E4M3, so "
+        "FP4 recipes give every 16 or 32 values their own scale"
+    )
+
+    # One row of 32 values (row 0 of a 4x32 tensor of N(0, 1) draws, so that a
+    # per-tensor scale has other rows to come from), quantised by the library.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 32, generator=g)
+    idx = torch.arange(32)
+    for name, (label, spec) in zip(blocks, _BLOCK_SCHEMES, strict=True):
+        ax = axd[name]
+        q = quantize(x, spec)
+        scale = expand_scale(q.scale, (4, 32), spec).expand(4, 32)[0]  # (32,) per element
+        deq = q.dequantize(torch.float32)[0]
+        width = spec.block[1]
+        tops = []
+        for b0 in range(0, 32, width):
+            s_b = float(scale[b0])  # multiply to enter, divide to leave
+            grid = torch.tensor(E2M1.values, dtype=torch.float64) / s_b
+            ax.hlines(grid.numpy(), b0 - 0.45, b0 + width - 0.55, color=color, lw=0.9, alpha=0.6)
+            amax_b = float(x[0, b0 : b0 + width].abs().max())
+            tops.append(f"{E2M1.max / s_b / amax_b:.2f}")
+            if b0:
+                ax.axvline(b0 - 0.5, color="black", lw=0.8)
+        ax.scatter(idx.numpy(), x[0].numpy(), s=16, color="black", label="value", zorder=3)
+        ax.scatter(
+            idx.numpy(),
+            deq.numpy(),
+            s=36,
+            marker="x",
+            color=_COLORS["stochastic"],
+            label="after the cast",
+            zorder=4,
+        )
+        ax.set_xlim(-0.8, 31.8)
+        ax.set_xlabel("element of the row (vertical line: block boundary)", fontsize=8)
+        ax.legend(loc="lower left", fontsize=7, ncols=2)
+        ax.set_title(
+            f"{label}\nhorizontal lines: the block's grid, E2M1 / scale; grid top = "
+            f"{' and '.join(tops)} x the block's amax",
+            fontsize=8,
+        )
+    axd[blocks[0]].set_ylabel("value")
+    fig.supxlabel(
+        "A block's values are E2M1's grid times its scale. MX's floor rule puts the block's "
+        "amax in [4, 8) x 2^E, so the grid's top, 6 x 2^E,\nlies between 0.75x and 1.5x "
+        "amax (values above 7 x 2^E clip). NVFP4 stores an E4M3 block scale of about amax/6 "
+        "under a per-tensor\nFP32 scale, which puts the grid's top within E4M3's rounding "
+        "(at most 1/16) of amax.",
+        fontsize=8.5,
+    )
+    return fig
+
+
+def _plot_fp4_rounding_error(path: Path) -> Path:
+    """(e) E2M1's relative rounding error against magnitude: nearest and stochastic
+    rounding's expected error (left), and the bias of each (right)."""
+    lo_exp = -8
+    mags = torch.exp2(torch.linspace(lo_exp, 0, 4001, dtype=torch.float64))
+    err = fp4_rounding_error(mags)
+    g = torch.Generator().manual_seed(0)
+    sparse = torch.exp2(torch.linspace(lo_exp + 0.03, -0.03, 97, dtype=torch.float64))
+    draws = 4000
+    emp = fp4_rounding_error(sparse, draws=draws, generator=g)
+    lx, ls = torch.log2(mags).numpy(), torch.log2(sparse).numpy()
+    e4m3 = _relative_error(E4M3, mags.float()).clamp(min=1e-7)
+
+    fig = _figure((13, 6.2))
+    ax_err, ax_bias = fig.subplots(1, 2)
+    ax_err.plot(
+        lx,
+        err["nearest"].clamp(min=1e-7).numpy(),
+        color=_COLORS["e2m1"],
+        lw=1.4,
+        label="E2M1, round to nearest even",
+    )
+    ax_err.plot(
+        lx,
+        err["sr_expected"].clamp(min=1e-7).numpy(),
+        color=_COLORS["stochastic"],
+        lw=1.2,
+        label="E2M1, stochastic: expected |error| (exact)",
+    )
+    ax_err.scatter(
+        ls,
+        emp["sr_mean_abs"].numpy(),
+        s=10,
+        color=_COLORS["stochastic"],
+        label=f"E2M1, stochastic: mean of {draws} casts",
+    )
+    ax_err.plot(
+        lx,
+        e4m3.numpy(),
+        color=_COLORS["e4m3"],
+        lw=0.8,
+        alpha=0.8,
+        label="E4M3, amax scaled to 448 (for comparison)",
+    )
+    ax_err.set_yscale("log")
+    ax_err.set_ylim(3e-3, 3)
+    ax_err.axhline(1.0, color="black", lw=0.8, ls=":")
+    ax_err.set_ylabel("relative rounding error |q(x) - x| / |x|")
+    ax_err.set_title(
+        "Relative error: 1 mantissa bit, so up to 1/3 above amax/12 (0.75, a tie, rounds "
+        "to 1)\nand 100% below amax/24, where nearest flushes; stochastic pays more "
+        "|error| for no bias",
+        fontsize=9,
+    )
+    ax_err.legend(loc="lower left", fontsize=8)
+
+    ax_bias.plot(
+        lx,
+        err["nearest_signed"].numpy(),
+        color=_COLORS["e2m1"],
+        lw=1.4,
+        label="round to nearest even: (q(x) - x) / x",
+    )
+    band = 2 * emp["sr_bias_se"]
+    ax_bias.fill_between(
+        ls,
+        (emp["sr_bias"] - band).numpy(),
+        (emp["sr_bias"] + band).numpy(),
+        color=_COLORS["stochastic"],
+        alpha=0.25,
+        lw=0,
+    )
+    ax_bias.plot(
+        ls,
+        emp["sr_bias"].numpy(),
+        color=_COLORS["stochastic"],
+        marker="o",
+        ms=3,
+        lw=0.8,
+        label=f"stochastic: mean (q - x) / x over {draws} casts, +-2 SE",
+    )
+    ax_bias.axhline(0.0, color="black", lw=0.8)
+    ax_bias.set_ylim(-1.15, 1.1)  # nearest spans -100% (flushed) to +100% (up to 0.5)
+    ax_bias.set_ylabel("relative bias E[q(x)] / x - 1")
+    ax_bias.set_title(
+        "Bias: nearest is systematically off and drops everything below amax/24;\n"
+        "stochastic rounding is unbiased everywhere, so small gradients survive "
+        "in expectation",
+        fontsize=9,
+    )
+    ax_bias.legend(loc=(0.02, 0.2), fontsize=8)
+    for ax in (ax_err, ax_bias):
+        ax.set_xlim(lo_exp, 0.2)
+        flush = math.log2(E2M1.min_subnormal / 2 / E2M1.max)
+        ax.axvline(flush, color="black", lw=0.8, ls="--")
+        ax.axvline(math.log2(E2M1.min_subnormal / E2M1.max), color="#999999", lw=0.8, ls="--")
+        ax.set_xlabel(
+            "log2 (|x| / amax), amax mapped to 6 (dashed: amax/24, half the smallest "
+            "value; grey: amax/12, the smallest)",
+            fontsize=8,
+        )
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        "E2M1 rounding error against magnitude (amax scaled onto max 6, as a "
+        "tensorwise or NVFP4 scale does)",
+        fontsize=10,
+    )
+    return _save(fig, path)
+
+
+def _group_amax(x: torch.Tensor, spec: ScaleSpec) -> torch.Tensor:
+    """Each element's scaling-group amax, shaped like ``x`` (2-D)."""
+    amax = compute_amax(x, spec).float()
+    return expand_scale(amax, (x.shape[0], x.shape[1]), spec).expand_as(x)
+
+
+def _plot_fp4_tensors(captured: dict[str, Any], path: Path) -> Path:
+    """(f) Each real tensor's values relative to their scaling group's amax, against
+    E2M1's range, for every scheme in :data:`FP4_SCHEMES` (one column each)."""
+    kinds = [
+        ("weight", "weight W"),
+        ("activation", "input activation x"),
+        ("gradient", "output gradient dL/dy"),
+    ]
+    cols = len(FP4_SCHEMES)
+    fig = _figure((6.5 * cols, 10.5))
+    axes = fig.subplots(3, cols, sharey="row", squeeze=False)
+    # E2M1 with its max on the group's amax: normal [1/6, 1], subnormal 1/12 (log2 axis).
+    top, normal = 0.0, math.log2(E2M1.min_normal / E2M1.max)
+    bottom = math.log2(E2M1.min_subnormal / E2M1.max)
+    flush = math.log2(E2M1.min_subnormal / 2 / E2M1.max)
+    for row, (key, title) in enumerate(kinds):
+        x = captured[key].float()
+        for col, (label, spec) in enumerate(FP4_SCHEMES):
+            ax = axes[row][col]
+            rel = (x.abs() / _group_amax(x, spec))[x != 0]
+            lr = torch.log2(rel.double())
+            ax.hist(
+                lr.clamp(min=-24).numpy(),  # the rare values further down pile up at -24
+                bins=96,  # quarter binades; numpy's last bin is closed, so holds each amax
+                range=(-24, 0),
+                color="#444444",
+                alpha=0.8,
+                weights=torch.full_like(lr, 100.0 / len(lr)).numpy(),
+            )
+            ax.axvspan(normal, top, color=_COLORS["e2m1"], alpha=0.25, lw=0)
+            ax.axvspan(
+                bottom,
+                normal,
+                facecolor="none",
+                edgecolor=_COLORS["e2m1"],
+                hatch="////",
+                lw=0.0,
+                alpha=0.6,
+            )
+            ax.axvline(flush, color="black", lw=0.8, ls="--")
+            st = operand_stats(x, quantize(x, spec))
+            below = float((lr < flush).double().mean())
+            ax.text(
+                0.015,
+                0.97,
+                f"underflow {st.underflow:7.2%}\nclipped   {st.clipped_fraction:7.2%}\n"
+                f"SQNR      {st.sqnr_db:5.1f} dB\n{below:7.2%} of values < amax/24 of their group",
+                transform=ax.transAxes,
+                fontsize=8,
+                va="top",
+                family="monospace",
+                bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "#cccccc"},
+            )
+            ax.set_xlim(-24, 1)
+            ax.set_title(f"{title} {tuple(x.shape)}: {label}", fontsize=9)
+            ax.set_xlabel("log2 (|x| / amax of its scaling group); below -24 drawn at -24")
+            ax.grid(alpha=0.3)
+        axes[row][0].set_ylabel("% of nonzero values")
+    fig.suptitle(
+        f"Real tensors of lab GPT layer {captured.get('layer', '?')} after "
+        f"{captured.get('steps', '?')} steps against E2M1's range, each value measured from "
+        "its scaling group's amax\n(shaded: E2M1's normal values with the group's amax on 6; "
+        "hatched: its one subnormal, 0.5; dashed: amax/24, below which round-to-nearest "
+        "flushes to zero;\nMX's floor rule shifts the grid by -0.4 to +0.6 binades per block. "
+        "Underflow, clipping and SQNR: the library's cast of the whole tensor)",
+        fontsize=10,
+    )
+    return _save(fig, path)
+
+
 def plot_formats(out_dir: str | Path, *, captured: dict[str, Any] | None = None) -> list[Path]:
-    """Write the three explorer PNGs (see :data:`FIGURES`) into ``out_dir`` (created if
+    """Write the six explorer PNGs (see :data:`FIGURES`) into ``out_dir`` (created if
     missing) and return their paths. ``captured``: tensors from
     :func:`capture_lab_tensors` (``"weight"``, ``"activation"``, ``"gradient"``; 2-D
     floats); captured afresh when ``None`` (a few seconds on a CPU)."""
@@ -544,4 +969,7 @@ def plot_formats(out_dir: str | Path, *, captured: dict[str, Any] | None = None)
         _plot_values(out / FIGURES[0]),
         _plot_rounding_error(out / FIGURES[1]),
         _plot_tensors(captured, out / FIGURES[2]),
+        _plot_fp4_values(out / FIGURES[3]),
+        _plot_fp4_rounding_error(out / FIGURES[4]),
+        _plot_fp4_tensors(captured, out / FIGURES[5]),
     ]
