@@ -195,13 +195,13 @@ class LayerState:
 
     def __init__(self, name: str, recipe: Recipe, kernels: Kernels | None = None) -> None:
         self.name = name
+        # ``recipe`` runs the GEMMs; ``base_recipe`` is the one the layer was converted
+        # with. They differ after a demotion to a finer recipe (:meth:`demote`), which is
+        # part of the recipe state.
+        self.base_recipe = recipe
         self.recipe = recipe
         self.kernels = kernels or Kernels("eager")
-        self.histories: dict[str, AmaxHistory] = {}
-        if recipe.scaling == "delayed":
-            self.histories = {
-                r: AmaxHistory(recipe.history_len, recipe.history_algo) for r in self.ROLES
-            }
+        self.histories: dict[str, AmaxHistory] = self._new_histories(recipe)
         self.nonfinite: dict[str, int] = {r: 0 for r in self.ROLES}
         # A per-layer override (fp8train.Guard's "demote"): True runs all three GEMMs in
         # the compute dtype, quantising and recording nothing. Part of the recipe state.
@@ -212,6 +212,25 @@ class LayerState:
         # AmaxJumpWarning events: how many so far, and the latest ones (for a monitor).
         self.amax_jump_count = 0
         self.amax_jumps: deque[AmaxJump] = deque(maxlen=_JUMP_EVENTS_KEPT)
+
+    @classmethod
+    def _new_histories(cls, recipe: Recipe) -> dict[str, AmaxHistory]:
+        if recipe.scaling != "delayed":
+            return {}
+        return {r: AmaxHistory(recipe.history_len, recipe.history_algo) for r in cls.ROLES}
+
+    def demote(self, to: Recipe | None) -> None:
+        """Run this layer under ``to`` from the next forward on, or in high precision
+        (``to=None``: :attr:`high_precision`). A new recipe starts with empty amax
+        histories (the old recipe's describe other scales); the non-finite counters stay.
+        Between steps only: a backward pending from a forward under the old recipe would
+        mix the two."""
+        if to is None:
+            self.high_precision = True
+            return
+        self.recipe = to
+        self.histories = self._new_histories(to)
+        self._replays.clear()
 
     def gemm_label(self, gemm: str) -> str:
         """How log lines name one of this layer's GEMMs ("output", "grad_input",
@@ -247,9 +266,20 @@ class LayerState:
         }
         if self.high_precision:  # only when set: other checkpoints keep their keys
             state["high_precision"] = True
+        if self.recipe != self.base_recipe:  # a demotion to a finer recipe (by name)
+            state["demoted_to"] = {
+                "recipe": self.recipe.name,
+                "recipe_config": self.recipe.canonical(),
+            }
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        recipe = demoted_recipe(state.get("demoted_to"), f"layer {self.name!r}")
+        recipe = self.base_recipe if recipe is None else recipe
+        if recipe != self.recipe:
+            self.recipe = recipe
+            self.histories = self._new_histories(recipe)
+            self._replays.clear()
         if set(state["histories"]) != set(self.histories):
             raise ValueError(
                 f"layer {self.name}: checkpoint has amax histories for "
@@ -287,6 +317,33 @@ class LayerState:
             AmaxJumpWarning,
             stacklevel=5,
         )
+
+
+def demoted_recipe(entry: object, where: str) -> Recipe | None:
+    """The recipe a saved ``"demoted_to"`` entry names (None for no entry).
+
+    A demotion is saved as the recipe's name and :meth:`Recipe.canonical`; it is
+    rebuilt with :meth:`Recipe.from_name`, so only named recipes (not
+    ``dataclasses.replace`` variants) can be demoted to. Raises ``ValueError`` naming
+    ``where`` for anything else."""
+    if entry is None:
+        return None
+    if not isinstance(entry, dict) or set(entry) != {"recipe", "recipe_config"}:
+        raise ValueError(
+            f"{where}: 'demoted_to' must be a dict with keys ['recipe', 'recipe_config'] "
+            f"(the recipe the layer was demoted to), got {entry!r}"
+        )
+    try:
+        recipe = Recipe.from_name(entry["recipe"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: 'demoted_to': {e}") from None
+    if entry["recipe_config"] != recipe.canonical():
+        raise ValueError(
+            f"{where}: 'demoted_to' names recipe {recipe.name!r} with other parameters "
+            f"than fp8train's {recipe.name!r} ({entry['recipe_config']!r}); a layer is "
+            "demoted to named recipes only"
+        )
+    return recipe
 
 
 def _reusable_transposed(spec: ScaleSpec) -> bool:

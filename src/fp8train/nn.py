@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fp8train._kernels import KernelChoice, Kernels, shared_kernels
-from fp8train.autograd import LayerState, fp8_linear
+from fp8train.autograd import LayerState, demoted_recipe, fp8_linear
 from fp8train.history import AmaxHistory
 from fp8train.recipes import Recipe, RecipeName
 from fp8train.scaling import compute_amax
@@ -200,8 +200,11 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 _LAYER_KEYS = frozenset({"recipe", "recipe_config", "features", "histories", "nonfinite"})
-# Present (True) only on a layer demoted to high precision (LayerState.high_precision).
-_OPTIONAL_KEYS = frozenset({"high_precision"})
+# Present only on a demoted layer: "high_precision" (True) on one demoted to high
+# precision (LayerState.high_precision), "demoted_to" (a named recipe's name and
+# canonical description) on one demoted to a finer recipe (LayerState.demote); the
+# histories are then those of that recipe.
+_OPTIONAL_KEYS = frozenset({"high_precision", "demoted_to"})
 
 
 def recipe_state_dict(model: nn.Module) -> dict[str, Any]:
@@ -209,7 +212,9 @@ def recipe_state_dict(model: nn.Module) -> dict[str, Any]:
     :meth:`Recipe.canonical` description), ``(in_features, out_features)`` (a per-tensor
     history does not show the width), amax histories and non-finite counters, and
     ``"high_precision": True`` for a layer demoted to high precision
-    (``LayerState.high_precision``, e.g. by :class:`fp8train.Guard`)."""
+    (``LayerState.high_precision``, e.g. by :class:`fp8train.Guard`), ``"demoted_to"``
+    (``{"recipe", "recipe_config"}``) for one demoted to a finer recipe
+    (``LayerState.demote``), whose histories it then holds."""
     layers = {
         name: {
             "recipe": m.recipe.name,
@@ -351,7 +356,19 @@ def _check_layer_state(name: str, layer: Fp8Linear, entry: object) -> None:
             f"{where}: 'high_precision' must be a bool (the layer runs in high precision), "
             f"got {entry['high_precision']!r}"
         )
-    histories = layer.fp8_state.histories
+    # A layer demoted to a finer recipe keeps that recipe's histories.
+    demoted = demoted_recipe(entry.get("demoted_to"), where)
+    if demoted == recipe:
+        raise ValueError(
+            f"{where}: 'demoted_to' names the layer's own recipe {recipe.name!r}; a "
+            "layer that was not demoted has no 'demoted_to'"
+        )
+    if demoted is not None:
+        reason = demoted.unsupported_reason(layer.in_features, layer.out_features)
+        if reason is not None:
+            raise ValueError(f"{where}: 'demoted_to' recipe {demoted.name!r} needs {reason}")
+        recipe = demoted
+    histories = layer.fp8_state._new_histories(recipe)
     saved = entry["histories"]
     if not isinstance(saved, dict) or set(saved) != set(histories):
         got = sorted(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
@@ -430,6 +447,19 @@ def migrate_recipe_state(state: dict[str, Any], model: nn.Module) -> dict[str, A
             )
         if _stored_config(entry["recipe_config"]) == layer.recipe.canonical():
             layers[name] = entry
+            continue
+        if "demoted_to" in entry:
+            # The layer runs its demoted recipe, whatever it was converted with: keep
+            # that (and its histories), and rebase it on the model's recipe.
+            demoted = demoted_recipe(entry["demoted_to"], where)
+            new = {k: v for k, v in entry.items() if k != "demoted_to"}
+            new["recipe"], new["recipe_config"] = layer.recipe.name, layer.recipe.canonical()
+            if demoted != layer.recipe:
+                new["demoted_to"] = entry["demoted_to"]
+            layers[name] = new
+            changes.setdefault(
+                f"{_recipe_label(entry, layer.recipe)}: kept its demotion", []
+            ).append(name)
             continue
         layers[name], done = _migrated_entry(where, layer, entry)
         change = f"{_recipe_label(entry, layer.recipe)}: {done}"

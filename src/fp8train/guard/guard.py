@@ -30,12 +30,13 @@ from fp8train.guard.triggers import GemmBaselines, GuardThresholds, ScalarTrigge
 from fp8train.loss_scaler import LossScaler
 from fp8train.monitor import Monitor
 from fp8train.monitor.sinks import Sink
-from fp8train.nn import fp8_layers
+from fp8train.nn import Fp8Linear, fp8_layers
+from fp8train.recipes import Recipe
 
 if TYPE_CHECKING:
     from typing_extensions import Self
 
-__all__ = ["DEFAULT_GUARD_EVERY", "POLICIES", "Guard", "Policy", "Stateful"]
+__all__ = ["DEFAULT_GUARD_EVERY", "HIGH_PRECISION", "POLICIES", "Guard", "Policy", "Stateful"]
 
 log = logging.getLogger("fp8train")
 
@@ -48,6 +49,10 @@ POLICIES: tuple[Policy, ...] = ("warn", "skip", "demote", "rollback")
 # (benchmarks/guard.py). The triggers run on every step whatever the interval, and a
 # triggered step is looked at again, observed; the interval only paces the baselines.
 DEFAULT_GUARD_EVERY = 100
+
+# The last rung a demotion ladder may name: the layer's compute dtype (bf16 under
+# autocast), nothing quantised (LayerState.high_precision).
+HIGH_PRECISION = "high"
 
 # Actions by severity: agree() takes the max over ranks, so every rank takes the most
 # severe action any rank chose.
@@ -100,6 +105,71 @@ def _load_recipe_state(model: nn.Module, state: dict[str, Any]) -> None:
         layer.fp8_state.load_state_dict(copy.deepcopy(state[name]))
 
 
+# A rung of a demotion ladder: a named recipe, or None for high precision.
+Rung = Recipe | None
+
+
+def _ladder(demote_to: Sequence[str | Recipe], layers: dict[str, Fp8Linear]) -> list[Rung]:
+    """``demote_to`` checked against the model: a non-empty sequence of distinct named
+    recipes (names or :class:`Recipe` objects equal to fp8train's recipe of that name)
+    and ``"high"`` (last only); no rung is a layer's own recipe, and every FP8 rung can
+    take every layer's shape."""
+    if isinstance(demote_to, (str, Recipe)) or not isinstance(demote_to, Sequence):
+        raise TypeError(
+            f"demote_to must be a sequence of recipes (names or Recipe) ending, if you "
+            f"want, with {HIGH_PRECISION!r}, e.g. ('rowwise', {HIGH_PRECISION!r}); got "
+            f"{demote_to!r}"
+        )
+    if not demote_to:
+        raise ValueError(f"demote_to is empty; e.g. ('rowwise', {HIGH_PRECISION!r})")
+    rungs: list[Rung] = []
+    for i, rung in enumerate(demote_to):
+        if rung == HIGH_PRECISION:
+            if i != len(demote_to) - 1:
+                raise ValueError(
+                    f"demote_to {list(map(str, demote_to))}: {HIGH_PRECISION!r} (the compute "
+                    "dtype) must be the last rung: nothing is finer to demote to after it"
+                )
+            rungs.append(None)
+            continue
+        if rung in ("bf16", "fp32", "fp16"):
+            raise ValueError(
+                f"demote_to rung {rung!r}: the high-precision rung is spelled "
+                f"{HIGH_PRECISION!r} (the layer's compute dtype: bf16 under autocast)"
+            )
+        try:
+            recipe = Recipe.from_name(rung)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"demote_to rung {rung!r}: {e}") from None
+        if recipe != Recipe.from_name(recipe.name):
+            raise ValueError(
+                f"demote_to rung {recipe.name!r} is a variant of fp8train's recipe of that "
+                "name (dataclasses.replace); a layer is demoted to named recipes only (the "
+                "recipe state saves the name)"
+            )
+        if recipe in rungs:
+            raise ValueError(f"demote_to names recipe {recipe.name!r} twice")
+        for name, layer in layers.items():
+            if layer.fp8_state.base_recipe == recipe:
+                raise ValueError(
+                    f"demote_to rung {recipe.name!r} is the recipe layer {name!r} was "
+                    "converted with: a demotion must change the layer's arithmetic; start "
+                    "the ladder at a finer recipe"
+                )
+            reason = recipe.unsupported_reason(layer.in_features, layer.out_features)
+            if reason is not None:
+                raise ValueError(
+                    f"demote_to rung {recipe.name!r} cannot run layer {name!r} of weight "
+                    f"shape {tuple(layer.weight.shape)}: it needs {reason}"
+                )
+        rungs.append(recipe)
+    return rungs
+
+
+def _rung_label(rung: Rung) -> str:
+    return HIGH_PRECISION if rung is None else rung.name
+
+
 def _rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
@@ -131,9 +201,11 @@ class Guard:
     * ``"warn"``: log the diagnosis; the step goes on as usual;
     * ``"skip"``: drop the batch: no optimizer step, and the amax histories lose what
       the batch recorded (a batch that poisons the scales leaves no trace);
-    * ``"demote"``: the culprit layer runs in high precision from now on
-      (``LayerState.high_precision``, part of the recipe state, so checkpoints keep it)
-      and the step is run again that way before the optimizer steps;
+    * ``"demote"``: the culprit layer moves one rung down ``demote_to`` (default
+      ``("high",)``: high precision; e.g. ``("rowwise", "high")``: a finer FP8 recipe
+      first, high precision on its next trigger) from now on (``LayerState.demote``,
+      part of the recipe state, so checkpoints keep it) and the step is run again that
+      way before the optimizer steps;
     * ``"rollback"``: restore the latest snapshot (taken between steps, before every
       step number divisible by ``snapshot_every``: weights, optimizer, loss scaler,
       recipe state, ``data.state_dict()``, RNG), demote the culprit and replay from
@@ -142,8 +214,13 @@ class Guard:
       :meth:`step`).
 
     A trigger that names no culprit (no FP8 GEMM to blame) skips the batch under
-    ``"demote"`` and ``"rollback"``; a culprit already in high precision is skipped too
+    ``"demote"`` and ``"rollback"``; so does a culprit already on the ladder's last rung
     (no loop of rollbacks).
+
+    ``demote_to`` (``"demote"`` and ``"rollback"`` only): the ladder, distinct named
+    recipes then optionally ``"high"`` (the compute dtype), last. A layer on its
+    converted recipe moves to the first rung, one on a rung to the next. Refused
+    (``ValueError``) when a rung is a layer's own recipe or cannot take its shape.
 
     ``monitor``: an attached :class:`~fp8train.monitor.Monitor` to use (its GEMM check is
     switched on); the guard then calls its ``step()``, so the caller must not. Without
@@ -172,9 +249,15 @@ class Guard:
         process_group: Any = None,
         reduce_max: ReduceMax | None = None,
         start: int = 0,
+        demote_to: Sequence[str | Recipe] | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {list(POLICIES)}, got {policy!r}")
+        if demote_to is not None and policy not in ("demote", "rollback"):
+            raise ValueError(
+                f"demote_to is the ladder of policies 'demote' and 'rollback', not "
+                f"{policy!r}; leave it out"
+            )
         if policy == "rollback":
             if not isinstance(snapshot_every, int) or snapshot_every < 1:
                 raise ValueError(
@@ -217,6 +300,9 @@ class Guard:
         self.step_count = monitor.step_count
         self._layer_names = [name for name, _ in fp8_layers(model)]
         self._layers = dict(fp8_layers(model))
+        self.demote_to = _ladder(
+            demote_to if demote_to is not None else (HIGH_PRECISION,), self._layers
+        )
         self._scalars = ScalarTriggers(self.thresholds)
         self._baselines = GemmBaselines(self.thresholds)
         # (step, amax, scale_min) of each (layer, role) over the observed steps: evidence.
@@ -247,8 +333,36 @@ class Guard:
 
     @property
     def demoted(self) -> list[str]:
-        """The FP8 layers now running in high precision, in model order."""
-        return [n for n, m in self._layers.items() if m.fp8_state.high_precision]
+        """The demoted FP8 layers, in model order (:attr:`demotions` says to what)."""
+        return list(self.demotions)
+
+    @property
+    def demotions(self) -> dict[str, str]:
+        """The demoted FP8 layers, in model order: name -> what each runs now (a recipe
+        name, or ``"high"``)."""
+        out = {}
+        for name, m in self._layers.items():
+            state = m.fp8_state
+            if state.high_precision:
+                out[name] = HIGH_PRECISION
+            elif state.recipe != state.base_recipe:
+                out[name] = state.recipe.name
+        return out
+
+    def next_rung(self, layer: str) -> tuple[bool, Rung]:
+        """``(any left, rung)``: where a demotion moves ``layer`` from where it is now;
+        ``(False, None)`` when it is on the ladder's last rung (or in high precision). A
+        layer on a recipe that is not a rung (loaded from a checkpoint saved under
+        another ladder) moves to ``"high"`` if the ladder has it."""
+        state = self._layers[layer].fp8_state
+        if state.high_precision:
+            return False, None
+        if state.recipe == state.base_recipe:
+            return True, self.demote_to[0]
+        if state.recipe in self.demote_to:
+            i = self.demote_to.index(state.recipe) + 1
+            return (True, self.demote_to[i]) if i < len(self.demote_to) else (False, None)
+        return (True, None) if None in self.demote_to else (False, None)
 
     # ---------------------------------------------------------------------- step
     def step(self, closure: Callable[[], torch.Tensor | float]) -> float:
@@ -393,8 +507,8 @@ class Guard:
         culprit = diagnosis.layer
         action: str = self.policy
         if self.policy in ("demote", "rollback"):
-            if culprit is None or self._layers[culprit].fp8_state.high_precision:
-                action = "skip"  # nothing FP8 to demote: drop the batch
+            if culprit is None or not self.next_rung(culprit)[0]:
+                action = "skip"  # nothing to demote it to: drop the batch
             elif self.policy == "rollback" and self._snapshot is None:
                 action = "demote"
         n = len(self._layer_names)
@@ -440,9 +554,19 @@ class Guard:
             self._advance(s)
             return loss
         assert culprit is not None  # narrowed above
+        # Where the culprit goes, from where it is now (a rollback's snapshot may hold it
+        # on an earlier rung: the ladder only moves down).
+        more, rung = self.next_rung(culprit)
+        if not more:  # another rank named a layer this rank has nowhere to move
+            raise RuntimeError(
+                f"guard: layer {culprit!r} has no rung left on demote_to "
+                f"{[_rung_label(r) for r in self.demote_to]} but the ranks agreed to demote "
+                "it: the ranks' recipe states differ"
+            )
+        event["to"] = _rung_label(rung)
         if action == "demote":
             _load_recipe_state(self.model, pre_recipe)
-            self._layers[culprit].fp8_state.high_precision = True
+            self._layers[culprit].fp8_state.demote(rung)
             _set_rng_state(pre_rng)
             self.optimizer.zero_grad(set_to_none=True)
             loss, norm = self._run(closure)
@@ -455,7 +579,7 @@ class Guard:
         assert snap is not None  # _decide demotes instead when there is none
         self.optimizer.zero_grad(set_to_none=True)
         snap.restore(self)
-        self._layers[culprit].fp8_state.high_precision = True
+        self._layers[culprit].fp8_state.demote(rung)
         event["to_step"] = snap.step
         self._record(event)
         self.monitor.restart_at(snap.step)
@@ -466,6 +590,8 @@ class Guard:
 
     def _record(self, event: dict[str, Any]) -> None:
         where = f" layer {event['layer']!r}" if event["layer"] else ""
+        if "to" in event:
+            where += f" to {event['to']}"
         to = f" to step {event['to_step']}" if "to_step" in event else ""
         event["message"] = f"step {event['step']}: {event['action']}{where}{to}: {event['reason']}"
         log.info("fp8train guard: %s", event["message"])
