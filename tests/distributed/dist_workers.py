@@ -616,3 +616,82 @@ def fsdp2_reduce_scatter_bytes() -> dict[str, Any]:
         del model
     _finish()
     return out
+
+
+# --------------------------------------------------------------- guard: FP8 all-gather
+
+
+def _demote(model: nn.Module, demotions: dict[str, str]) -> None:
+    """``layer name -> recipe name or "high"``, as fp8train.Guard's ladder demotes."""
+    layers = dict(fp8_layers(unwrap(model)))
+    for name, to in demotions.items():
+        layers[name].fp8_state.demote(None if to == "high" else fp8train.Recipe.from_name(to))
+
+
+def fsdp2_demoted_fp8_all_gather(
+    recipe: str, steps_before: int, steps_after: int, demotions: dict[str, str]
+) -> dict[str, Any]:
+    """FSDP2 with the FP8 all-gather; after ``steps_before`` steps every rank demotes the
+    same layers (``demotions``), then trains ``steps_after`` more. Returns the global
+    losses, the full parameters and, per layer, whether each forward GEMM after the
+    demotion multiplied the gathered FP8 payload."""
+    info = fd.init_from_env(timeout_s=30)
+    net = make_model(recipe)
+    used: dict[str, list[bool]] = {}
+
+    def observe(state: Any, role: str, t: torch.Tensor, qt: ScaledTensor | None) -> None:
+        if role == "weight" and not _in_backward_pass():
+            fp8 = isinstance(t, fd.Fp8GatheredWeight) and t.fp8_gathered is not None
+            used.setdefault(state.name, []).append(fp8 and qt is t.fp8_gathered)
+
+    for _, layer in fp8_layers(net):
+        layer.fp8_state.observer = observe
+    model = fd.setup(net, "fsdp2", fp8_all_gather=True)
+    opt = make_optimizer(model)
+    losses = _train(model, opt, range(steps_before), info)
+    _demote(model, demotions)
+    used.clear()
+    losses += _train(model, opt, range(steps_before, steps_before + steps_after), info)
+    out = {
+        "losses": losses,
+        "used_gathered": used,
+        "params": {k: v.full_tensor().detach().clone() for k, v in model.state_dict().items()},
+    }
+    del model, opt
+    _finish()
+    return out
+
+
+def _in_backward_pass() -> bool:
+    return bool(torch._C._current_graph_task_id() != -1)
+
+
+def demoted_reference(
+    recipe: str,
+    steps_before: int,
+    steps_after: int,
+    demotions: dict[str, str],
+    micro_batches: int,
+) -> dict[str, Any]:
+    """:func:`fsdp2_demoted_fp8_all_gather` in one process without a wrapper, the ranks'
+    halves as micro-batches (as :func:`reference_losses`)."""
+    model = make_model(recipe)
+    opt = make_optimizer(model)
+    losses = []
+    for step in range(steps_before + steps_after):
+        if step == steps_before:
+            _demote(model, demotions)
+        parts = []
+        for r in range(micro_batches):
+            x, y = local_batch(step, r, micro_batches)
+            loss = F.mse_loss(model(x).float(), y)
+            loss.backward()
+            parts.append(loss.detach())
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.div_(micro_batches)
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(sum(parts[1:], parts[0]) / micro_batches))
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {"losses": losses, "params": params}

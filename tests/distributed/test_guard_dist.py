@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dist_workers as w
 import pytest
+import torch
 from dist_harness import run_ranks
 
 from fp8train.testing import assert_bitwise_equal
@@ -28,3 +30,29 @@ def test_ranks_demote_the_same_layer_when_only_one_rank_sees_the_fault(
     assert r0["demoted"] == r1["demoted"] == [culprit]
     for k, v in r0["params"].items():
         assert_bitwise_equal(v, r1["params"][k])
+
+
+def test_fsdp2_fp8_all_gather_follows_a_demotion(tmp_path: Path) -> None:
+    """After a demotion under the FP8 all-gather (a guard's ladder), the demoted layers
+    stop multiplying the FP8 weight of their old recipe: one moved to rowwise quantises
+    the gathered full weight itself, one in high precision multiplies it as it is; both
+    ranks compute bit for bit what one process without FSDP computes (tensorwise:
+    current scaling, the two ranks' rows as two micro-batches)."""
+    demotions = {"blocks.0.fc1": "rowwise", "head": "high"}
+    kw = {"recipe": "tensorwise", "steps_before": 2, "steps_after": 3, "demotions": demotions}
+    r0, r1 = (r.value for r in run_ranks("fsdp2_demoted_fp8_all_gather", tmp_path, **kw))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks: CPU GEMMs reduce in one order
+    try:
+        ref = w.demoted_reference(**kw, micro_batches=2)
+    finally:
+        torch.set_num_threads(n)
+    assert r0["losses"] == r1["losses"] == ref["losses"]
+    for k, v in ref["params"].items():
+        assert_bitwise_equal(r0["params"][k], v, k)
+        assert_bitwise_equal(r1["params"][k], v, k)
+    for r in (r0, r1):
+        used = r["used_gathered"]
+        assert used["blocks.0.fc1"] and not any(used["blocks.0.fc1"])  # rowwise: its own cast
+        assert "head" not in used  # high precision: nothing quantised
+        assert used["blocks.1.fc1"] and all(used["blocks.1.fc1"])  # undemoted: the FP8 gather

@@ -37,6 +37,16 @@ Which recipes support it (decided from each recipe's weight spec, not its name):
 * Any recipe with ``fp8_dgrad=False``: grad_input runs in high precision on the unsharded
   weight, which an FP8 all-gather does not have.
 
+A layer demoted by :class:`fp8train.Guard` (``LayerState.demote``) gathers for the
+recipe it runs now: in FP8 with that recipe's weight spec when the recipe allows it (a
+delayed layer moved to tensorwise), else -- moved to rowwise, mxfp8 or high precision
+-- the master shards in the parameter dtype through one collective of our own
+(:func:`_gather_full`); FSDP's fixed-size buffer then carries zeros (its size was set by
+the first gather and cannot change), so such a layer moves its bytes plus one byte per
+element. The unsharded weight then holds the full high-precision weight: the layer
+quantises it with its recipe (or multiplies it in the compute dtype) exactly as a
+single process would.
+
 Not promised: FP8 all-gather under activation checkpointing with delayed scaling when
 two forwards of one layer precede their backwards (backward reuses the latest scale).
 """
@@ -48,6 +58,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch import nn
@@ -127,6 +138,20 @@ def _amax_grid(
     return grid
 
 
+def _gather_full(
+    shard: torch.Tensor, n_rows: int, per_rank: int, group: Any, dtype: torch.dtype
+) -> torch.Tensor:
+    """The full weight ``(n_rows, K)`` in ``dtype`` from every rank's ``shard``: FSDP's
+    dim-0 shards padded to ``per_rank`` rows, gathered in rank order, the padding cut."""
+    local = shard.to(dtype)
+    if local.shape[0] != per_rank:
+        local = F.pad(local, (0, 0, 0, per_rank - local.shape[0]))
+    world = dist.get_world_size(group)
+    out = torch.empty((world * per_rank, *local.shape[1:]), dtype=dtype, device=local.device)
+    dist.all_gather_into_tensor(out, local.contiguous(), group=group)
+    return out[:n_rows]
+
+
 def _in_backward() -> bool:
     # FSDP2 re-gathers resharded weights for backward from inside the autograd engine,
     # where a graph task is running; forward (and activation-checkpoint recompute outside
@@ -179,10 +204,10 @@ class Fp8AllGatherWeight(torch.Tensor):
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self._tensor = tensor
-        # (version of the master when last cast, its amax grid, the scale grid used):
-        # backward re-gathers reuse the forward's scale instead of re-reducing (and, for
-        # delayed scaling, re-recording) the amax.
-        self._cached: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        # (version of the master when last cast, the weight spec, its amax grid, the
+        # scale grid used): backward re-gathers reuse the forward's scale instead of
+        # re-reducing (and, for delayed scaling, re-recording) the amax.
+        self._cached: tuple[int, ScaleSpec, torch.Tensor, torch.Tensor] | None = None
 
     def __repr__(self) -> str:  # type: ignore[override]
         return f"Fp8AllGatherWeight({self._tensor!r})"
@@ -226,14 +251,24 @@ class Fp8AllGatherWeight(torch.Tensor):
                 f"Fp8AllGatherWeight must be the weight of an Fp8Linear, found on "
                 f"{type(module).__name__}"
             )
-        spec, state = module.recipe.weight, module.fp8_state
+        # The recipe the layer runs now: a demotion (fp8train.Guard) may have changed it.
+        state = module.fp8_state
+        spec = state.recipe.weight
         shard = self._tensor  # (rows of this rank, K), unpadded
         n_rows = int(outer_size[0])
         row0, per_rank = _fsdp_row_offset(n_rows, mesh.get_local_rank(), mesh.size())
+        if state.high_precision or fp8_all_gather_unsupported_reason(state.recipe) is not None:
+            # Demoted past what an FP8 gather serves: the master shards, gathered whole;
+            # FSDP's buffer (sized by the first gather) carries zeros.
+            dtype = mp_policy.param_dtype or shard.dtype
+            full = _gather_full(shard, n_rows, per_rank, mesh.get_group(), dtype)
+            zeros = shard.new_zeros((per_rank, *shard.shape[1:]), dtype=torch.uint8)
+            return (zeros,), (None, None, spec, full)
         aligned, pad_top = _align_to_blocks(shard, spec, row0)
         version = shard._version
-        if _in_backward() and self._cached is not None and self._cached[0] == version:
-            _, amax, scale = self._cached
+        cached = self._cached
+        if _in_backward() and cached is not None and cached[:2] == (version, spec):
+            _, _, amax, scale = cached
         else:
             # Max over ranks: every rank now holds the amax grid of the full weight.
             local = _amax_grid(aligned, spec, row0, n_rows, state.kernels.amax)
@@ -246,7 +281,7 @@ class Fp8AllGatherWeight(torch.Tensor):
                 )
             # One scale path for 1 and N ranks: history, then record (delayed scaling).
             scale = operand_scale(amax, spec, "weight", state)
-            self._cached = (version, amax, scale)
+            self._cached = (version, spec, amax, scale)
         if spec.granularity is Granularity.TENSOR:
             local_scale = scale
         else:
@@ -259,7 +294,7 @@ class Fp8AllGatherWeight(torch.Tensor):
         if payload.shape[0] != per_rank:  # FSDP gathers equal-sized (padded) shards
             payload = F.pad(payload.view(torch.uint8), (0, 0, 0, per_rank - payload.shape[0]))
         # Bytes on the wire: gloo has no float8 dtype, and FSDP packs mixed dtypes as uint8.
-        return (payload.view(torch.uint8),), (amax, scale, spec)
+        return (payload.view(torch.uint8),), (amax, scale, spec, None)
 
     def fsdp_post_all_gather(
         self,
@@ -271,19 +306,26 @@ class Fp8AllGatherWeight(torch.Tensor):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None:
         """Wrap the gathered bytes (padded ``(ranks * rows, K)``) as the unsharded weight."""
         (data,) = all_gather_outputs
-        amax, scale, spec = metadata
-        assert spec.fmt.torch_dtype is not None  # checked at setup
+        amax, scale, spec, full = metadata
         if out is not None:
             # Later gathers write into the same buffer, which ``out`` already views; only
-            # the scale is new.
+            # the scale (and the spec, after a demotion) is new, or the full weight.
             if not isinstance(out, Fp8GatheredWeight):
                 raise TypeError(
                     f"expected the unsharded weight to be an Fp8GatheredWeight, "
                     f"got {type(out).__name__}"
                 )
-            out._scaled = replace(out._scaled, scale=scale)
-            out._amax = amax
+            out._full = full
+            if full is None:
+                assert out._scaled is not None  # a demotion never goes back to FP8
+                assert spec.fmt.torch_dtype is not None  # checked at setup and demotion
+                payload = out._scaled.data.view(spec.fmt.torch_dtype)  # 1 byte either way
+                out._scaled = replace(out._scaled, payload=payload, scale=scale, spec=spec)
+                out._amax = amax
             return None
+        if full is not None:  # demoted before its first gather (a resumed checkpoint)
+            return Fp8GatheredWeight(None, None, full), (data,)
+        assert spec.fmt.torch_dtype is not None  # checked at setup
         payload = data.view(spec.fmt.torch_dtype)
         weight = Fp8GatheredWeight(ScaledTensor(payload, scale, spec, param_dtype), amax)
         return weight, (data,)
@@ -297,37 +339,64 @@ class Fp8GatheredWeight(torch.Tensor):
     from. Any other op sees the dequantised weight (``payload / scale`` in the parameter
     dtype): that is what a GEMM falling back to high precision (a non-finite input)
     multiplies by.
+
+    For a layer demoted past what the FP8 gather serves (module docstring), ``full`` is
+    the gathered high-precision weight: ``fp8_gathered`` is then None (the layer
+    quantises the weight itself) and every op sees ``full``.
     """
 
-    _scaled: ScaledTensor
-    _amax: torch.Tensor
+    _scaled: ScaledTensor | None
+    _amax: torch.Tensor | None
+    _full: torch.Tensor | None
 
     @staticmethod
-    def __new__(cls, scaled: ScaledTensor, amax: torch.Tensor) -> Fp8GatheredWeight:
-        d = scaled.data
+    def __new__(
+        cls,
+        scaled: ScaledTensor | None,
+        amax: torch.Tensor | None,
+        full: torch.Tensor | None = None,
+    ) -> Fp8GatheredWeight:
+        like = full if full is not None else None if scaled is None else scaled.data
+        if like is None:
+            raise ValueError("Fp8GatheredWeight needs the FP8 weight or the full weight")
         return torch.Tensor._make_wrapper_subclass(
             cls,
-            d.size(),
-            strides=d.stride(),
-            storage_offset=d.storage_offset(),
-            dtype=scaled.orig_dtype,
-            layout=d.layout,
-            device=d.device,
+            like.size(),
+            strides=like.stride(),
+            storage_offset=like.storage_offset(),
+            dtype=full.dtype if full is not None else scaled.orig_dtype,  # type: ignore[union-attr]
+            layout=like.layout,
+            device=like.device,
         )
 
-    def __init__(self, scaled: ScaledTensor, amax: torch.Tensor) -> None:
+    def __init__(
+        self,
+        scaled: ScaledTensor | None,
+        amax: torch.Tensor | None,
+        full: torch.Tensor | None = None,
+    ) -> None:
         self._scaled = scaled
         self._amax = amax
+        self._full = full
 
     @property
-    def fp8_gathered(self) -> ScaledTensor:
-        return self._scaled
+    def fp8_gathered(self) -> ScaledTensor | None:
+        return None if self._full is not None else self._scaled
 
     @property
-    def fp8_gathered_amax(self) -> torch.Tensor:
-        return self._amax
+    def fp8_gathered_amax(self) -> torch.Tensor | None:
+        return None if self._full is not None else self._amax
+
+    def _value(self) -> torch.Tensor:
+        """What an op other than the FP8 GEMMs sees."""
+        if self._full is not None:
+            return self._full
+        assert self._scaled is not None  # one of the two is always set (__new__)
+        return self._scaled.dequantize(self.dtype)
 
     def __repr__(self) -> str:  # type: ignore[override]
+        if self._full is not None:
+            return f"Fp8GatheredWeight(full={self._full!r})"
         return f"Fp8GatheredWeight({self._scaled!r})"
 
     @classmethod
@@ -340,13 +409,16 @@ class Fp8GatheredWeight(torch.Tensor):
     ) -> Any:
         kwargs = kwargs or {}
         if func in (torch.ops.aten.detach.default, torch.ops.aten.alias.default):
-            return cls(args[0]._scaled, args[0]._amax)
+            return cls(args[0]._scaled, args[0]._amax, args[0]._full)
         if func is torch.ops.aten.as_strided.default:
             # FSDP2 views the padded gathered rows as the parameter's shape; the scale grid
-            # already describes the unpadded weight.
-            s: ScaledTensor = args[0]._scaled
-            return cls(replace(s, payload=func(s.data, *args[1:], **kwargs)), args[0]._amax)
-        args, kwargs = pytree.tree_map_only(
-            cls, lambda t: t._scaled.dequantize(t.dtype), (args, kwargs)
-        )
+            # already describes the unpadded weight (and the full weight is unpadded).
+            s: ScaledTensor | None = args[0]._scaled
+            full = args[0]._full
+            return cls(
+                None if s is None else replace(s, payload=func(s.data, *args[1:], **kwargs)),
+                args[0]._amax,
+                None if full is None else func(full, *args[1:], **kwargs),
+            )
+        args, kwargs = pytree.tree_map_only(cls, lambda t: t._value(), (args, kwargs))
         return func(*args, **kwargs)

@@ -50,7 +50,9 @@ class Fp8LayerHooks:
         delayed scaling, recorded) before the gather, from the amax of the full weight.
         """
         if isinstance(weight, Fp8GatheredWeight):
-            return weight.fp8_gathered, weight.fp8_gathered_amax
+            scaled, amax = weight.fp8_gathered, weight.fp8_gathered_amax
+            # None: the gather brought the full weight (a demoted layer quantises it).
+            return None if scaled is None or amax is None else (scaled, amax)
         return None
 
 
