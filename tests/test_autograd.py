@@ -64,6 +64,9 @@ BACKWARD_ROLES = {
     "mxfp8": ["grad_output", "weight.t", "grad_output.t", "input.t"],
     "int8": ["grad_output"],
     "int8_rowwise": ["grad_output", "weight.t", "grad_output.t", "input.t"],
+    "mxfp4": ["grad_output", "weight.t", "grad_output.t", "input.t"],
+    # W: 16x16, reused; dy^T and x Hadamard-transformed along the tokens, then quantised
+    "nvfp4": ["grad_output", "grad_output.t", "input.t"],
 }
 
 

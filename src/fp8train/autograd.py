@@ -45,8 +45,10 @@ Data-parallel wrappers meet the layer through :class:`DistributedHooks`
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import warnings
+import zlib
 from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple, Protocol
@@ -54,7 +56,8 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from fp8train._kernels import Kernels, shared_kernels
-from fp8train.formats import Format
+from fp8train.cast import unpack_e2m1
+from fp8train.formats import E2M1, Format
 from fp8train.history import AmaxHistory
 from fp8train.matmul import autocast_off, gemm_dtype, scaled_mm
 from fp8train.recipes import Recipe
@@ -212,6 +215,27 @@ class LayerState:
         # AmaxJumpWarning events: how many so far, and the latest ones (for a monitor).
         self.amax_jump_count = 0
         self.amax_jumps: deque[AmaxJump] = deque(maxlen=_JUMP_EVENTS_KEPT)
+        # Backward passes run so far, for recipes that draw random numbers (stochastic
+        # rounding, Hadamard signs): each backward's streams are seeded from the layer's
+        # name, the role and this count, so they depend on nothing outside the layer's
+        # state, and a run resumed from a checkpoint (which saves it) draws the numbers
+        # the uninterrupted run would have.
+        self.random_steps = 0
+
+    @property
+    def draws_random(self) -> bool:
+        """Whether the recipe draws random numbers (stochastic rounding or the Hadamard
+        transform's signs), so that ``random_steps`` is counted and saved."""
+        r = self.recipe
+        specs = (r.input, r.weight, r.grad_output)
+        return r.hadamard_wgrad or any(s.rounding == "stochastic" for s in specs)
+
+    def generator(self, role: str, step: int, device: torch.device) -> torch.Generator:
+        """The random stream of ``role`` in backward number ``step``: a generator on
+        ``device`` seeded from (layer name, role, step), independent of torch's global
+        random state and of every other layer, role and step."""
+        seed = zlib.crc32(f"{self.name}\0{role}\0{step}".encode())
+        return torch.Generator(device=device).manual_seed(seed)
 
     @classmethod
     def _new_histories(cls, recipe: Recipe) -> dict[str, AmaxHistory]:
@@ -271,6 +295,8 @@ class LayerState:
                 "recipe": self.recipe.name,
                 "recipe_config": self.recipe.canonical(),
             }
+        if self.draws_random:  # only for such recipes: other checkpoints keep their keys
+            state["random_steps"] = self.random_steps
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -290,6 +316,7 @@ class LayerState:
             self.histories[role].load_state_dict(h)
         self.nonfinite.update(state.get("nonfinite", {}))
         self.high_precision = bool(state.get("high_precision", False))
+        self.random_steps = int(state.get("random_steps", 0))
 
     def report_nonfinite(self, role: str, shape: torch.Size) -> None:
         self.nonfinite[role] += 1
@@ -405,9 +432,12 @@ class _Step:
         state: LayerState,
         kernels: Kernels,
         replay: dict[str, torch.Tensor] | None = None,
+        random_step: int = 0,
     ) -> None:
         self.state = state
         self.kernels = kernels
+        # Which backward this is, for the seeded streams of stochastic rounding.
+        self.random_step = random_step
         # A checkpoint's recompute: the scales of the forward it repeats, by role. Such a
         # step quantises with them and changes no state (no record, no observer).
         self.replay = replay
@@ -447,6 +477,9 @@ class _Step:
         given = None if self.replay is None else self.replay.get(role)
         window_amax: torch.Tensor | None = None  # the history's amax, for the jump check
         q: ScaledTensor | None = None
+        # (scale, payload, operand) of a fused call, wrapped only once the amax is known
+        # finite: an E2M1 payload is packed on wrapping, and NaN has no E2M1 code.
+        made: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
         if gathered is not None:
             # FSDP2 all-gathered the weight in FP8: cast, and its amax reduced over the
             # ranks and recorded, before the gather. Only the check is left.
@@ -457,7 +490,7 @@ class _Step:
             history = None
             if spec.rounding == "nearest":
                 amax, scale, payload, operand = kernels.quantize_given(t, given, spec, work, keep)
-                q = ScaledTensor(payload, scale, spec, t.dtype, operand)
+                made = (scale, payload, operand)
             else:
                 amax = kernels.amax(t, spec)
         elif spec.rounding == "nearest" and (history is None or not history.empty):
@@ -470,7 +503,7 @@ class _Step:
                 amax, scale, payload, operand, window_amax = kernels.quantize_from_window(
                     t, history.to_reduce(), spec, work, keep
                 )
-            q = ScaledTensor(payload, scale, spec, t.dtype, operand)
+            made = (scale, payload, operand)
         else:
             amax = kernels.amax(t, spec)
         self.local_amax[role] = amax
@@ -502,12 +535,15 @@ class _Step:
                 state.observer(state, role, t, None)
             return None
 
+        if made is not None:
+            q = ScaledTensor(made[1], made[0], spec, t.dtype, made[2])
         if q is None:  # scaled only now that the amax is known finite
             scale = given if given is not None else _scale(amax, spec, history)
             if spec.rounding == "nearest":
                 payload, operand = kernels.cast_with_operand(t, scale, spec, work, keep)
             else:
-                payload, operand = apply_scale_and_cast(t, scale, spec), None
+                rng = state.generator(role, self.random_step, t.device)
+                payload, operand = apply_scale_and_cast(t, scale, spec, rng), None
             q = ScaledTensor(payload, scale, spec, t.dtype, operand)
         self.done.append(_Quantized(role, t, q, amax if history is not None else None))
         return q
@@ -533,11 +569,82 @@ def _saved_input(
     """The input ``(M, K)`` in ``dtype`` from what the forward saved: its FP8 payload
     dequantised, or its compute-dtype copy."""
     if ctx.fp8_saved:
-        x: torch.Tensor = ctx.kernels.payload_to_operand(
-            x_saved, x_scale, ctx.state.recipe.input, dtype
-        )
+        spec = ctx.state.recipe.input
+        values = _payload_values(x_saved, spec, ctx.in_shape[-1])
+        x: torch.Tensor = ctx.kernels.payload_to_operand(values, x_scale, spec, dtype)
         return x
     return x_saved.to(dtype)
+
+
+def _payload_values(stored: torch.Tensor, spec: ScaleSpec, cols: int) -> torch.Tensor:
+    """A payload kept for backward as the kernels read it: E2M1's packed bytes
+    (``ScaledTensor.stored``) unpacked to fp32 values, any other payload as it is."""
+    return unpack_e2m1(stored, cols) if spec.fmt is E2M1 else stored
+
+
+# The 16x16 Sylvester Hadamard matrix (entries +-1); divided by 4 it is orthogonal, and
+# the division is exact.
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+_HADAMARD_SIZE = 16
+_HADAMARD = _sylvester(_HADAMARD_SIZE)
+
+
+def hadamard_matrix(signs: torch.Tensor) -> torch.Tensor:
+    """The random Hadamard transform ``H diag(signs) / 4`` (16x16, fp32): ``H`` the
+    Sylvester Hadamard matrix, ``signs`` a vector of +-1. Orthogonal: its transpose is
+    its inverse, exactly up to fp32 rounding of the products (every entry is +-1/4)."""
+    return (_HADAMARD.to(signs.device) * signs.float()[None, :]) / 4
+
+
+def random_signs(state: LayerState, step: int, device: torch.device) -> torch.Tensor:
+    """The Hadamard transform's sign vector of backward number ``step`` (16 values of
+    +-1, fp32) from the layer's seeded stream."""
+    g = state.generator("hadamard", step, device)
+    bits = torch.randint(0, 2, (_HADAMARD_SIZE,), generator=g, device=device)
+    return (bits * 2 - 1).float()
+
+
+def hadamard_tokens(t: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``t (M, C)`` transformed along its rows (the tokens) in groups of 16 by ``h``:
+    row group ``g`` becomes ``h @ t[g]``, in fp32. M is padded with zero rows to a
+    multiple of 16 first (the result has ``ceil(M / 16) * 16`` rows): ``a^T b`` of two
+    tensors transformed with the same ``h`` equals ``a^T b`` of the padded originals,
+    whose extra rows add nothing."""
+    m, c = t.shape
+    pad = (-m) % _HADAMARD_SIZE
+    t32 = t.float()
+    if pad:
+        t32 = torch.nn.functional.pad(t32, (0, 0, 0, pad))
+    groups = t32.reshape(-1, _HADAMARD_SIZE, c)  # (M/16, 16, C)
+    return torch.matmul(h, groups).reshape(-1, c)  # (Mp, C)
+
+
+def _has_fp4(recipe: Recipe) -> bool:
+    return any(s.fmt is E2M1 for s in (recipe.input, recipe.weight, recipe.grad_output))
+
+
+@functools.cache
+def _announce_fp4_eager(mode: str) -> None:
+    log.info(
+        "fp8train: FP4 (E2M1) layers run the eager reference kernels, not kernels=%r: the "
+        "fused kernels are not checked bitwise for packed E2M1 payloads and two-level "
+        "scales",
+        mode,
+    )
+
+
+def _kernels_for(recipe: Recipe, kernels: Kernels) -> Kernels:
+    """The kernel set a layer step runs: FP4 recipes take the eager one (logged once)."""
+    if kernels.mode == "eager" or not _has_fp4(recipe):
+        return kernels
+    _announce_fp4_eager(kernels.mode)
+    return shared_kernels("eager")
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -615,14 +722,14 @@ class _Fp8Linear(torch.autograd.Function):
         # quantises again (x_q) for an FP8 grad_weight, or the compute-dtype copy.
         fp8_saved = keep_x and fp8_forward
         if qx is not None and fp8_saved:
-            x_saved, x_scale = qx.data, qx.scale
+            x_saved, x_scale = qx.stored, qx.scale  # E2M1: packed, half a byte each
         else:
             x_saved, x_scale = (x_q if recipe.fp8_wgrad else x2d.to(out_dtype)), None
         # The weight: reuse its FP8 copy when the grad_input GEMM can, else keep only the
         # master weight (a Parameter: saving it costs no memory) and re-quantise.
         w_fp8 = w_scale = None
         if qw is not None and keep_w and fp8_forward:
-            w_fp8, w_scale = qw.data, qw.scale
+            w_fp8, w_scale = qw.stored, qw.scale
         ctx.save_for_backward(x_saved, x_scale, weight, w_fp8, w_scale)
         ctx.fp8_saved = fp8_saved
         ctx.fp8_forward = fp8_forward
@@ -645,7 +752,10 @@ class _Fp8Linear(torch.autograd.Function):
         work_w = _work_dtype(gdtype, dy.device, recipe.grad_output, recipe.input)
         fp8_dgrad = ctx.needs_input_grad[0] and recipe.fp8_dgrad
         fp8_wgrad = ctx.needs_input_grad[1] and recipe.fp8_wgrad
-        step = _Step(state, kernels)
+        random_step = state.random_steps
+        if state.draws_random:
+            state.random_steps += 1
+        step = _Step(state, kernels, random_step=random_step)
         with autocast_off(dy.device.type):
             dy2d = dy.reshape(-1, dy.shape[-1])  # (M, N)
             # dy is an operand of both GEMMs: quantised once along N, the axis grad_input
@@ -664,7 +774,8 @@ class _Fp8Linear(torch.autograd.Function):
                 qw = None
                 if fp8_dgrad and qdy is not None and w_fp8 is not None:
                     # The forward's FP8 weight, reused as is (its scales span both axes).
-                    operand = kernels.payload_to_operand(w_fp8, w_scale, recipe.weight, work_d)
+                    w_values = _payload_values(w_fp8, recipe.weight, weight.shape[1])
+                    operand = kernels.payload_to_operand(w_values, w_scale, recipe.weight, work_d)
                     qw = ScaledTensor(w_fp8, w_scale, recipe.weight, weight.dtype, operand)
                 elif fp8_dgrad and qdy is not None and ctx.fp8_forward:
                     # Re-quantised from the master weight along N, the axis this GEMM
@@ -689,7 +800,28 @@ class _Fp8Linear(torch.autograd.Function):
             if ctx.needs_input_grad[1]:
                 x_hp: torch.Tensor | None = None  # x as saved, in the gradient dtype
                 qdy_t = qx = None
-                if fp8_wgrad and qdy is not None:
+                if fp8_wgrad and qdy is not None and recipe.hadamard_wgrad and ctx.fp8_forward:
+                    # Both operands through the same random Hadamard transform along M
+                    # (the tokens, which this GEMM contracts): dy_h^T x_h = dy^T x.
+                    h = hadamard_matrix(random_signs(state, random_step, dy.device))
+                    x_q = x_saved
+                    if ctx.fp8_saved:
+                        x_q = _saved_input(ctx, x_saved, x_scale, torch.float32)
+                    qdy_t = step.quantize(
+                        hadamard_tokens(dy2d, h),  # (Mp, N)
+                        recipe.grad_output.transposed(),
+                        "grad_output.t",
+                        work_w,
+                        keep_payload=False,
+                    )
+                    qx = step.quantize(
+                        hadamard_tokens(x_q, h),  # (Mp, K)
+                        recipe.input.transposed(),
+                        "input.t",
+                        work_w,
+                        keep_payload=False,
+                    )
+                elif fp8_wgrad and qdy is not None:
                     # dy along M, the axis this GEMM contracts. dy^T and dy are one tensor:
                     # NaN/inf in it was found (and reported once) above.
                     if _reusable_transposed(recipe.grad_output):
@@ -704,7 +836,10 @@ class _Fp8Linear(torch.autograd.Function):
                         )
                     if ctx.fp8_saved and _reusable_transposed(recipe.input):
                         # The forward's FP8 input, reused as is.
-                        operand = kernels.payload_to_operand(x_saved, x_scale, recipe.input, work_w)
+                        x_values = _payload_values(x_saved, recipe.input, ctx.in_shape[-1])
+                        operand = kernels.payload_to_operand(
+                            x_values, x_scale, recipe.input, work_w
+                        )
                         qx = ScaledTensor(x_saved, x_scale, recipe.input, gdtype, operand)
                     elif ctx.fp8_forward:
                         # Re-quantised along M from what the forward saved: its FP8 copy
@@ -778,7 +913,7 @@ def fp8_linear(
     if state.high_precision or x.device.type == "meta" or x.numel() == 0 or weight.numel() == 0:
         return _high_precision_linear(x, weight, bias)
     y: torch.Tensor = _Fp8Linear.apply(  # type: ignore[no-untyped-call]
-        x, weight, bias, state, kernels or state.kernels
+        x, weight, bias, state, _kernels_for(state.recipe, kernels or state.kernels)
     )
     return y
 

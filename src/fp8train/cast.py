@@ -33,15 +33,19 @@ from typing import Literal
 import torch
 
 from fp8train._bits import exp2i, floor_log2
-from fp8train.formats import E4M3, E5M2, INT8, Format, by_name
+from fp8train.formats import E2M1, E4M3, E5M2, INT8, Format, by_name
 
 Rounding = Literal["nearest", "stochastic"]
 
 __all__ = [
     "cast",
     "cast_finite",
+    "e2m1_codes",
+    "e2m1_values",
     "overflow_threshold",
+    "pack_e2m1",
     "round_to_grid",
+    "unpack_e2m1",
 ]
 
 _INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -98,11 +102,23 @@ def round_to_grid(
     """
     fmt = by_name(fmt)
     _check_args(x, fmt, saturate, rounding)
-    x32 = x.float()
-    if not fmt.has_nan and bool(torch.isnan(x32).any()):
+    if not fmt.has_nan and bool(torch.isnan(x).any()):
         raise ValueError(
             f"{fmt.name} has no NaN code; input of shape {tuple(x.shape)} contains NaN"
         )
+    return _grid_values(x, fmt, saturate, rounding, generator)
+
+
+def _grid_values(
+    x: torch.Tensor,
+    fmt: Format,
+    saturate: bool,
+    rounding: Rounding,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """:func:`round_to_grid` without its checks. A NaN input gives NaN whatever the
+    format (for :func:`cast_finite`, whose callers discard such results unseen)."""
+    x32 = x.float()
     mag = x32.abs()
     if fmt.is_integer:
         # A uniform grid: the step is 1 everywhere, no exponent to find.
@@ -189,9 +205,7 @@ def cast_finite(
         if fmt is INT8:
             # torch.round is round-half-to-even; clamping first saturates +-inf too.
             return x.clamp(-fmt.max, fmt.max).round().to(torch.int8)
-    return _to_storage(
-        round_to_grid(x, fmt, saturate=saturate, rounding=rounding, generator=generator), fmt
-    )
+    return _to_storage(_grid_values(x, fmt, saturate, rounding, generator), fmt)
 
 
 def _cast_native(x: torch.Tensor, fmt: Format, saturate: bool) -> torch.Tensor:
@@ -210,3 +224,72 @@ def _cast_native(x: torch.Tensor, fmt: Format, saturate: bool) -> torch.Tensor:
     # E4M3 has no inf: everything that rounds past max (and +-inf) is NaN.
     too_big = x.abs() > overflow_threshold(fmt)
     return torch.where(too_big, torch.full_like(x, torch.nan), x).to(fmt.torch_dtype)
+
+
+# ----------------------------------------------------------------- packed E2M1 bytes
+#
+# Two E2M1 codes per byte, as torch.float4_e2m1fn_x2 and the CUDA FP4 GEMMs lay them
+# out: along the last dimension, element 2i in the low nibble (bits 3..0) and element
+# 2i + 1 in the high nibble (bits 7..4). A code is sign (bit 3), exponent (bits 2..1),
+# mantissa (bit 0). An odd last dimension is padded with one +0 code (0x0) in the high
+# nibble of the last byte; unpacking takes the number of columns and drops it.
+
+# |value| of the 3-bit magnitude codes 0..7, from the format's own decoder.
+_E2M1_MAGNITUDES = tuple(E2M1.decode(c) for c in range(8))
+
+
+def e2m1_codes(values: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes (uint8, 0..15) of fp32 ``values`` that lie on E2M1's grid (what
+    :func:`cast` returns for E2M1); ``-0.0`` gets code 0x8. ValueError if a value is
+    off the grid (a missing cast, not something to round silently)."""
+    mags = torch.tensor(_E2M1_MAGNITUDES, dtype=torch.float32, device=values.device)
+    v = values.float()
+    index = torch.bucketize(v.abs().contiguous(), mags)  # a grid value: its own index
+    on_grid = (index < 8) & (mags[index.clamp(max=7)] == v.abs())
+    if not bool(on_grid.all()):
+        bad = v[~on_grid][:4].tolist()
+        raise ValueError(
+            f"e2m1_codes takes values on E2M1's grid (cast them with fp8train.cast(x, "
+            f"'e2m1') first); got {int((~on_grid).sum())} values off it, e.g. {bad}"
+        )
+    sign = torch.signbit(v).to(torch.uint8) << 3
+    return index.to(torch.uint8) | sign
+
+
+def e2m1_values(codes: torch.Tensor) -> torch.Tensor:
+    """fp32 values of E2M1 codes (any integer tensor holding 0..15), ``-0.0`` for 0x8."""
+    mags = torch.tensor(_E2M1_MAGNITUDES, dtype=torch.float32, device=codes.device)
+    c = codes.to(torch.int32)
+    mag = mags[c & 0x7]
+    return torch.where((c & 0x8) != 0, -mag, mag)
+
+
+def pack_e2m1(values: torch.Tensor) -> torch.Tensor:
+    """E2M1 grid values ``(..., K)`` -> packed bytes ``(..., ceil(K / 2))``, uint8, in
+    the layout above (``.view(torch.float4_e2m1fn_x2)`` reads the same bytes)."""
+    if values.dim() == 0:
+        values = values.reshape(1)
+    codes = e2m1_codes(values)
+    if codes.shape[-1] % 2:  # explicit pad: a +0 code in the high nibble
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    pairs = codes.reshape(*codes.shape[:-1], codes.shape[-1] // 2, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def unpack_e2m1(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """Packed bytes ``(..., ceil(cols / 2))`` (uint8 or torch.float4_e2m1fn_x2) -> fp32
+    values ``(..., cols)``; the inverse of :func:`pack_e2m1`."""
+    if packed.dtype != torch.uint8:
+        if str(packed.dtype) != "torch.float4_e2m1fn_x2":
+            raise TypeError(
+                f"unpack_e2m1 takes uint8 or float4_e2m1fn_x2 bytes, got {packed.dtype}"
+            )
+        packed = packed.view(torch.uint8)
+    if packed.shape[-1] != (cols + 1) // 2:
+        raise ValueError(
+            f"unpack_e2m1: {cols} columns pack into {(cols + 1) // 2} bytes per row, got "
+            f"{packed.shape[-1]} (shape {tuple(packed.shape)})"
+        )
+    low, high = packed & 0xF, packed >> 4
+    codes = torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], -1)
+    return e2m1_values(codes[..., :cols])

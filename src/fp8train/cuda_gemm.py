@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from fp8train.formats import E4M3, E5M2
+from fp8train.formats import E2M1, E4M3, E5M2
 from fp8train.recipes import Recipe
 from fp8train.scaling import Granularity, ScaleSpec
 from fp8train.tensor import ScaledTensor
@@ -120,6 +120,10 @@ def device_capability(device: torch.device) -> Capability:
 def _scaling_of(a: ScaleSpec, b: ScaleSpec) -> tuple[Scaling | None, str]:
     """The hardware scaling of ``a (M, K) @ b (K, N)``, or None and why there is none."""
     ga, gb = a.granularity, b.granularity
+    if a.fmt is E2M1 or b.fmt is E2M1:
+        # Blackwell has FP4 tensor cores; routing to them (packed operands, swizzled E4M3
+        # or E8M0 scales) is not built yet, so FP4 GEMMs emulate on every capability.
+        return None, f"{a.fmt.name} x {b.fmt.name} operands: no FP4 route built"
     if a.fmt not in (E4M3, E5M2) or b.fmt not in (E4M3, E5M2):
         return None, f"{a.fmt.name} x {b.fmt.name} operands: F.scaled_mm multiplies FP8"
     if ga is gb is Granularity.TENSOR:
@@ -148,7 +152,8 @@ def route(a: ScaleSpec, b: ScaleSpec, out_dtype: torch.dtype, capability: Capabi
     scaling, reason = _scaling_of(a, b)
     cap = f"compute capability {capability[0]}.{capability[1]}"
     if scaling is None:
-        return Route(False, None, reason, "no FP8 kernel")
+        short = "no FP4 route" if E2M1 in (a.fmt, b.fmt) else "no FP8 kernel"
+        return Route(False, None, reason, short)
     if not _supports(scaling, capability):
         why = f"{cap} has no {_SCALING_NAMES[scaling]} FP8 GEMM"
         return Route(False, scaling, why, "no kernel here")

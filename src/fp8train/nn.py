@@ -139,7 +139,12 @@ def convert(
     ``"eager"``, on first use per device type, and logs its choice and why once (logger
     ``"fp8train"``: INFO for compiled, a warning for the eager fall-back). All give
     bitwise-identical results, except the bias gradient: an fp32 column sum, added in
-    another order.
+    another order. FP4 recipes run the eager kernels whatever is asked (one INFO line
+    says so).
+
+    ``recipe.high_precision_last`` (N > 0, e.g. nvfp4's 4): of the layers every other
+    condition above lets through, the last N in module order stay ``nn.Linear`` (one
+    INFO line names them).
     """
     Kernels(kernels)  # validate before touching the model
     recipe = Recipe.from_name(recipe)
@@ -173,6 +178,7 @@ def convert(
         if isinstance(m, nn.Linear) and not isinstance(m, Fp8Linear)
     ]
     edge = {linears[0][0], linears[-1][0]} if linears and skip_first_last else set()
+    eligible: list[tuple[str, nn.Linear]] = []
     for name, module in linears:
         if filter is not None and not filter(module, name):
             continue
@@ -189,6 +195,19 @@ def convert(
                 reason,
             )
             continue
+        eligible.append((name, module))
+    last = recipe.high_precision_last
+    if last:
+        kept = [name for name, _ in eligible[-last:]]
+        eligible = eligible[: max(len(eligible) - last, 0)]
+        log.info(
+            "fp8train: recipe %r keeps its last %d eligible Linear layers in high precision "
+            "(high_precision_last): %s",
+            recipe.name,
+            last,
+            ", ".join(kept) or "none",
+        )
+    for name, module in eligible:
         _set_submodule(model, name, Fp8Linear.from_linear(module, recipe, name, kernels))
     return model
 
@@ -203,8 +222,9 @@ _LAYER_KEYS = frozenset({"recipe", "recipe_config", "features", "histories", "no
 # Present only on a demoted layer: "high_precision" (True) on one demoted to high
 # precision (LayerState.high_precision), "demoted_to" (a named recipe's name and
 # canonical description) on one demoted to a finer recipe (LayerState.demote); the
-# histories are then those of that recipe.
-_OPTIONAL_KEYS = frozenset({"high_precision", "demoted_to"})
+# histories are then those of that recipe; "random_steps" for recipes that draw random
+# numbers (LayerState.random_steps: stochastic rounding, Hadamard signs).
+_OPTIONAL_KEYS = frozenset({"high_precision", "demoted_to", "random_steps"})
 
 
 def recipe_state_dict(model: nn.Module) -> dict[str, Any]:
@@ -355,6 +375,12 @@ def _check_layer_state(name: str, layer: Fp8Linear, entry: object) -> None:
         raise ValueError(
             f"{where}: 'high_precision' must be a bool (the layer runs in high precision), "
             f"got {entry['high_precision']!r}"
+        )
+    steps = entry.get("random_steps", 0)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(
+            f"{where}: 'random_steps' must be an int >= 0 (backward passes that drew random "
+            f"numbers), got {steps!r}"
         )
     # A layer demoted to a finer recipe keeps that recipe's histories.
     demoted = demoted_recipe(entry.get("demoted_to"), where)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from fp8train.accumulator import Accumulation, check_accumulation
-from fp8train.formats import E4M3, E5M2, INT8
+from fp8train.formats import E2M1, E4M3, E5M2, INT8
 from fp8train.scaling import Granularity, ScaleSpec
 
 __all__ = ["RECIPE_NAMES", "Recipe", "RecipeName"]
@@ -37,6 +37,8 @@ class RecipeName(str, enum.Enum):
     MXFP8 = "mxfp8"
     INT8 = "int8"
     INT8_ROWWISE = "int8_rowwise"
+    MXFP4 = "mxfp4"
+    NVFP4 = "nvfp4"
 
 
 RECIPE_NAMES: tuple[str, ...] = tuple(r.value for r in RecipeName)
@@ -71,6 +73,20 @@ class Recipe:
     the layer in high precision. 1 (every shape) by default: the emulation takes any
     shape, and the CUDA route pads operands to the multiples its kernels need (16, or
     the block size along K). Not part of the numerics (``canonical`` leaves it out).
+
+    FP4 options (the NVFP4 recipe of arXiv 2509.25149; each switchable for ablations):
+
+    * ``hadamard_wgrad``: both operands of the grad_weight GEMM (``dy`` and ``x``) are
+      multiplied along the tokens, the axis that GEMM contracts, by the same 16x16
+      random Hadamard transform ``H diag(s) / 4`` (``s`` a random sign vector drawn
+      from the layer's own seeded stream, :class:`fp8train.autograd.LayerState`)
+      before they are quantised. The transform is orthogonal, so ``dy^T x`` is unchanged
+      in exact arithmetic, while outliers spread over 16 tokens before the cast.
+    * gradient rounding: ``grad_output``'s ``ScaleSpec.rounding`` (``"stochastic"`` in
+      nvfp4), its random stream seeded from the layer's state, so a resumed run repeats
+      it bit for bit.
+    * ``high_precision_last``: the last N Linear layers that ``convert`` would convert
+      (in module order, after its filters) are left in high precision.
     """
 
     name: str
@@ -86,6 +102,8 @@ class Recipe:
     fp8_fprop: bool = True
     quantize_from: Literal["input", "compute_dtype"] = "input"
     accumulation: Accumulation = "fp32"
+    hadamard_wgrad: bool = False
+    high_precision_last: int = 0
     min_multiple: int = field(default=1, compare=False)
     description: str = field(default="", compare=False)
 
@@ -124,16 +142,37 @@ class Recipe:
         int8 = [s.fmt is INT8 for s in specs.values()]
         if any(int8) and not all(int8):
             raise ValueError(f"recipe {self.name!r}: INT8 and FP8 operands cannot share a GEMM")
+        fp4 = [s.fmt is E2M1 for s in specs.values()]
+        if any(fp4) and not all(fp4):
+            raise ValueError(
+                f"recipe {self.name!r}: E2M1 (FP4) operands pair only with E2M1 ones; give "
+                "input, weight and grad_output the same element format"
+            )
         kinds = {s.granularity for s in specs.values()}
         if G.MX in kinds and kinds != {G.MX}:
             raise ValueError(f"recipe {self.name!r}: MX scaling must be used for every operand")
         if G.BLOCK in kinds and kinds != {G.BLOCK}:
             raise ValueError(f"recipe {self.name!r}: block scaling must be used for every operand")
         check_accumulation(self.accumulation, f"recipe {self.name!r}")
-        if self.accumulation != "fp32" and any(int8):
+        if self.accumulation != "fp32" and (any(int8) or any(fp4)):
             raise ValueError(
-                f"recipe {self.name!r}: the tensor-core accumulator models FP8 GEMMs; INT8 "
-                "tensor cores accumulate exactly in int32; use accumulation='fp32'"
+                f"recipe {self.name!r}: the tensor-core accumulator models FP8 GEMMs (INT8 "
+                "tensor cores accumulate exactly in int32; no FP4 model is built); use "
+                "accumulation='fp32'"
+            )
+        if not isinstance(self.hadamard_wgrad, bool):
+            raise TypeError(
+                f"recipe {self.name!r}: hadamard_wgrad must be a bool, got "
+                f"{self.hadamard_wgrad!r}; pass True or False"
+            )
+        if (
+            isinstance(self.high_precision_last, bool)
+            or not isinstance(self.high_precision_last, int)
+            or self.high_precision_last < 0
+        ):
+            raise ValueError(
+                f"recipe {self.name!r}: high_precision_last must be an int >= 0 (how many of "
+                f"the last Linear layers stay in high precision), got {self.high_precision_last!r}"
             )
         if self.min_multiple < 1:
             raise ValueError(f"recipe {self.name!r}: min_multiple must be >= 1")
@@ -204,6 +243,9 @@ class Recipe:
             if self.fp8_wgrad
             else hp
         )
+        if self.fp8_wgrad and self.hadamard_wgrad:
+            wgrad += " (both after a 16x16 random Hadamard transform along the tokens)"
+        # (high_precision_last is not a GEMM's: the recipe's description says it.)
         return (
             f"output      = x.W^T : {fprop}\n"
             f"grad_input  = dy.W  : {dgrad}\n"
@@ -220,7 +262,13 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 
 # Numerics fields added after recipe states were first saved, with the default that
 # reproduces the earlier behaviour (Recipe.canonical leaves them out at that default).
-_LATER_FIELDS = ("fp8_fprop", "quantize_from", "accumulation")
+_LATER_FIELDS = (
+    "fp8_fprop",
+    "quantize_from",
+    "accumulation",
+    "hadamard_wgrad",
+    "high_precision_last",
+)
 
 
 def _spec(fmt=E4M3, g: Granularity = G.TENSOR, **kw: object) -> ScaleSpec:  # type: ignore[no-untyped-def]
@@ -311,6 +359,40 @@ _RECIPES: dict[RecipeName, Recipe] = {
         weight=_spec(INT8, G.ROW),
         grad_output=_spec(INT8, G.ROW),
         description="symmetric INT8, per-row scales along K (for comparison)",
+    ),
+    # mxfp4:
+    #   output      = x.W^T : e2m1 MX 1x32 E8M0 . e2m1 MX 1x32 E8M0^T
+    #   grad_input  = dy.W  : e2m1 MX 1x32 E8M0 . e2m1 MX 32x1 E8M0
+    #   grad_weight = dy^T.x: e2m1 MX 32x1 E8M0^T . e2m1 MX 32x1 E8M0
+    # (OCP MX floor rule: shared exponent floor(log2 amax) - 2, E2M1's emax being 2.)
+    RecipeName.MXFP4: Recipe(
+        "mxfp4",
+        input=_spec(E2M1, G.MX, block=(1, 32)),
+        weight=_spec(E2M1, G.MX, block=(1, 32)),
+        grad_output=_spec(E2M1, G.MX, block=(1, 32)),
+        description="OCP MXFP4: E2M1 in 1x32 blocks along K with E8M0 scales (floor rule)",
+    ),
+    # nvfp4 (arXiv 2509.25149):
+    #   output      = x.W^T : e2m1 1x16 blocks, e4m3 x fp32 scales . e2m1 16x16 blocks,
+    #                         e4m3 x fp32 scales^T
+    #   grad_input  = dy.W  : e2m1 1x16 blocks, e4m3 x fp32 scales, stochastic rounding .
+    #                         e2m1 16x16 blocks, e4m3 x fp32 scales (the forward's W reused)
+    #   grad_weight = dy^T.x: H(dy) e2m1 16x1 blocks, e4m3 x fp32 scales, stochastic
+    #                         rounding^T . H(x) e2m1 16x1 blocks, e4m3 x fp32 scales
+    #   (H: 16x16 random Hadamard transform along the tokens); the last 4 converted
+    #   Linear layers in high precision.
+    RecipeName.NVFP4: Recipe(
+        "nvfp4",
+        input=_spec(E2M1, G.BLOCK, block=(1, 16), scale_fmt=E4M3),
+        weight=_spec(E2M1, G.BLOCK, block=(16, 16), scale_fmt=E4M3),
+        grad_output=_spec(E2M1, G.BLOCK, block=(1, 16), scale_fmt=E4M3, rounding="stochastic"),
+        hadamard_wgrad=True,
+        high_precision_last=4,
+        description=(
+            "NVIDIA NVFP4: E2M1 in 1x16 blocks (16x16 for W) with E4M3 block scales under an "
+            "fp32 tensor scale; random Hadamard on the wgrad inputs, stochastic rounding of "
+            "dy, the last 4 layers in high precision"
+        ),
     ),
 }
 

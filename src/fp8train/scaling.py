@@ -39,6 +39,7 @@ __all__ = [
     "expand_scale",
     "multiply_by_scale",
     "scale_from_amax",
+    "two_level_scale",
 ]
 
 # The amax an all-zero tensor or block is treated as, so that its scale stays finite (any
@@ -85,7 +86,9 @@ class Granularity(enum.Enum):
     * ``ROW`` -- one scale per row (``axis=-1``) or per column (``axis=0``) of the 2-D
       view; the reduced axis must be a GEMM's contraction axis.
     * ``BLOCK`` -- one scale per ``block`` tile (1x128 for activations, 128x128 for
-      weights in the DeepSeek-V3 recipe); outliers only affect their own tile.
+      weights in the DeepSeek-V3 recipe); outliers only affect their own tile. With
+      ``ScaleSpec.scale_fmt`` set, the two-level scaling of NVFP4: block scales stored
+      in that format under one fp32 per-tensor scale (:func:`scale_from_amax`).
     * ``MX`` -- OCP Microscaling: 32-element blocks along one axis with E8M0 (pure
       power-of-two) scales chosen from the block's exponent.
     """
@@ -112,6 +115,10 @@ class ScaleSpec:
     ``mx_rounding``: ``"floor"`` is the OCP spec rule (shared exponent
     ``floor(log2 amax) - emax``; the block maximum may saturate), ``"rceil"`` rounds the
     scale so nothing saturates. ``saturate``/``rounding``: passed to :func:`fp8train.cast`.
+    ``scale_fmt``: ``None`` (each block's scale is an fp32 number) or E4M3 for BLOCK
+    granularity: two-level scaling as in NVFP4, each block's decode scale rounded to
+    E4M3 under one fp32 per-tensor scale that brings them into E4M3's range (the rule is
+    :func:`scale_from_amax`'s).
     """
 
     fmt: Format = E4M3
@@ -123,9 +130,12 @@ class ScaleSpec:
     mx_rounding: Literal["floor", "rceil"] = "floor"
     saturate: bool = True
     rounding: Rounding = "nearest"
+    scale_fmt: Format | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "fmt", by_name(self.fmt))
+        if self.scale_fmt is not None:
+            object.__setattr__(self, "scale_fmt", by_name(self.scale_fmt))
         if isinstance(self.granularity, str):
             object.__setattr__(self, "granularity", Granularity(self.granularity))
         if self.fmt is E8M0:
@@ -166,10 +176,31 @@ class ScaleSpec:
             raise ValueError(f"mx_rounding must be 'floor' or 'rceil', got {self.mx_rounding!r}")
         if self.margin < 0:
             raise ValueError(f"margin must be >= 0, got {self.margin}")
+        if self.scale_fmt is not None:
+            if self.scale_fmt is not E4M3:
+                raise ValueError(
+                    f"scale_fmt must be None (fp32 scales) or e4m3 (NVFP4's two-level block "
+                    f"scales), got {self.scale_fmt.name}"
+                )
+            if self.granularity is not Granularity.BLOCK:
+                raise ValueError(
+                    f"scale_fmt=e4m3 stores per-block scales: use granularity='block' (e.g. "
+                    f"block=(1, 16)), got {self.granularity.value}"
+                )
+            if self.power_of_two or self.margin:
+                raise ValueError(
+                    "two-level (scale_fmt) scales follow NVFP4's rule: power_of_two and "
+                    "margin do not apply; leave them at False and 0"
+                )
 
     @property
     def scales_are_power_of_two(self) -> bool:
         return self.power_of_two or self.granularity is Granularity.MX
+
+    @property
+    def two_level(self) -> bool:
+        """Whether block scales sit under a per-tensor scale (``scale_fmt``, NVFP4)."""
+        return self.scale_fmt is not None
 
     def transposed(self) -> ScaleSpec:
         """The spec describing the transpose of a tensor quantised with this spec."""
@@ -183,12 +214,15 @@ class ScaleSpec:
             where = "tensorwise"
         elif g is Granularity.ROW:
             where = "rowwise" if self.axis == -1 else "columnwise"
+        elif g is Granularity.BLOCK and self.scale_fmt is not None:
+            where = f"{self.block[0]}x{self.block[1]} blocks, {self.scale_fmt.name} x fp32 scales"
         elif g is Granularity.BLOCK:
             where = f"{self.block[0]}x{self.block[1]} blocks"
         else:
             where = f"MX {self.block[0]}x{self.block[1]} E8M0"
         pow2 = ", pow2" if self.power_of_two and g is not Granularity.MX else ""
-        return f"{self.fmt.name} {where}{pow2}"
+        sr = ", stochastic rounding" if self.rounding == "stochastic" else ""
+        return f"{self.fmt.name} {where}{pow2}{sr}"
 
 
 def _build_transposed(spec: ScaleSpec) -> ScaleSpec:
@@ -261,9 +295,12 @@ def scale_from_amax(amax: torch.Tensor, spec: ScaleSpec) -> torch.Tensor:
     ``E = floor(log2 amax) - floor(log2 fmt.max)`` (``"floor"``, the OCP rule) or
     ``E = ceil(log2(amax / fmt.max))`` (``"rceil"``), clamped to E8M0's range (no
     AMAX_FLOOR: E8M0's own range is the limit).
+    Two-level (``spec.scale_fmt`` E4M3, NVFP4): see :func:`two_level_scale`.
     The caller must have checked that amax is finite.
     """
     fmt = spec.fmt
+    if spec.scale_fmt is not None:
+        return two_level_scale(amax, spec)
     if spec.granularity is Granularity.MX:
         # No floor: a tiny block's exponent is representable down to E8M0's 2^-127, and
         # floor_log2 maps zero to -127, so an all-zero block gets the E8M0 clamp.
@@ -290,6 +327,48 @@ def scale_from_amax(amax: torch.Tensor, spec: ScaleSpec) -> torch.Tensor:
         # a scale near fp32's top cannot become inf.
         scale = exp2i(floor_log2(scale))
     return scale
+
+
+def two_level_scale(amax: torch.Tensor, spec: ScaleSpec) -> torch.Tensor:
+    """NVFP4's scales (``spec.scale_fmt`` E4M3) from a block amax grid: the fp32 encode
+    scale of each block, shaped like ``amax``.
+
+    The rule of NVIDIA's NVFP4 pretraining recipe (arXiv 2509.25149, "Pretraining Large
+    Language Models with NVFP4", its appendix on NVFP4 quantisation; Transformer
+    Engine's ``NVFP4BlockScaling``), each step one fp32 operation (one rounding):
+
+    * tensor amax ``A = max over blocks of amax_b`` (the tensor's max |x|);
+    * global encode scale ``s_enc = (E4M3.max * fmt.max) / A`` (448 * 6 / A), 1 when
+      ``A`` is 0, which maps the largest block's decode scale onto E4M3's max;
+      global decode scale ``s_dec = 1 / s_enc``;
+    * block decode scale ``d_b = amax_b / fmt.max``, stored as
+      ``q_b = e4m3(d_b * s_enc)`` (round to nearest even, saturating);
+    * block encode scale ``s_b = 1 / (q_b * s_dec)``, returned: elements enter E2M1
+      as ``cast(x * s_b)`` and leave it multiplied by the fp32 reciprocal of ``s_b``
+      (the library's one dequantisation formula; it may differ from NVIDIA's
+      ``q_b * s_dec`` by an fp32 rounding).
+
+    One corner departs from the hardware rule: where ``q_b`` rounds to zero (an all-zero
+    block, or one with ``amax_b`` below about ``A * 2^-10 / 448``) it is raised to E4M3's
+    smallest subnormal 2^-9, so the scale stays finite and the block keeps what E2M1 can
+    hold of it instead of becoming zeros. The result is clamped to :data:`MAX_SCALE`.
+    Not a power of two in general, so the emulated GEMM runs in fp32.
+    """
+    assert spec.scale_fmt is not None
+    sfmt = spec.scale_fmt
+    a = amax.float()
+    big = a.amax()
+    # A tensor numerator: one correctly rounded division (see scale_from_amax).
+    s_enc = torch.where(
+        big > 0, torch.full_like(big, sfmt.max * spec.fmt.max) / big, torch.ones_like(big)
+    )
+    s_enc = s_enc.clamp(max=torch.finfo(torch.float32).max)
+    s_dec = torch.ones_like(s_enc) / s_enc
+    d_b = a / spec.fmt.max
+    q_b = cast(d_b * s_enc, sfmt, saturate=True).float()
+    q_b = q_b.clamp(min=sfmt.min_subnormal)
+    s_b = torch.ones_like(q_b) / (q_b * s_dec)
+    return s_b.clamp(max=MAX_SCALE)
 
 
 def expand_scale(scale: torch.Tensor, shape2d: tuple[int, int], spec: ScaleSpec) -> torch.Tensor:

@@ -6,8 +6,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from fp8train.cast import cast_finite
-from fp8train.formats import Format
+from fp8train.cast import cast_finite, pack_e2m1, unpack_e2m1
+from fp8train.formats import E2M1, Format
 from fp8train.scaling import (
     Granularity,
     ScaleSpec,
@@ -39,6 +39,13 @@ class ScaledTensor:
     rounded at most once in fp32 (exact for power-of-two scales), far inside half an
     FP8 step. This module is the reference: it computes with the reference pipeline's
     steps only, and the kernels are tested bitwise against it.
+
+    E2M1 (FP4) payloads are held packed, two codes per byte (uint8, the layout of
+    :func:`fp8train.cast.pack_e2m1`: element 2i in the low nibble, 2i + 1 in the high
+    one, an odd last dimension padded with a +0 code), so that what is kept costs half
+    a byte per element. Given float grid values, the constructor packs them; given
+    bytes, ``cols`` is the unpacked last dimension (default: the operand's, else twice
+    the bytes). ``data`` unpacks them to fp32 values; ``stored`` is what is held.
     """
 
     payload: torch.Tensor | None
@@ -46,33 +53,64 @@ class ScaledTensor:
     spec: ScaleSpec
     orig_dtype: torch.dtype
     operand: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    cols: int | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.payload is None and self.operand is None:
             raise ValueError("ScaledTensor needs a payload or an operand to derive it from")
+        if self.spec.fmt is not E2M1:
+            return
+        payload, cols = self.payload, self.cols
+        if payload is not None and payload.is_floating_point():
+            cols = payload.shape[-1] if payload.dim() else 1
+            object.__setattr__(self, "payload", pack_e2m1(payload))
+        elif cols is None:
+            if self.operand is not None:
+                cols = self.operand.shape[-1] if self.operand.dim() else 1
+            else:
+                assert payload is not None
+                cols = 2 * payload.shape[-1]
+        object.__setattr__(self, "cols", cols)
 
     @property
-    def data(self) -> torch.Tensor:
-        """The payload (derived from ``operand`` and cached if built without one)."""
+    def stored(self) -> torch.Tensor:
+        """The payload as held: packed bytes for E2M1 (uint8, ``(..., ceil(K / 2))``),
+        else ``data``. Derived from ``operand`` and cached if built without one."""
         if self.payload is None:
             assert self.operand is not None  # __post_init__
             # Nearest rounding whatever the spec's: the operand already lies on the grid
             # (times 1 / scale), so rounding only undoes the fp32 product's error.
             scaled = multiply_by_scale(_as_matrix(self.operand), self.scale, self.spec)
             payload = cast_finite(scaled, self.fmt, saturate=self.spec.saturate)
-            object.__setattr__(self, "payload", payload.reshape(self.operand.shape))
+            payload = payload.reshape(self.operand.shape)
+            if self.fmt is E2M1:
+                payload = pack_e2m1(payload)
+            object.__setattr__(self, "payload", payload)
         assert self.payload is not None
         return self.payload
 
     @property
+    def data(self) -> torch.Tensor:
+        """The payload in the format's torch dtype, or fp32 grid values for formats torch
+        has no unpacked dtype for (E2M1: unpacked from ``stored``)."""
+        stored = self.stored
+        if self.fmt is E2M1:
+            assert self.cols is not None  # __post_init__
+            return unpack_e2m1(stored, self.cols)
+        return stored
+
+    @property
     def _held(self) -> torch.Tensor:
-        """The payload if made, else the operand (same shape and device)."""
+        """The payload if made, else the operand (same device)."""
         held = self.payload if self.payload is not None else self.operand
         assert held is not None  # __post_init__
         return held
 
     @property
     def shape(self) -> torch.Size:
+        if self.payload is not None and self.fmt is E2M1:
+            assert self.cols is not None  # __post_init__
+            return torch.Size((*self.payload.shape[:-1], self.cols))
         return self._held.shape
 
     @property
@@ -109,7 +147,8 @@ class ScaledTensor:
         if len(self.shape) != 2:
             raise ValueError(f"t() needs a 2-D ScaledTensor, got shape {tuple(self.shape)}")
         scale = self.scale if self.scale.dim() == 0 else self.scale.t()
-        payload = None if self.payload is None else self.payload.t()
+        # E2M1: unpacked, transposed and packed again along the new last dimension.
+        payload = None if self.payload is None else self.data.t()
         operand = None if self.operand is None else self.operand.t()
         return ScaledTensor(payload, scale, self.spec.transposed(), self.orig_dtype, operand)
 

@@ -52,6 +52,9 @@ HARDWARE_BF16: dict[str, set[tuple[int, int]]] = {
     "mxfp8": {BLACKWELL, B300},
     "int8": set(),
     "int8_rowwise": set(),
+    # FP4: no route to Blackwell's FP4 tensor cores is built; every capability emulates.
+    "mxfp4": set(),
+    "nvfp4": set(),
 }
 # With fp32 outputs rowwise and MX have no kernel (bf16 only); the rest as above.
 HARDWARE_FP32 = {
@@ -83,6 +86,9 @@ def test_route_refusals_name_the_rule() -> None:
     mx = Recipe.from_name("mxfp8")
     a, b = cuda_gemm.gemm_specs(mx)["output"]
     assert "bf16, not float32" in cuda_gemm.route(a, b, torch.float32, BLACKWELL).reason
+    for fp4 in ("mxfp4", "nvfp4"):
+        a, b = cuda_gemm.gemm_specs(Recipe.from_name(fp4))["output"]
+        assert "no FP4 route built" in cuda_gemm.route(a, b, torch.bfloat16, BLACKWELL).reason
     blk = Recipe.from_name("blockwise")
     a, b = cuda_gemm.gemm_specs(blk)["output"]
     assert "9.0" not in cuda_gemm.route(a, b, torch.bfloat16, HOPPER).reason
