@@ -21,10 +21,12 @@ __all__ = [
     "ABLATION_SEPARATOR",
     "ACTIVATION_STORAGE_SUFFIX",
     "DIST_MODES",
+    "FP4_RECIPES",
     "FP8_OPTIMIZER_SUFFIX",
     "FP8_RECIPES",
     "GRAD_COMMS",
     "KNOWN_PRECISIONS",
+    "LAB_RECIPES",
     "PEER_PRECISIONS",
     "PRECISIONS",
     "PRESETS",
@@ -51,11 +53,17 @@ REFERENCE_PRECISIONS = ("fp32", "bf16")
 # every nn.Linear swapped. "int8" is the integer grid, kept for comparison.
 FP8_RECIPES = ("tensorwise", "delayed", "rowwise", "blockwise", "mxfp8", "int8")
 PRECISIONS = REFERENCE_PRECISIONS + FP8_RECIPES
+# FP4 recipes (issue 30), accepted wherever a recipe name is, with their own ablations
+# below; not run by default. LAB_RECIPES: every recipe name the lab takes.
+FP4_RECIPES = ("mxfp4", "nvfp4")
+LAB_RECIPES = FP8_RECIPES + FP4_RECIPES
 # "<recipe>+fp8act": the recipe, plus FP8 storage of the other activations saved for
 # backward (LayerNorm, GELU and attention inputs; fp8train.Fp8SavedActivations), to
 # measure what COAT-style activation compression costs in loss. Not run by default.
 ACTIVATION_STORAGE_SUFFIX = "+fp8act"
-KNOWN_PRECISIONS = PRECISIONS + tuple(r + ACTIVATION_STORAGE_SUFFIX for r in FP8_RECIPES)
+KNOWN_PRECISIONS = (
+    PRECISIONS + FP4_RECIPES + tuple(r + ACTIVATION_STORAGE_SUFFIX for r in LAB_RECIPES)
+)
 # "<precision>+fp8optim" (last): bf16 or any FP8 precision above, with AdamW's moments
 # stored in FP8 (fp8train.Fp8AdamW) instead of fp32, to measure what the saved optimizer
 # memory costs in loss (issue 31). Not run by default.
@@ -115,6 +123,19 @@ ABLATIONS: dict[str, tuple[str, Callable[[Recipe], Recipe]]] = {
     "tc-acc-promote": (
         "FP8 GEMMs in the tensor-core accumulator model, promoted to fp32 every 128 of K",
         lambda r: replace(r, accumulation=TensorCoreAccumulator()),
+    ),
+    # The FP4 recipes' options (issue 30), each a Recipe or ScaleSpec field.
+    "no-hadamard": (
+        "no random Hadamard transform on the grad_weight GEMM's inputs",
+        lambda r: replace(r, hadamard_wgrad=False),
+    ),
+    "no-sr": (
+        "gradients (dy) rounded to nearest, not stochastically",
+        lambda r: replace(r, grad_output=replace(r.grad_output, rounding="nearest")),
+    ),
+    "all-fp4": (
+        "every converted layer in the recipe, none of the last kept in high precision",
+        lambda r: replace(r, high_precision_last=0),
     ),
 }
 TASKS = ("gpt", "digits")
@@ -392,7 +413,7 @@ def check_precision(precision: str) -> None:
     if precision in KNOWN_PRECISIONS or precision in PEER_PRECISIONS:
         return
     base, ablations = _split(precision)
-    if not ablations or base not in FP8_RECIPES:
+    if not ablations or base not in LAB_RECIPES:
         raise LabError(
             f"unknown precision {precision!r}; known: {', '.join(KNOWN_PRECISIONS)}; "
             f"<recipe>{ABLATION_SEPARATOR}<ablation> with ablations {', '.join(ABLATIONS)} "
@@ -407,7 +428,7 @@ def recipe_for(precision: str) -> Recipe | None:
     bf16 and the peer. ``LabError`` for an ablation that is unknown, repeated, refused
     by the recipe's validation or changes nothing."""
     base, ablations = _split(precision)
-    if base not in FP8_RECIPES:
+    if base not in LAB_RECIPES:
         return None
     recipe = Recipe.from_name(base)
     for i, name in enumerate(ablations):
@@ -438,7 +459,7 @@ def recipe_of(precision: str) -> str | None:
     ``"rowwise~hpsave"`` -> ``"rowwise"``), or None for fp32, bf16 and the peer. The
     recipe itself, ablations applied, is ``recipe_for(precision)``."""
     base, _ = _split(precision)
-    return base if base in FP8_RECIPES else None
+    return base if base in LAB_RECIPES else None
 
 
 def peer_of(precision: str) -> str | None:
