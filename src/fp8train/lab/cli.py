@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 
 from fp8train.lab import plan as plan_cli
 from fp8train.lab.config import (
+    FP4_RECIPES,
     PRECISIONS,
     TASKS,
     LabConfig,
@@ -174,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--precisions",
         metavar="LIST",
-        help=f"comma-separated, from {', '.join(PRECISIONS)} (default: all); "
+        help=f"comma-separated, from {', '.join(PRECISIONS)} (default: all), or the FP4 "
+        f"recipes {', '.join(FP4_RECIPES)}; "
         "<recipe>+fp8act adds FP8 storage of the LayerNorm, GELU and attention inputs",
     )
     train = commands.add_parser(
@@ -183,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--precision",
         metavar="P",
-        help=f"one of {', '.join(PRECISIONS)}, or <recipe>+fp8act (default: bf16)",
+        help=f"one of {', '.join(PRECISIONS + FP4_RECIPES)}, or <recipe>+fp8act (default: bf16)",
     )
     for sub in (compare, train):
         sub.add_argument("--task", choices=TASKS, help="gpt (default) or digits")
