@@ -17,6 +17,7 @@ import torch
 from fp8train.formats import FORMATS, Format
 from fp8train.lab import explorer
 from fp8train.lab.cli import main
+from fp8train.recipes import Recipe
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -196,11 +197,24 @@ def test_fp4_stochastic_error_formula_and_measured_bias() -> None:
 
 def test_fp4_group_amax_is_each_blocks_max() -> None:
     g = torch.Generator().manual_seed(3)
-    x = torch.randn(6, 96, generator=g)
-    (_, tensorwise), (_, mx) = explorer.FP4_SCHEMES[:2]
-    assert bool((explorer._group_amax(x, tensorwise) == x.abs().max()).all())
-    ref = x.abs().reshape(6, 3, 32).amax(-1, keepdim=True).expand(6, 3, 32).reshape(6, 96)
-    assert torch.equal(explorer._group_amax(x, mx), ref)
+    x = torch.randn(32, 96, generator=g)
+    (_, tensorwise), (_, mx), (_, nv) = explorer.FP4_SCHEMES
+    assert bool((explorer._group_amax(x, tensorwise["weight"]) == x.abs().max()).all())
+    a = x.abs()
+    rows = a.reshape(32, 3, 32).amax(-1, keepdim=True).expand(32, 3, 32).reshape(32, 96)
+    assert torch.equal(explorer._group_amax(x, mx["activation"]), rows)
+    rows16 = a.reshape(32, 6, 16).amax(-1, keepdim=True).expand(32, 6, 16).reshape(32, 96)
+    assert torch.equal(explorer._group_amax(x, nv["activation"]), rows16)
+    tiles = a.reshape(2, 16, 6, 16).amax((1, 3), keepdim=True).expand(2, 16, 6, 16)
+    assert torch.equal(explorer._group_amax(x, nv["weight"]), tiles.reshape(32, 96))
+
+
+def test_fp4_schemes_are_the_recipes_specs() -> None:
+    # The picture shows what training does: each column quantises with its recipe's specs.
+    for (_, specs), name in zip(explorer.FP4_SCHEMES[1:], ("mxfp4", "nvfp4"), strict=True):
+        r = Recipe.from_name(name)
+        assert specs == {"weight": r.weight, "activation": r.input, "gradient": r.grad_output}
+    assert {s.fmt.name for _, specs in explorer.FP4_SCHEMES for s in specs.values()} == {"e2m1"}
 
 
 def test_formats_cli_plots_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,11 +12,12 @@ trains where INT8 struggles.
   the underflow and overflow fractions printed on them.
 * The same three for FP4 (E2M1, the element format of the mxfp4 and nvfp4 recipes):
   ``formats_fp4_values.png``: its 16 codes, its range beside E4M3's and E5M2's, and
-  one block's values as the grid times the block's scale;
+  one row of values as each block's grid times its scale, in mxfp4 and nvfp4;
   ``formats_fp4_rounding_error.png``: relative rounding error against magnitude,
   round-to-nearest and stochastic rounding's expected error and bias;
   ``formats_fp4_tensors.png``: the same real tensors against E2M1's range relative to
-  each scaling group's amax, with one scale per tensor and per 1x32 MX block.
+  each scaling group's amax, with one scale per tensor and with the mxfp4 and nvfp4
+  recipes' block scales.
 
 Every FP8 picture scales a format the way a tensorwise recipe does: multiply so that
 the tensor's amax lands on the format's max (for INT8 that is the symmetric grid
@@ -38,7 +39,8 @@ from fp8train.cast import round_to_grid
 from fp8train.checkpoint import unique_tmp_path
 from fp8train.formats import E2M1, E4M3, E5M2, FORMATS, INT8, Format
 from fp8train.monitor import operand_stats
-from fp8train.scaling import Granularity, ScaleSpec, compute_amax, expand_scale
+from fp8train.recipes import Recipe
+from fp8train.scaling import ScaleSpec, compute_amax, expand_scale
 from fp8train.tensor import quantize
 
 __all__ = [
@@ -557,19 +559,31 @@ def _plot_tensors(captured: dict[str, Any], path: Path) -> Path:
 
 # ------------------------------------------------------------------------ FP4 pictures
 
-# How the FP4 pictures scale a tensor: the label drawn over each column of
-# formats_fp4_tensors.png, and the spec the library quantises with. Tensorwise is the
-# baseline that shows why FP4 needs block scales; MX 1x32 is the mxfp4 recipe's
-# scaling (E8M0 power-of-two scales, the OCP floor rule).
-_BLOCK_SCHEMES: tuple[tuple[str, ScaleSpec], ...] = (
+
+# How the FP4 pictures scale a tensor, one column of formats_fp4_tensors.png each: a
+# label and the spec per captured tensor ("weight", "activation", "gradient"). One
+# FP32 scale per tensor is the baseline that shows why FP4 needs block scales; the
+# others are the mxfp4 and nvfp4 recipes' own specs (weight, input, grad_output).
+def _recipe_specs(name: str) -> dict[str, ScaleSpec]:
+    r = Recipe.from_name(name)
+    return {"weight": r.weight, "activation": r.input, "gradient": r.grad_output}
+
+
+_TENSORWISE_FP4 = ScaleSpec(fmt=E2M1)
+FP4_SCHEMES: tuple[tuple[str, dict[str, ScaleSpec]], ...] = (
     (
-        "MX (mxfp4): one E8M0 scale per 1x32 block, floor rule",
-        ScaleSpec(fmt=E2M1, granularity=Granularity.MX, block=(1, 32)),
+        "one FP32 scale per tensor, amax -> 6",
+        dict.fromkeys(("weight", "activation", "gradient"), _TENSORWISE_FP4),
+    ),
+    ("mxfp4: one E8M0 scale per 1x32 block, floor rule", _recipe_specs("mxfp4")),
+    (
+        "nvfp4: E4M3 scale per 1x16 block (W: 16x16) x FP32 per tensor",
+        _recipe_specs("nvfp4"),
     ),
 )
-FP4_SCHEMES: tuple[tuple[str, ScaleSpec], ...] = (
-    ("one FP32 scale per tensor, amax -> 6", ScaleSpec(fmt=E2M1)),
-    *_BLOCK_SCHEMES,
+# The block-scaled schemes of the values picture: one row of 32 values as an input.
+_BLOCK_SCHEMES: tuple[tuple[str, ScaleSpec], ...] = tuple(
+    (label, specs["activation"]) for label, specs in FP4_SCHEMES[1:]
 )
 
 
@@ -719,6 +733,7 @@ def _fp4_values_figure() -> Any:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, 32, generator=g)
     idx = torch.arange(32)
+    ymax = 0.0
     for name, (label, spec) in zip(blocks, _BLOCK_SCHEMES, strict=True):
         ax = axd[name]
         q = quantize(x, spec)
@@ -747,11 +762,15 @@ def _fp4_values_figure() -> Any:
         ax.set_xlim(-0.8, 31.8)
         ax.set_xlabel("element of the row (vertical line: block boundary)", fontsize=8)
         ax.legend(loc="lower left", fontsize=7, ncols=2)
+        # One y range for every panel (room under the grid for the legend).
+        ymax = max(ymax, float(E2M1.max / scale.min()))
         ax.set_title(
             f"{label}\nhorizontal lines: the block's grid, E2M1 / scale; grid top = "
             f"{' and '.join(tops)} x the block's amax",
             fontsize=8,
         )
+    for name in blocks:
+        axd[name].set_ylim(-1.35 * ymax, 1.1 * ymax)
     axd[blocks[0]].set_ylabel("value")
     fig.supxlabel(
         "A block's values are E2M1's grid times its scale. MX's floor rule puts the block's "
@@ -897,8 +916,9 @@ def _plot_fp4_tensors(captured: dict[str, Any], path: Path) -> Path:
     flush = math.log2(E2M1.min_subnormal / 2 / E2M1.max)
     for row, (key, title) in enumerate(kinds):
         x = captured[key].float()
-        for col, (label, spec) in enumerate(FP4_SCHEMES):
+        for col, (label, specs) in enumerate(FP4_SCHEMES):
             ax = axes[row][col]
+            spec = specs[key]
             rel = (x.abs() / _group_amax(x, spec))[x != 0]
             lr = torch.log2(rel.double())
             ax.hist(
@@ -920,7 +940,10 @@ def _plot_fp4_tensors(captured: dict[str, Any], path: Path) -> Path:
                 alpha=0.6,
             )
             ax.axvline(flush, color="black", lw=0.8, ls="--")
-            st = operand_stats(x, quantize(x, spec))
+            # Seeded: nvfp4 rounds gradients stochastically, and the picture must not
+            # change from one run to the next.
+            g = torch.Generator().manual_seed(0)
+            st = operand_stats(x, quantize(x, spec, generator=g))
             below = float((lr < flush).double().mean())
             ax.text(
                 0.015,
@@ -934,7 +957,8 @@ def _plot_fp4_tensors(captured: dict[str, Any], path: Path) -> Path:
                 bbox={"facecolor": "white", "alpha": 0.85, "edgecolor": "#cccccc"},
             )
             ax.set_xlim(-24, 1)
-            ax.set_title(f"{title} {tuple(x.shape)}: {label}", fontsize=9)
+            how = spec.describe().removeprefix("e2m1 ")
+            ax.set_title(f"{title} {tuple(x.shape)}\n{label}\n({how})", fontsize=8.5)
             ax.set_xlabel("log2 (|x| / amax of its scaling group); below -24 drawn at -24")
             ax.grid(alpha=0.3)
         axes[row][0].set_ylabel("% of nonzero values")
@@ -943,8 +967,9 @@ def _plot_fp4_tensors(captured: dict[str, Any], path: Path) -> Path:
         f"{captured.get('steps', '?')} steps against E2M1's range, each value measured from "
         "its scaling group's amax\n(shaded: E2M1's normal values with the group's amax on 6; "
         "hatched: its one subnormal, 0.5; dashed: amax/24, below which round-to-nearest "
-        "flushes to zero;\nMX's floor rule shifts the grid by -0.4 to +0.6 binades per block. "
-        "Underflow, clipping and SQNR: the library's cast of the whole tensor)",
+        "flushes to zero;\nMX's floor rule shifts the grid by -0.4 to +0.6 binades per block, "
+        "NVFP4's E4M3 scale by at most 1/16. Underflow, clipping and SQNR: the library's cast "
+        "of the whole tensor,\none draw of it for nvfp4's stochastically rounded gradient)",
         fontsize=10,
     )
     return _save(fig, path)
