@@ -139,6 +139,23 @@ _SHARED: list[tuple[str, dict[str, Any]]] = [
             "(torch's bf16_compress_hook) or FP8 (fp8train's fp8_compress_hook, E4M3)",
         },
     ),
+    (
+        "--stress",
+        {
+            "metavar": "SPEC",
+            "help": "inject a fault into every precision alike: outlier:<layer>:<every>:"
+            "<factor> sets one element of that Linear's input to factor x its amax every "
+            "<every> steps (e.g. outlier:blocks.1.mlp.proj:40:1e6)",
+        },
+    ),
+    (
+        "--guard",
+        {
+            "metavar": "POLICY",
+            "help": "policy of <precision>+guard runs (fp8train.Guard): warn, skip, "
+            "demote[:<ladder>] or rollback[:<ladder>] (default demote:rowwise,high)",
+        },
+    ),
 ]
 
 
@@ -177,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LIST",
         help=f"comma-separated, from {', '.join(PRECISIONS)} (default: all), or the FP4 "
         f"recipes {', '.join(FP4_RECIPES)}; "
-        "<recipe>+fp8act adds FP8 storage of the LayerNorm, GELU and attention inputs",
+        "<recipe>+fp8act adds FP8 storage of the LayerNorm, GELU and attention inputs; "
+        "<precision>+guard trains under fp8train.Guard (--guard)",
     )
     train = commands.add_parser(
         "train", help="train one precision, same outputs as compare", formatter_class=_HelpFormatter

@@ -342,6 +342,8 @@ def summarize(config: LabConfig, records: dict[str, list[dict[str, Any]]]) -> di
                 "skipped_steps": r["skipped_steps"],
                 "final_metrics": {k: _finite(v) for k, v in r["final_metrics"].items()},
                 "curves": _clean_curves(r["curves"]),
+                # A "+guard" run's policy, actions and demoted layers (lab.train).
+                **({"guard": r["guard"]} if "guard" in r else {}),
             }
             for r, g in zip(recs, gaps or [math.nan] * len(recs), strict=False)
         ]

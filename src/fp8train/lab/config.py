@@ -14,6 +14,7 @@ from typing import Any
 
 from fp8train.accumulator import TensorCoreAccumulator
 from fp8train.formats import E4M3, E5M2
+from fp8train.lab.stress import parse_guard, parse_stress
 from fp8train.recipes import Recipe
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "FP8_OPTIMIZER_SUFFIX",
     "FP8_RECIPES",
     "GRAD_COMMS",
+    "GUARD_SUFFIX",
     "KNOWN_PRECISIONS",
     "LAB_RECIPES",
     "PEER_PRECISIONS",
@@ -36,6 +38,7 @@ __all__ = [
     "LabError",
     "check_precision",
     "from_dict",
+    "guarded",
     "parse_precisions",
     "peer_of",
     "recipe_for",
@@ -68,6 +71,10 @@ KNOWN_PRECISIONS = (
 # stored in FP8 (fp8train.Fp8AdamW) instead of fp32, to measure what the saved optimizer
 # memory costs in loss (issue 31). Not run by default.
 FP8_OPTIMIZER_SUFFIX = "+fp8optim"
+# "<precision>+guard" (last of all): an fp8train precision run under fp8train.Guard
+# with the policy LabConfig.guard gives (issue 32); the same run otherwise. Not run by
+# default.
+GUARD_SUFFIX = "+guard"
 # The peer: torchao's float8 training recipes (torchao.float8, emulated on the CPU), run
 # on the same model, batches and seeds as ours (fp8train.lab.peer). An optional extra,
 # pip install 'fp8train[peer]'; not run by default.
@@ -245,6 +252,13 @@ class LabConfig:
     # (E4M3, one scale per 128 elements, summed in fp32; about a quarter of the bytes).
     # fp32 by default: the other two change the numbers, and are what --grad-comm studies.
     grad_comm: str = "fp32"
+    # A fault injected into every precision's training alike (fp8train.lab.stress), e.g.
+    # "outlier:blocks.1.mlp.proj:40:1e6"; None: none.
+    stress: str | None = None
+    # The policy of "+guard" precisions: "<policy>[:<ladder>]" (fp8train.lab.stress):
+    # by default the culprit moves to rowwise, then to high precision on a second
+    # trigger. Rollback snapshots every ckpt_every steps.
+    guard: str = "demote:rowwise,high"
 
     def validate(self) -> None:
         """Raise ``LabError`` naming the first invalid field and what it accepts."""
@@ -302,6 +316,16 @@ class LabConfig:
             )
         if not isinstance(self.fp8_head, bool):
             raise LabError(f"fp8_head must be True or False, got {self.fp8_head!r}")
+        try:
+            if self.stress is not None:
+                parse_stress(self.stress)
+            parse_guard(self.guard)
+        except ValueError as e:
+            raise LabError(str(e)) from None
+        if self.dist is not None and any(map(guarded, self.precisions)):
+            raise LabError(
+                f"{GUARD_SUFFIX} precisions run on one process; drop --dist or the suffix"
+            )
         if self.task == "gpt" and self.d_model % self.heads:
             raise LabError(f"--d-model ({self.d_model}) must be a multiple of heads ({self.heads})")
 
@@ -390,8 +414,10 @@ def parse_precisions(text: str) -> tuple[str, ...]:
 
 def _split(precision: str) -> tuple[str, list[str]]:
     """``"tensorwise~nopow2~hpsave+fp8act"`` -> ``("tensorwise", ["nopow2", "hpsave"])``."""
-    arithmetic = precision.removesuffix(FP8_OPTIMIZER_SUFFIX).removesuffix(
-        ACTIVATION_STORAGE_SUFFIX
+    arithmetic = (
+        precision.removesuffix(GUARD_SUFFIX)
+        .removesuffix(FP8_OPTIMIZER_SUFFIX)
+        .removesuffix(ACTIVATION_STORAGE_SUFFIX)
     )
     base, *ablations = arithmetic.split(ABLATION_SEPARATOR)
     return base, ablations
@@ -400,7 +426,17 @@ def _split(precision: str) -> tuple[str, list[str]]:
 def check_precision(precision: str) -> None:
     """Raise ``LabError`` unless ``precision`` is one the lab runs: fp32, bf16, an FP8
     recipe with ablations and ``+fp8act`` optional, or a peer precision; each but fp32
-    and the peer's with ``+fp8optim`` optional."""
+    and the peer's with ``+fp8optim`` optional; fp8train's FP8 precisions with
+    ``+guard`` optional (last)."""
+    if guarded(precision):
+        unguarded = precision.removesuffix(GUARD_SUFFIX)
+        if recipe_of(unguarded) is None or peer_of(unguarded) is not None:
+            raise LabError(
+                f"precision {precision!r}: {GUARD_SUFFIX} applies to fp8train's FP8 "
+                "precisions (the guard watches and demotes fp8train's layers)"
+            )
+        check_precision(unguarded)
+        return
     if uses_fp8_optimizer(precision):
         arithmetic = precision.removesuffix(FP8_OPTIMIZER_SUFFIX)
         if arithmetic != "bf16" and recipe_of(arithmetic) is None:
@@ -475,13 +511,18 @@ def runs_fp8(precision: str) -> bool:
 
 
 def stores_fp8_activations(precision: str) -> bool:
-    arithmetic = precision.removesuffix(FP8_OPTIMIZER_SUFFIX)
+    arithmetic = precision.removesuffix(GUARD_SUFFIX).removesuffix(FP8_OPTIMIZER_SUFFIX)
     return arithmetic.endswith(ACTIVATION_STORAGE_SUFFIX) and recipe_of(precision) is not None
 
 
 def uses_fp8_optimizer(precision: str) -> bool:
     """Whether the precision keeps AdamW's moments in FP8 (``fp8train.Fp8AdamW``)."""
-    return precision.endswith(FP8_OPTIMIZER_SUFFIX)
+    return precision.removesuffix(GUARD_SUFFIX).endswith(FP8_OPTIMIZER_SUFFIX)
+
+
+def guarded(precision: str) -> bool:
+    """Whether the precision trains under ``fp8train.Guard`` (``LabConfig.guard``)."""
+    return precision.endswith(GUARD_SUFFIX)
 
 
 def from_dict(values: dict[str, Any]) -> LabConfig:

@@ -15,12 +15,14 @@ from fp8train.checkpoint import atomic_write_bytes, unique_tmp_path
 from fp8train.lab.config import (
     PRECISIONS,
     LabError,
+    guarded,
     stores_fp8_activations,
     uses_fp8_optimizer,
 )
 from fp8train.lab.verdicts import plural, thresholds_text
 
 __all__ = [
+    "guard_markdown",
     "ledger_markdown",
     "markdown",
     "plot_curves",
@@ -58,6 +60,8 @@ def _color(precision: str) -> str:
         "#bcbd22",
         "#17becf",
     ]
+    if guarded(precision):  # its own colour: it is read against its unguarded recipe
+        return palette[-1]
     base = precision.split("+")[0]  # a "+fp8act" variant shares its recipe's colour
     i = PRECISIONS.index(base) if base in PRECISIONS else len(PRECISIONS)
     return palette[i % len(palette)]
@@ -108,6 +112,7 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
             ms=2.5,
             label=precision,
         )
+    _mark_guard_actions(ax_loss, runs)
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss (nats)")
     ax_loss.set_title("validation (markers) and train loss (thin, EMA 0.1)")
@@ -158,6 +163,85 @@ def plot_curves(results: dict[str, Any], path: Path) -> None:
     )
     ax_gap.grid(alpha=0.3)
     _save(fig, path)
+
+
+def _guard_events(run: dict[str, Any]) -> list[tuple[int, dict[str, Any]]]:
+    """``(seed, event)`` of every guard action of a "+guard" run, in seed order."""
+    return [
+        (seed_run["seed"], e)
+        for seed_run in run.get("per_seed", [])
+        for e in (seed_run.get("guard") or {}).get("events", [])
+    ]
+
+
+def _event_label(e: dict[str, Any]) -> str:
+    where = f" {e['layer']}" if e.get("layer") else ""
+    to = f" -> {e['to']}" if e.get("to") else ""
+    back = f" (back to {e['to_step']})" if "to_step" in e else ""
+    return f"{e['action']}{where}{to}{back}"
+
+
+def _mark_guard_actions(ax: Any, runs: dict[str, Any]) -> None:
+    """Each guard action as a triangle on its run's smoothed train-loss curve (every
+    seed's, at the step it was taken), the first seed's labelled."""
+    for precision, run in runs.items():
+        events = _guard_events(run)
+        if not events:
+            continue
+        c = run["curves"]
+        ema = dict(zip(c["train_step"], _ema(c["train_loss"]), strict=False))
+        first_seed = events[0][0]
+        for seed, e in events:
+            # Events count steps from 0 (the step's index); the curve from 1.
+            y = ema.get(e["step"] + 1, math.nan)
+            ax.plot([e["step"] + 1], [y], marker="v", ms=7, color=_color(precision), ls="")
+            if seed == first_seed:
+                ax.annotate(
+                    _event_label(e),
+                    (e["step"] + 1, y),
+                    xytext=(4, 10),
+                    textcoords="offset points",
+                    fontsize=6.5,
+                    color=_color(precision),
+                    rotation=20,
+                )
+
+
+def guard_markdown(results: dict[str, Any]) -> str:
+    """The guard's actions of every "+guard" run, per seed, with the diagnosis of each;
+    empty when no run was guarded."""
+    parts = []
+    for precision, run in results["runs"].items():
+        if not guarded(precision):
+            continue
+        per_seed = run.get("per_seed", [])
+        policy = next((s["guard"]["policy"] for s in per_seed if s.get("guard")), "?")
+        lines = [f"**{precision}** (policy `{policy}`):", ""]
+        for seed_run in per_seed:
+            guard = seed_run.get("guard") or {}
+            events = guard.get("events", [])
+            demoted = guard.get("demoted") or {}
+            now = ", ".join(f"{k} -> {v}" for k, v in demoted.items()) or "none"
+            lines.append(
+                f"- seed {seed_run['seed']}: {plural(len(events), 'action')}; "
+                f"demoted at the end: {now}"
+            )
+            for e in events:
+                triggers = ", ".join(e.get("triggers", []))
+                lines.append(
+                    f"  - step {e['step'] + 1}: {_event_label(e)} (triggers: {triggers}). "
+                    f"{e.get('message', '')}"
+                )
+        parts.append("\n".join(lines))
+    if not parts:
+        return ""
+    intro = (
+        "Each action of fp8train.Guard (docs/guard.md), with the diagnosis that named "
+        "its layer, GEMM and operand; steps count from 1, as the curves do (the guard's own "
+        "messages count from 0). The loss "
+        "curves mark each action with a triangle (every seed's; the first seed's labelled)."
+    )
+    return intro + "\n\n" + "\n\n".join(parts)
 
 
 def _save(fig: Any, path: Path) -> None:
@@ -436,5 +520,7 @@ def write_report(results: dict[str, Any], out: Path) -> None:
     health = health_sections(results, out)
     ledger = ledger_markdown(results) if plot_ledger(results, out / "memory.png") else ""
     text = markdown(results) + ("\n\n## Memory ledger\n\n" + ledger if ledger else "")
+    guard = guard_markdown(results)
+    text += ("\n\n## Guard actions\n\n" + guard) if guard else ""
     text += ("\n\n## Numerics health\n\n" + health) if health else ""
     atomic_write_bytes(out / "report.md", text.encode())

@@ -16,6 +16,10 @@ FP8 runs go through ``fp8train.LossScaler`` (dynamic), which skips steps whose
 gradients are not finite; the count is reported. With ``micro_batches`` N each batch
 runs as N equal micro-batches whose gradients and losses are averaged before the step
 (gradient accumulation): what N data-parallel ranks compute.
+``config.stress`` injects the same fault into every precision's training
+(``fp8train.lab.stress``); "<precision>+guard" trains under ``fp8train.Guard`` with the
+policy ``config.guard``, which then runs the optimizer step, and its actions join the
+run's record (``guard_events``).
 
 A run checkpoints every ``ckpt_every`` steps and at its end; a checkpoint holds the
 model, the optimiser, the loss scaler, every random state, the data position and the
@@ -34,6 +38,7 @@ rank's part of the batch.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import statistics
@@ -54,6 +59,7 @@ from fp8train.lab.config import (
     LabConfig,
     LabError,
     from_dict,
+    guarded,
     peer_of,
     recipe_for,
     recipe_of,
@@ -62,6 +68,7 @@ from fp8train.lab.config import (
 )
 from fp8train.lab.data import Corpus, Digits, eval_windows, sample_windows
 from fp8train.lab.gpt import GPT
+from fp8train.lab.stress import parse_guard, parse_stress
 from fp8train.lab.world import CHECKPOINT_FORMAT, World, fp8_all_gather_for, world_for
 from fp8train.optim import Fp8AdamW
 
@@ -289,6 +296,7 @@ def _new_history() -> dict[str, Any]:
         "saved_activation_bytes": None,  # measured on step 1
         "memory": None,  # the memory ledger (fp8train.lab.memory), measured on step 2
         "final": None,  # evaluate(final=True) at the last step
+        "guard_events": [],  # a "+guard" run's actions (_event_record), in order
     }
 
 
@@ -324,6 +332,13 @@ def train_run(
     )
     # ``model`` runs the steps: ``net`` itself, sharded in place by FSDP2, or its DDP
     # wrapper. The optimiser comes after: FSDP2 replaces the Parameters.
+    # The stress hooks the unwrapped model, so its layer names are the model's own.
+    stress_hook = None
+    if config.stress is not None:
+        try:
+            stress_hook = parse_stress(config.stress).attach(net)
+        except ValueError as e:
+            raise LabError(str(e)) from None
     model, fp8_all_gather = world.wrap(net, precision)
     optimizer = make_optimizer(model, config, fp8_states=uses_fp8_optimizer(precision))
     scaler = world.loss_scaler(precision)
@@ -355,6 +370,8 @@ def train_run(
         _log_validation(history, 0, validate(final=False))
 
     monitor = _start_monitor(net, precision, seed, config, checkpoint, step, world)
+    guard = _start_guard(net, precision, config, optimizer, scaler, monitor, data_gen, step)
+    events_seen = 0  # guard.events already in the history
     # "<recipe>+fp8act": the model's saved activations go to FP8 (the loss stays outside).
     storage = None
     if stores_fp8_activations(precision):
@@ -367,6 +384,8 @@ def train_run(
     while step < config.steps and (stop_at is None or step < stop_at):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
+        if stress_hook is not None:
+            stress_hook.step = step
         t0 = time.perf_counter()
         x, y = task.sample_batch(data_gen)  # the global batch, the same on every rank
         x, y = world.shard(x), world.shard(y)  # this process's rows of it
@@ -380,43 +399,73 @@ def train_run(
         # forward, backward and the optimizer step watched by LiveTensorBytes, which
         # only observes (every operator's result is returned unchanged); it also hooks
         # what autograd saves, in the place of step 1's meter.
+        # Not under a guard: it drops the gradients inside its step, before a ledger
+        # could count them.
         live = None
-        if step == 1 and world.measures_saved_bytes:
+        if step == 1 and world.measures_saved_bytes and guard is None:
             live = memory.LiveTensorBytes()
             live.track([*model.parameters(), *memory.optimizer_tensors(optimizer), x, y])
-        with live if live is not None else contextlib.nullcontext():
-            loss = _forward_backward(
-                model, task, precision, x, y, config.micro_batches, scaler, storage, meter or live
+        forward_backward = functools.partial(
+            _forward_backward,
+            model,
+            task,
+            precision,
+            x,
+            y,
+            config.micro_batches,
+            scaler,
+            storage,
+            meter or live,
+        )
+        if guard is not None:
+            # The guard runs forward and backward (twice for a closer look at a triggered
+            # step), the scaler, clipping, the optimizer step and the monitor's step.
+            observed = guard.monitor.observing
+            with warnings.catch_warnings():  # as the monitor's below: report.md has them
+                warnings.simplefilter("ignore", fp8train.HealthWarning)
+                train_loss = guard.step(forward_backward)
+            history.setdefault("guard_events", []).extend(
+                _event_record(e) for e in guard.events[events_seen:]
             )
-        if scaler is not None:
-            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            events_seen = len(guard.events)
+            if guard.step_count != step + 1:  # a rollback: the replay overwrites the curve
+                step = guard.step_count
+                _truncate_history(history, step)
+                continue
+        else:
+            with live if live is not None else contextlib.nullcontext():
+                loss = forward_backward()
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+            grad_norm = world.grad_norm(model, config.grad_clip)
+            with live if live is not None else contextlib.nullcontext():
+                if scaler is not None:
+                    scaler.step(optimizer)  # skipped when the gradients are not finite
+                    scaler.update()
+                else:
+                    optimizer.step()
+            train_loss = world.mean(loss)  # the global batch's loss
+            observed = monitor is not None and monitor.observing
+            if monitor is not None:
+                # The lab reports health warnings in report.md (and the JSONL), not as
+                # hundreds of stderr lines under the progress bars.
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", fp8train.HealthWarning)
+                    monitor.step(
+                        train_loss,
+                        grad_norm=float(grad_norm),
+                        loss_scale=scaler.get_scale() if scaler is not None else None,
+                        skipped=scaler.last_step_skipped if scaler is not None else False,
+                    )
+            if meter is not None:
+                history["saved_activation_bytes"] = meter.total
+            if live is not None:
+                params = list(model.parameters())
+                saved = history["saved_activation_bytes"]
+                history["memory"] = memory.ledger(params, optimizer, saved, live.peak)
+            optimizer.zero_grad(set_to_none=True)
         if meter is not None:
             history["saved_activation_bytes"] = meter.total
-        grad_norm = world.grad_norm(model, config.grad_clip)
-        with live if live is not None else contextlib.nullcontext():
-            if scaler is not None:
-                scaler.step(optimizer)  # skipped when the gradients are not finite
-                scaler.update()
-            else:
-                optimizer.step()
-        if live is not None:
-            params = list(model.parameters())
-            saved = history["saved_activation_bytes"]
-            history["memory"] = memory.ledger(params, optimizer, saved, live.peak)
-        train_loss = world.mean(loss)  # the global batch's loss
-        observed = monitor is not None and monitor.observing
-        if monitor is not None:
-            # The lab reports health warnings in report.md (and the JSONL), not as
-            # hundreds of stderr lines under the progress bars.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", fp8train.HealthWarning)
-                monitor.step(
-                    train_loss,
-                    grad_norm=float(grad_norm),
-                    loss_scale=scaler.get_scale() if scaler is not None else None,
-                    skipped=scaler.last_step_skipped if scaler is not None else False,
-                )
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         session_steps += 1
         elapsed = time.perf_counter() - t0
@@ -426,35 +475,144 @@ def train_run(
 
         history["train_step"].append(step)
         history["train_loss"].append(train_loss)
-        val_loss = None
-        if step % config.eval_every == 0 or step == config.steps:
-            val_loss = _log_validation(history, step, validate(final=False))
-        if step == config.steps:
-            history["final"] = validate(final=True)
-        if on_step is not None:
-            on_step(step, train_loss, val_loss)
+        _end_of_step(history, step, config, validate, on_step, train_loss)
         if step % config.ckpt_every == 0 or step == config.steps or step == stop_at:
-            run_state = {
-                "format": CHECKPOINT_FORMAT,
-                "precision": precision,
-                "seed": seed,
-                "config": asdict(config),
-                "step": step,
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "python": random.getstate(),
-                    "data": data_gen.get_state(),
-                },
-                "history": history,
-            }
-            world.save(checkpoint, run_state, model, optimizer, scaler)
+            world.save(
+                checkpoint,
+                _run_state(precision, seed, config, step, data_gen, history),
+                model,
+                optimizer,
+                scaler,
+            )
 
+    if guard is not None:
+        guard.close()
     if monitor is not None:
         monitor.close()
+    if stress_hook is not None:
+        stress_hook.remove()
     record = _record(precision, seed, step, config, history, scaler)
     record["converted_linears"] = f"{fp8_linears}/{len(linears)}"
     record["fp8_all_gather"] = fp8_all_gather
+    if guard is not None:
+        record["guard"] = {
+            "policy": config.guard,
+            "events": list(history.get("guard_events", [])),
+            "demoted": guard.demotions,
+        }
     return record
+
+
+def _end_of_step(
+    history: dict[str, Any],
+    step: int,
+    config: LabConfig,
+    validate: Callable[[bool], dict[str, float]],
+    on_step: Callable[[int, float, float | None], None] | None,
+    train_loss: float,
+) -> float | None:
+    """Validation (every ``eval_every`` steps and at the last), the final evaluation and
+    the progress report of step ``step`` (1-based); returns the validation loss or None."""
+    val_loss = None
+    if step % config.eval_every == 0 or step == config.steps:
+        val_loss = _log_validation(history, step, validate(False))
+    if step == config.steps:
+        history["final"] = validate(True)
+    if on_step is not None:
+        on_step(step, train_loss, val_loss)
+    return val_loss
+
+
+def _run_state(
+    precision: str,
+    seed: int,
+    config: LabConfig,
+    step: int,
+    data_gen: torch.Generator,
+    history: dict[str, Any],
+) -> dict[str, Any]:
+    """A checkpoint's run state: everything but the model, optimiser and scaler."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "precision": precision,
+        "seed": seed,
+        "config": asdict(config),
+        "step": step,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "data": data_gen.get_state(),
+        },
+        "history": history,
+    }
+
+
+class _DataPosition:
+    """The batch order's generator as a guard's ``data`` (what a rollback rewinds)."""
+
+    def __init__(self, gen: torch.Generator) -> None:
+        self.gen = gen
+
+    def state_dict(self) -> torch.Tensor:
+        return self.gen.get_state()
+
+    def load_state_dict(self, state: torch.Tensor) -> None:
+        self.gen.set_state(state)
+
+
+def _start_guard(
+    net: nn.Module,
+    precision: str,
+    config: LabConfig,
+    optimizer: torch.optim.Optimizer,
+    scaler: fp8train.LossScaler | None,
+    monitor: fp8train.Monitor | None,
+    data_gen: torch.Generator,
+    step: int,
+) -> fp8train.Guard | None:
+    """The ``fp8train.Guard`` of a "+guard" precision (None otherwise), on the run's
+    monitor (its observed steps feed the GEMM baselines). A resumed run's guard starts
+    with fresh baselines; its demotions come back with the recipe state."""
+    if not guarded(precision):
+        return None
+    if monitor is None:
+        raise LabError(
+            f"precision {precision!r}: the guard needs the monitor; set --monitor-every >= 1"
+        )
+    spec = parse_guard(config.guard)
+    try:
+        return fp8train.Guard(
+            net,
+            optimizer,
+            policy=spec.policy,  # type: ignore[arg-type]
+            demote_to=spec.demote_to,
+            snapshot_every=config.ckpt_every if spec.policy == "rollback" else None,
+            data=_DataPosition(data_gen) if spec.policy == "rollback" else None,
+            scaler=scaler,
+            max_grad_norm=config.grad_clip,
+            monitor=monitor,
+            start=step,
+        )
+    except (ValueError, TypeError) as e:
+        raise LabError(f"precision {precision!r}, guard {config.guard!r}: {e}") from None
+
+
+def _event_record(event: dict[str, Any]) -> dict[str, Any]:
+    """A guard event as the run's record keeps it (JSON-ready)."""
+    keys = ("step", "action", "layer", "to", "to_step", "triggers", "message")
+    out = {k: event[k] for k in keys if k in event}
+    out["triggers"] = [str(t) for t in out.get("triggers", [])]  # trigger names
+    return out
+
+
+def _truncate_history(history: dict[str, Any], step: int) -> None:
+    """Drop what the history holds after ``step`` (a rollback to ``step`` replays it)."""
+    keep = sum(s <= step for s in history["train_step"])
+    for key in ("train_step", "train_loss"):
+        history[key] = history[key][:keep]
+    keep = sum(s <= step for s in history["val_step"])
+    for key in ("val_step", "val_loss", "val_metrics"):
+        history[key] = history[key][:keep]
 
 
 def _log_validation(history: dict[str, Any], step: int, metrics: dict[str, float]) -> float:
