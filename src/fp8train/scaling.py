@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 import functools
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 import torch
@@ -101,6 +101,10 @@ class Granularity(enum.Enum):
 
 class NonFiniteAmaxError(ValueError):
     """An amax was NaN or inf: it must never become a scale or enter a history."""
+
+
+# ScaleSpec fields added after recipe states were first saved (ScaleSpec.__repr__).
+_LATER_SPEC_FIELDS = ("scale_fmt",)
 
 
 @dataclass(frozen=True)
@@ -201,6 +205,17 @@ class ScaleSpec:
     def two_level(self) -> bool:
         """Whether block scales sit under a per-tensor scale (``scale_fmt``, NVFP4)."""
         return self.scale_fmt is not None
+
+    def __repr__(self) -> str:
+        # Recipe.canonical() compares saved recipe states by these strings: a field added
+        # after states were first saved appears only away from its default (the
+        # behaviour before it existed), so those states still load.
+        shown = [
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in fields(self)
+            if not (f.name in _LATER_SPEC_FIELDS and getattr(self, f.name) == f.default)
+        ]
+        return f"ScaleSpec({', '.join(shown)})"
 
     def transposed(self) -> ScaleSpec:
         """The spec describing the transpose of a tensor quantised with this spec."""
