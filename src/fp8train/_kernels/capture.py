@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
 import torch
+from torch.utils._python_dispatch import _disable_current_modes
 
 __all__ = ["compiled", "standalone_compile_available"]
 
@@ -166,6 +167,14 @@ class _StandaloneCompiled:
         self.graphs: dict[tuple[Any, ...], list[_Graph]] = {}
 
     def compile_graph(self, template: Any, tensors: list[torch.Tensor]) -> _Graph:
+        # Traced and compiled outside any dispatch mode the caller has on (a memory or
+        # FLOP counter): such a mode would otherwise see the tracing's fake tensors and
+        # their symbolic sizes, which it cannot hold (make_fx then fails on an untracked
+        # SymInt). The compiled graph itself still runs under the caller's modes.
+        with _disable_current_modes():
+            return self._compile_graph(template, tensors)
+
+    def _compile_graph(self, template: Any, tensors: list[torch.Tensor]) -> _Graph:
         from torch.fx.experimental.proxy_tensor import make_fx
 
         out_template: list[Any] = []
