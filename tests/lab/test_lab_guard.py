@@ -31,8 +31,8 @@ STRESS = "outlier:blocks.0.mlp.proj:3:1e6"
         ({"guard": "panic"}, "unknown policy 'panic'"),
         ({"guard": "skip:rowwise"}, "only demote and rollback take a ladder"),
         ({"guard": "demote:rowwise,,high"}, "empty rung"),
-        ({"precisions": ("bf16+guard",)}, "+guard applies to fp8train's FP8 precisions"),
-        ({"precisions": ("torchao-rowwise+guard",)}, "+guard applies to fp8train's FP8"),
+        ({"precisions": ("bf16+guard+guard",)}, "+guard applies once, to fp32, bf16 and"),
+        ({"precisions": ("torchao-rowwise+guard",)}, "+guard applies once, to fp32, bf16 and"),
         ({"precisions": ("tensorwise+guard",), "dist": "ddp"}, "+guard precisions run on one"),
     ],
 )
@@ -49,8 +49,9 @@ def test_good_options_parse() -> None:
     spec = parse_guard("demote:rowwise,high")
     assert (spec.policy, spec.demote_to) == ("demote", ("rowwise", "high"))
     assert parse_guard("skip").demote_to is None
-    config = resolve("gpt", "tiny", {"precisions": ("delayed~nopow2+fp8act+guard",)})
-    assert config.precisions == ("delayed~nopow2+fp8act+guard",)
+    for precision in ("delayed~nopow2+fp8act+guard", "bf16+guard", "fp32+guard"):
+        config = resolve("gpt", "tiny", {"precisions": (precision,)})
+        assert config.precisions == (precision,)
 
 
 def test_the_outlier_needs_a_linear_layer_of_the_model() -> None:
@@ -94,12 +95,17 @@ def _compare(run_cli: Any, text_dir: Path, out: Path, precisions: str, *extra: s
 def test_a_guard_that_never_triggers_leaves_the_run_unchanged(
     run_cli: Any, text_dir: Path, tmp_path: Path
 ) -> None:
-    results = _compare(run_cli, text_dir, tmp_path / "out", "tensorwise,tensorwise+guard")
-    plain, guarded = (results["runs"][p]["per_seed"][0] for p in ("tensorwise", "tensorwise+guard"))
-    assert guarded["guard"]["events"] == [] and guarded["guard"]["demoted"] == {}
-    assert guarded["curves"]["train_loss"] == plain["curves"]["train_loss"]
-    assert guarded["final_val_loss"] == plain["final_val_loss"]
-    assert "guard" not in plain
+    """tensorwise, and bf16 (no FP8 layers: the guard's own monitor, nothing to demote)."""
+    precisions = "bf16,bf16+guard,tensorwise,tensorwise+guard"
+    results = _compare(run_cli, text_dir, tmp_path / "out", precisions)
+    for precision in ("bf16", "tensorwise"):
+        plain, guarded = (
+            results["runs"][p]["per_seed"][0] for p in (precision, precision + "+guard")
+        )
+        assert guarded["guard"]["events"] == [] and guarded["guard"]["demoted"] == {}
+        assert guarded["curves"]["train_loss"] == plain["curves"]["train_loss"], precision
+        assert guarded["final_val_loss"] == plain["final_val_loss"], precision
+        assert "guard" not in plain
     assert "## Guard actions" in (tmp_path / "out" / "report.md").read_text()
 
 

@@ -71,9 +71,10 @@ KNOWN_PRECISIONS = (
 # stored in FP8 (fp8train.Fp8AdamW) instead of fp32, to measure what the saved optimizer
 # memory costs in loss (issue 31). Not run by default.
 FP8_OPTIMIZER_SUFFIX = "+fp8optim"
-# "<precision>+guard" (last of all): an fp8train precision run under fp8train.Guard
-# with the policy LabConfig.guard gives (issue 32); the same run otherwise. Not run by
-# default.
+# "<precision>+guard" (last of all): fp32, bf16 or an fp8train precision run under
+# fp8train.Guard with the policy LabConfig.guard gives (issue 32); the same run
+# otherwise. Without FP8 layers the guard can only skip batches (a control: what the
+# skips alone do). Not run by default.
 GUARD_SUFFIX = "+guard"
 # The peer: torchao's float8 training recipes (torchao.float8, emulated on the CPU), run
 # on the same model, batches and seeds as ours (fp8train.lab.peer). An optional extra,
@@ -426,14 +427,14 @@ def _split(precision: str) -> tuple[str, list[str]]:
 def check_precision(precision: str) -> None:
     """Raise ``LabError`` unless ``precision`` is one the lab runs: fp32, bf16, an FP8
     recipe with ablations and ``+fp8act`` optional, or a peer precision; each but fp32
-    and the peer's with ``+fp8optim`` optional; fp8train's FP8 precisions with
-    ``+guard`` optional (last)."""
+    and the peer's with ``+fp8optim`` optional; all but the peer's with ``+guard``
+    optional (last)."""
     if guarded(precision):
         unguarded = precision.removesuffix(GUARD_SUFFIX)
-        if recipe_of(unguarded) is None or peer_of(unguarded) is not None:
+        if peer_of(unguarded) is not None or guarded(unguarded):
             raise LabError(
-                f"precision {precision!r}: {GUARD_SUFFIX} applies to fp8train's FP8 "
-                "precisions (the guard watches and demotes fp8train's layers)"
+                f"precision {precision!r}: {GUARD_SUFFIX} applies once, to fp32, bf16 and "
+                "fp8train's precisions (the guard watches and demotes fp8train's layers)"
             )
         check_precision(unguarded)
         return

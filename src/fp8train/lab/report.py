@@ -60,10 +60,10 @@ def _color(precision: str) -> str:
         "#bcbd22",
         "#17becf",
     ]
-    if guarded(precision):  # its own colour: it is read against its unguarded recipe
-        return palette[-1]
     base = precision.split("+")[0]  # a "+fp8act" variant shares its recipe's colour
     i = PRECISIONS.index(base) if base in PRECISIONS else len(PRECISIONS)
+    if guarded(precision):  # its own colour, read against its unguarded run's
+        return palette[len(PRECISIONS) + (0 if i < 2 else 1 + i % 2)]
     return palette[i % len(palette)]
 
 
@@ -199,11 +199,10 @@ def _mark_guard_actions(ax: Any, runs: dict[str, Any]) -> None:
                 ax.annotate(
                     _event_label(e),
                     (e["step"] + 1, y),
-                    xytext=(4, 10),
+                    xytext=(6, -14),  # below right: the curves fall from the left
                     textcoords="offset points",
                     fontsize=6.5,
                     color=_color(precision),
-                    rotation=20,
                 )
 
 

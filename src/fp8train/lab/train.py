@@ -571,11 +571,13 @@ def _start_guard(
     step: int,
 ) -> fp8train.Guard | None:
     """The ``fp8train.Guard`` of a "+guard" precision (None otherwise), on the run's
-    monitor (its observed steps feed the GEMM baselines). A resumed run's guard starts
-    with fresh baselines; its demotions come back with the recipe state."""
+    monitor (its observed steps feed the GEMM baselines); fp32 and bf16, which have no
+    monitor, get the guard's own (nothing to observe: their guard can only skip). A
+    resumed run's guard starts with fresh baselines; its demotions come back with the
+    recipe state."""
     if not guarded(precision):
         return None
-    if monitor is None:
+    if monitor is None and recipe_of(precision) is not None:
         raise LabError(
             f"precision {precision!r}: the guard needs the monitor; set --monitor-every >= 1"
         )
@@ -591,6 +593,7 @@ def _start_guard(
             scaler=scaler,
             max_grad_norm=config.grad_clip,
             monitor=monitor,
+            every=max(config.monitor_every, 1),
             start=step,
         )
     except (ValueError, TypeError) as e:
