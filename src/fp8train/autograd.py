@@ -544,6 +544,11 @@ class _Step:
             else:
                 rng = state.generator(role, self.random_step, t.device)
                 payload, operand = apply_scale_and_cast(t, scale, spec, rng), None
+                if spec.fmt is E2M1 and not keep:
+                    # As the fused kernels do: the operand, and no packing of bytes that
+                    # nothing keeps (ScaledTensor derives them from it if asked).
+                    operand = kernels.payload_to_operand(payload, scale, spec, work)
+                    payload = None
             q = ScaledTensor(payload, scale, spec, t.dtype, operand)
         self.done.append(_Quantized(role, t, q, amax if history is not None else None))
         return q

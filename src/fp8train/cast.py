@@ -236,16 +236,23 @@ def _cast_native(x: torch.Tensor, fmt: Format, saturate: bool) -> torch.Tensor:
 
 # |value| of the 3-bit magnitude codes 0..7, from the format's own decoder.
 _E2M1_MAGNITUDES = tuple(E2M1.decode(c) for c in range(8))
+# The magnitude code of each 2|value| in 0..13 (8: not on the grid).
+_E2M1_CODE_OF_TWICE = torch.full((14,), 8, dtype=torch.int64)
+for _code, _mag in enumerate(_E2M1_MAGNITUDES):
+    _E2M1_CODE_OF_TWICE[int(_mag * 2)] = _code
 
 
 def e2m1_codes(values: torch.Tensor) -> torch.Tensor:
     """E2M1 codes (uint8, 0..15) of fp32 ``values`` that lie on E2M1's grid (what
     :func:`cast` returns for E2M1); ``-0.0`` gets code 0x8. ValueError if a value is
     off the grid (a missing cast, not something to round silently)."""
-    mags = torch.tensor(_E2M1_MAGNITUDES, dtype=torch.float32, device=values.device)
     v = values.float()
-    index = torch.bucketize(v.abs().contiguous(), mags)  # a grid value: its own index
-    on_grid = (index < 8) & (mags[index.clamp(max=7)] == v.abs())
+    mag = v.abs()
+    # 2|v| of the grid values is 0, 1, 2, 3, 4, 6, 8, 12: an integer that indexes a
+    # table of the magnitude codes (13 marks "not a grid value").
+    twice = (mag * 2).clamp(max=13).to(torch.int64)
+    index = _E2M1_CODE_OF_TWICE.to(values.device)[twice]
+    on_grid = (index < 8) & (twice.to(torch.float32) == mag * 2)
     if not bool(on_grid.all()):
         bad = v[~on_grid][:4].tolist()
         raise ValueError(

@@ -31,7 +31,7 @@ import torch
 from fp8train._kernels.encoders import fp8_grid_values, fp8_payload, fp8_word_values
 from fp8train._kernels.routes import DEFAULT_ROUTES, ByteRoutes
 from fp8train.cast import cast_finite
-from fp8train.formats import E4M3, E5M2
+from fp8train.formats import E2M1, E4M3, E5M2
 from fp8train.scaling import (
     Granularity,
     ScaleSpec,
@@ -76,7 +76,8 @@ def cast_with_operand(
     ``keep_payload=False``: the payload is not made (None) where :func:`grid_arithmetic`
     holds and an operand is asked for; the operand then comes from the FP8 values
     computed in fp32 arithmetic, without the FP8 conversions (the same bits: the values
-    are those of the payload). Elsewhere the payload is returned anyway.
+    are those of the payload). For E2M1 it is computed but not returned (None), so that
+    nothing packs it. Elsewhere the payload is returned anyway.
 
     ``own_amax_scale=True``: ``scale`` is ``scale_from_amax`` of ``x2d``'s own amax, so
     for every granularity but MX no product can round past ``fmt.max`` and the grid
@@ -105,7 +106,12 @@ def cast_with_operand(
     payload = cast_finite(scaled, spec.fmt, saturate=spec.saturate)
     if operand_dtype is None:
         return payload, None
-    return payload, payload_to_operand(payload, scale, spec, operand_dtype, routes)
+    operand = payload_to_operand(payload, scale, spec, operand_dtype, routes)
+    if not keep_payload and spec.fmt is E2M1:
+        # Not returned where nothing keeps it: ScaledTensor would pack it, a pass over
+        # the bytes for nothing (it derives the same values from the operand if asked).
+        return None, operand
+    return payload, operand
 
 
 def quantize_current(
