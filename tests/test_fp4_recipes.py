@@ -266,3 +266,13 @@ def test_odd_shapes_train() -> None:
         assert x.grad is not None and bool(torch.isfinite(x.grad).all())
         assert layer.weight.grad is not None and bool(torch.isfinite(layer.weight.grad).all())
     assert math.isfinite(float(unpack_e2m1(torch.tensor([[0x21]], dtype=torch.uint8), 1)[0, 0]))
+
+
+def test_cli_recipes_prints_the_fp4_gemms(capsys: pytest.CaptureFixture[str]) -> None:
+    from fp8train.lab.cli import main
+
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("mxfp4", "nvfp4", "tensorwise"):
+        recipe = Recipe.from_name(name)
+        assert f"{name}: {recipe.description}\n{recipe.gemms()}" in out

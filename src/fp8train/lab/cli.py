@@ -241,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plan_cli.add_parser(commands, _HelpFormatter)
     plan_cli.add_compare_option(compare)
+    commands.add_parser(
+        "recipes",
+        help="print every recipe's three GEMMs (formats and scaling of each operand)",
+        formatter_class=_HelpFormatter,
+    )
     return parser
 
 
@@ -396,6 +401,11 @@ def _run(args: argparse.Namespace) -> int:
         raise LabError("choose a command: compare, train, formats or plan (see fp8train --help)")
     if args.command == "formats":
         return _formats(args)
+    if args.command == "recipes":
+        from fp8train.recipes import describe_all
+
+        print(describe_all())
+        return 0
     if args.command == "plan":
         return plan_cli.run(args)
     overrides = _overrides(args)
