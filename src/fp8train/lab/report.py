@@ -182,27 +182,29 @@ def _event_label(e: dict[str, Any]) -> str:
 
 
 def _mark_guard_actions(ax: Any, runs: dict[str, Any]) -> None:
-    """Each guard action as a triangle on its run's smoothed train-loss curve (every
-    seed's, at the step it was taken), the first seed's labelled."""
+    """Each guard action as a triangle at the foot of the loss panel, at the step it was
+    taken (every seed's; the first seed's labelled): a train loss that spikes on the
+    batch that triggered the guard would carry a mark on the curve off the chart."""
+    foot = ax.get_xaxis_transform()  # x in steps, y in axes fractions
     for precision, run in runs.items():
         events = _guard_events(run)
         if not events:
             continue
-        c = run["curves"]
-        ema = dict(zip(c["train_step"], _ema(c["train_loss"]), strict=False))
         first_seed = events[0][0]
         for seed, e in events:
-            # Events count steps from 0 (the step's index); the curve from 1.
-            y = ema.get(e["step"] + 1, math.nan)
-            ax.plot([e["step"] + 1], [y], marker="v", ms=7, color=_color(precision), ls="")
+            # Events count steps from 0 (the step's index); the curves from 1.
+            x = e["step"] + 1
+            ax.plot([x], [0.015], marker="^", ms=6, color=_color(precision), ls="", transform=foot)
             if seed == first_seed:
                 ax.annotate(
                     _event_label(e),
-                    (e["step"] + 1, y),
-                    xytext=(6, -14),  # below right: the curves fall from the left
-                    textcoords="offset points",
+                    (x, 0.04),
+                    xycoords=foot,
                     fontsize=6.5,
                     color=_color(precision),
+                    rotation=90,
+                    ha="center",
+                    va="bottom",
                 )
 
 
@@ -238,7 +240,8 @@ def guard_markdown(results: dict[str, Any]) -> str:
         "Each action of fp8train.Guard (docs/guard.md), with the diagnosis that named "
         "its layer, GEMM and operand; steps count from 1, as the curves do (the guard's own "
         "messages count from 0). The loss "
-        "curves mark each action with a triangle (every seed's; the first seed's labelled)."
+        "curves mark each action with a triangle at the foot of the loss panel (every "
+        "seed's; the first seed's labelled)."
     )
     return intro + "\n\n" + "\n\n".join(parts)
 
