@@ -533,7 +533,9 @@ def fp8_adamw_train(steps: int, world: int | None = None) -> dict[str, Any]:
     return out
 
 
-def guard_agreement(steps: int, fault_step: int, mode: str = "ddp") -> dict[str, Any]:
+def guard_agreement(
+    steps: int, fault_step: int, mode: str = "ddp", demote_to: list[str] | None = None
+) -> dict[str, Any]:
     """fp8train.Guard (policy "demote") under ``mode`` (DDP or FSDP2) with a fault on rank
     1 only: an outlier
     in one layer's grad_output at one step, while that layer runs in FP8. Rank 0's own
@@ -546,7 +548,9 @@ def guard_agreement(steps: int, fault_step: int, mode: str = "ddp") -> dict[str,
     now = {"step": -1}
 
     def fault(module: nn.Module, grad_output: Any) -> Any:
-        if info.rank != 1 or now["step"] != fault_step or layer.fp8_state.high_precision:
+        state = layer.fp8_state
+        demoted = state.high_precision or state.recipe != state.base_recipe
+        if info.rank != 1 or now["step"] != fault_step or demoted:  # the old recipe's fault
             return None
         g = grad_output[0].clone()
         g.view(-1, g.shape[-1])[0, 0] = g.abs().max() * 1e12
@@ -558,7 +562,15 @@ def guard_agreement(steps: int, fault_step: int, mode: str = "ddp") -> dict[str,
     from fp8train.guard import Guard, GuardThresholds
 
     thresholds = GuardThresholds(min_history=4)
-    guard = Guard(model, opt, policy="demote", every=10**6, start=1, thresholds=thresholds)
+    guard = Guard(
+        model,
+        opt,
+        policy="demote",
+        every=10**6,
+        start=1,
+        thresholds=thresholds,
+        demote_to=demote_to,
+    )
     while guard.step_count < steps:
         now["step"] = guard.step_count
         x, y = (fd.batch_shard(t) for t in global_batch(guard.step_count))
@@ -572,6 +584,8 @@ def guard_agreement(steps: int, fault_step: int, mode: str = "ddp") -> dict[str,
     out = {
         "target": target,
         "events": [(e["step"], e["action"], e["layer"]) for e in guard.events],
+        "to": [e.get("to") for e in guard.events],
+        "recipes": {n: m.fp8_state.recipe.name for n, m in fp8_layers(unwrap(model))},
         "diagnosed": [d.layer for d in guard.diagnoses],
         "demoted": guard.demoted,
         # FSDP2 holds shards: each rank gathers the whole tensor (the same order on all).

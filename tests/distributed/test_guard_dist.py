@@ -14,14 +14,17 @@ from fp8train.testing import assert_bitwise_equal
 FAULT_STEP = 6
 
 
+@pytest.mark.parametrize("ladder", [None, ["rowwise", "high"]])
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_ranks_demote_the_same_layer_when_only_one_rank_sees_the_fault(
-    tmp_path: Path, mode: str
+    tmp_path: Path, mode: str, ladder: list[str] | None
 ) -> None:
-    r0, r1 = (
-        r.value
-        for r in run_ranks("guard_agreement", tmp_path, steps=8, fault_step=FAULT_STEP, mode=mode)
-    )
+    """Default ladder (high precision) and a finer recipe first: the same rung on both."""
+    kw = {"steps": 8, "fault_step": FAULT_STEP, "mode": mode, "demote_to": ladder}
+    r0, r1 = (r.value for r in run_ranks("guard_agreement", tmp_path, **kw))
+    to = "high" if ladder is None else ladder[0]
+    assert r0["to"] == r1["to"] == [to]
+    assert r0["recipes"] == r1["recipes"]
     # DDP's wrapper prefixes the layer names; FSDP2 shards the model in place.
     culprit = ("module." if mode == "ddp" else "") + r1["target"]
     # Rank 0 saw no culprit of its own; rank 1 named the layer; both demoted it.
