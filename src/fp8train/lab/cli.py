@@ -227,6 +227,13 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="STEP",
             help="stop every run after STEP steps, checkpointed, to --resume later",
         )
+        sub.add_argument(
+            "--only-seeds",
+            metavar="S[,S...]",
+            help="train only these of the run's seeds (several processes or machines can "
+            "share one --out, each with its own seeds); --resume without it then writes "
+            "the report",
+        )
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
     formats = commands.add_parser(
         "formats",
@@ -447,6 +454,7 @@ def _run(args: argparse.Namespace) -> int:
                 command=args.command,
                 resume=args.resume,
                 stop_at=args.stop_at,
+                only_seeds=_only_seeds(args.only_seeds, config),
                 quiet=args.quiet,
             )
     except KeyboardInterrupt:
@@ -459,7 +467,10 @@ def _run(args: argparse.Namespace) -> int:
     if not main_rank:
         return 0
     if results is None:
-        print(f"stopped after step {args.stop_at}; continue with: {resume_hint}")
+        if args.only_seeds is not None:
+            print(f"trained seeds {args.only_seeds}; once every seed has: {resume_hint}")
+        else:
+            print(f"stopped after step {args.stop_at}; continue with: {resume_hint}")
         return 0
     for precision, run in results["runs"].items():
         loss = run["final_val_loss"]
@@ -469,6 +480,25 @@ def _run(args: argparse.Namespace) -> int:
         plan_cli.append_to_report(out, config, args.plan_gpu)
     print(f"wrote {out / 'results.json'}, {out / 'loss_curves.png'}, {out / 'report.md'}")
     return 0
+
+
+def _only_seeds(text: str | None, config: LabConfig) -> tuple[int, ...] | None:
+    """``--only-seeds "1,2"`` -> (1, 2), each one of the run's seeds."""
+    if text is None:
+        return None
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise LabError(
+            f"--only-seeds takes seeds separated by commas, e.g. 1,2; got {text!r}"
+        ) from None
+    outside = [s for s in seeds if s not in config.seed_list]
+    if outside:
+        raise LabError(
+            f"--only-seeds {text}: {outside} not among the run's seeds {config.seed_list} "
+            "(--seed and --seeds set them)"
+        )
+    return seeds
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -126,12 +126,15 @@ def run_all(
     command: str,
     resume: bool,
     stop_at: int | None = None,
+    only_seeds: tuple[int, ...] | None = None,
     quiet: bool = False,
 ) -> dict[str, Any] | None:
     """Train every (seed, precision) of ``config`` into ``out``, then write
     ``results.json``, ``loss_curves.png`` and ``report.md``. Returns the results, or
-    None when ``stop_at`` left runs unfinished (their checkpoints wait for --resume).
-    Distributed (``config.dist``): every rank calls it; the main rank writes."""
+    None when ``stop_at`` left runs unfinished (their checkpoints wait for --resume) or
+    ``only_seeds`` (a subset of ``config.seed_list``, for processes sharing ``out``)
+    trained only some seeds. Distributed (``config.dist``): every rank calls it; the
+    main rank writes."""
     from fp8train.lab import report  # matplotlib only when a report is due
 
     report.require_plotting()
@@ -206,7 +209,8 @@ def run_all(
     )
     console = Console(stderr=True)
     with Progress(*columns, console=console, disable=quiet or not main) as progress:
-        for seed in config.seed_list:  # seed-major: paired comparisons complete early
+        seeds = [s for s in config.seed_list if only_seeds is None or s in only_seeds]
+        for seed in seeds:  # seed-major: paired comparisons complete early
             for precision in config.precisions:
                 bar = progress.add_task(
                     f"{precision} seed {seed}", total=config.steps, loss="-", val="-"
@@ -226,6 +230,8 @@ def run_all(
                 progress.update(bar, completed=record["steps_done"])
                 records[precision].append(record)
     if not all(r["complete"] for rs in records.values() for r in rs):
+        return None
+    if len(seeds) < len(config.seed_list):  # the other seeds are another process's
         return None
 
     results = summarize(config, records)
