@@ -49,6 +49,13 @@ from fp8train.testing import assert_bitwise_equal
 AG_RECIPES = ("tensorwise", "delayed", "blockwise", "int8")
 STEPS = 4
 DELAYED_RTOL = 1e-5
+# nvfp4 quantises each rank's shard of the activations and gradients on its own: the
+# per-tensor fp32 scale of its two-level scaling comes from the shard's amax, and the
+# stochastic rounding of dy and the wgrad Hadamard signs draw a stream over the shard's
+# rows (docs/fp4.md, limits), so its losses move off the single process's by FP4's
+# rounding noise: under 1% in these 4 steps.
+SHARD_LOCAL_RECIPES = ("nvfp4",)
+SHARD_LOCAL_RTOL = 1e-2
 # FP8 payload: 1 byte per weight element against bf16's 2, plus the bf16 biases and
 # LayerNorm parameters that stay bf16 in both runs (1408 of 148864 parameters).
 MAX_BYTES_RATIO = 0.55
@@ -104,6 +111,10 @@ def _check_case(key: str, per_rank: list[dict[str, Any]]) -> None:
     if recipe == "delayed":
         ref, _ = _reference(recipe, 1)
         assert r0["losses"] == pytest.approx(ref, rel=DELAYED_RTOL, abs=0), key
+    elif recipe in SHARD_LOCAL_RECIPES:
+        ref, _ = _reference(recipe, 2)
+        worst = max(abs(a / b - 1.0) for a, b in zip(r0["losses"], ref, strict=True))
+        assert worst <= SHARD_LOCAL_RTOL, f"{key}: losses {worst:.2e} off the single process"
     else:
         ref, _ = _reference(recipe, 2)
         assert r0["losses"] == ref, f"{key}: not bitwise equal to the single process"
