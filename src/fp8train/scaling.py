@@ -352,7 +352,7 @@ def two_level_scale(amax: torch.Tensor, spec: ScaleSpec) -> torch.Tensor:
     Language Models with NVFP4", its appendix on NVFP4 quantisation; Transformer
     Engine's ``NVFP4BlockScaling``), each step one fp32 operation (one rounding):
 
-    * tensor amax ``A = max over blocks of amax_b`` (the tensor's max |x|);
+    * tensor amax ``A = max over blocks of amax_b`` (the tensor's largest ``|x|``);
     * global encode scale ``s_enc = (E4M3.max * fmt.max) / A`` (448 * 6 / A), 1 when
       ``A`` is 0, which maps the largest block's decode scale onto E4M3's max;
       global decode scale ``s_dec = 1 / s_enc``;
