@@ -123,8 +123,10 @@ def test_shape_lists(bench: ModuleType) -> None:
 def test_device_recipes_follow_the_route_table(bench: ModuleType) -> None:
     hopper, not_hopper = bench.device_recipes(HOPPER)
     assert hopper == ["tensorwise", "delayed", "rowwise", "blockwise"]
-    assert set(not_hopper) == {"mxfp8", "int8", "int8_rowwise"}
+    # FP4 GEMMs emulate on every GPU (no FP4 route built): never timed as hardware.
+    assert set(not_hopper) == {"mxfp8", "int8", "int8_rowwise", "mxfp4", "nvfp4"}
     assert "9.0 has no BlockWise1x32" in not_hopper["mxfp8"]
+    assert "no FP4 route built" in not_hopper["nvfp4"]
     blackwell, _ = bench.device_recipes(BLACKWELL)
     assert blackwell == ["tensorwise", "delayed", "rowwise", "mxfp8"]
     assert bench.device_recipes(ADA)[0] == ["tensorwise", "delayed", "rowwise"]
@@ -679,6 +681,8 @@ def test_the_whole_run_on_the_cpu(bench: ModuleType, cpu_run: dict[str, Any]) ->
         "mxfp8",
         "int8",
         "int8_rowwise",
+        "mxfp4",
+        "nvfp4",
     }
     sections = cpu_run["sections"]
     assert [sections[s]["status"] for s in ("gemm", "linear", "train")] == ["ok"] * 3
@@ -687,6 +691,8 @@ def test_the_whole_run_on_the_cpu(bench: ModuleType, cpu_run: dict[str, Any]) ->
         "mxfp8",
         "int8",
         "int8_rowwise",
+        "mxfp4",
+        "nvfp4",
     }
     linear = sections["linear"]["results"][0]["variants"]
     assert set(linear) >= {"bf16", "tensorwise", "delayed", "rowwise"}
