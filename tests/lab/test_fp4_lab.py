@@ -1,41 +1,22 @@
 """The lab GPT trains under the FP4 recipes: the loss falls and the saved activations
-are the packed payloads (bytes measured by the lab). tests/test_fp4_lab_resume.py
+are the packed payloads (bytes measured by the lab). tests/lab/test_fp4_lab_resume.py
 resumes an interrupted nvfp4 run."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
-import pytest
 import torch
+from lab_helpers import read_results
 
 from fp8train.lab.cli import main
 
 STEPS = 7
 
 
-@pytest.fixture
-def text_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "text"
-    folder.mkdir()
-    for i in range(3):
-        lines = [
-            f"line {j} of file {i}: the quick brown fox jumps over the lazy dog\n"
-            for j in range(30)
-        ]
-        (folder / f"{i}.txt").write_text("".join(lines))
-    return folder
-
-
 def _compare(out: Path, text_dir: Path, precisions: str, *extra: str, steps: int = STEPS) -> int:
     args = ["compare", "--preset", "tiny", "--data", str(text_dir), "--steps", str(steps)]
     return main([*args, "--precisions", precisions, "--out", str(out), "--quiet", *extra])
-
-
-def _results(out: Path) -> dict[str, Any]:
-    return json.loads((out / "results.json").read_text())
 
 
 def test_lab_gpt_trains_with_packed_fp4_payloads(text_dir: Path, tmp_path: Path) -> None:
@@ -44,7 +25,7 @@ def test_lab_gpt_trains_with_packed_fp4_payloads(text_dir: Path, tmp_path: Path)
     # Eager kernels: FP4 layers run them anyway, and tensorwise's compiled ones would
     # only add compile time.
     assert _compare(out, text_dir, ",".join(precisions), "--kernels", "eager", steps=5) == 0
-    runs = _results(out)["runs"]
+    runs = read_results(out)["runs"]
     for p in precisions[1:]:
         train = runs[p]["curves"]["train_loss"]
         assert all(map(torch.isfinite, torch.tensor(train)))

@@ -4,38 +4,20 @@ by the layers' saved state (LayerState.random_steps)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
+from lab_helpers import read_results
 
 from fp8train.lab.cli import main
 
 STEPS = 7
 
 
-@pytest.fixture
-def text_dir(tmp_path: Path) -> Path:
-    folder = tmp_path / "text"
-    folder.mkdir()
-    for i in range(3):
-        lines = [
-            f"line {j} of file {i}: the quick brown fox jumps over the lazy dog\n"
-            for j in range(30)
-        ]
-        (folder / f"{i}.txt").write_text("".join(lines))
-    return folder
-
-
 def _compare(out: Path, text_dir: Path, precisions: str, *extra: str, steps: int = STEPS) -> int:
     args = ["compare", "--preset", "tiny", "--data", str(text_dir), "--steps", str(steps)]
     return main([*args, "--precisions", precisions, "--out", str(out), "--quiet", *extra])
-
-
-def _results(out: Path) -> dict[str, Any]:
-    return json.loads((out / "results.json").read_text())
 
 
 def _flatten(run: dict[str, Any]) -> Any:
@@ -49,7 +31,7 @@ def test_nvfp4_resume_is_bitwise_the_uninterrupted_run(text_dir: Path, tmp_path:
     assert _compare(split, text_dir, precision, "--stop-at", "4") == 0
     assert not (split / "results.json").exists()
     assert main(["compare", "--resume", "--out", str(split), "--quiet"]) == 0
-    a, b = _results(full)["runs"][precision], _results(split)["runs"][precision]
+    a, b = read_results(full)["runs"][precision], read_results(split)["runs"][precision]
     assert _flatten(a) == _flatten(b)  # exact float equality
     ca = torch.load(full / "checkpoints" / f"{precision}-seed0.pt", weights_only=True)
     cb = torch.load(split / "checkpoints" / f"{precision}-seed0.pt", weights_only=True)
