@@ -21,6 +21,23 @@ def _study() -> ModuleType:
     return module
 
 
+def _write_results(folder: Path, losses: dict[str, list[float]]) -> None:
+    """A results.json whose precisions have these final losses, seed i at index i."""
+    runs = {
+        p: {"per_seed": [{"seed": s, "final_val_loss": v} for s, v in enumerate(vals)]}
+        for p, vals in losses.items()
+    }
+    (folder / "results.json").write_text(json.dumps({"runs": runs}))
+
+
+def _table_rows(folder: Path) -> dict[str, list[str]]:
+    """The study table's rows by precision, split into cells."""
+    return {
+        line.split(" | ")[0].removeprefix("| "): line.split(" | ")
+        for line in _study().table(folder).splitlines()[2:]
+    }
+
+
 def test_sizes_and_precisions_are_valid() -> None:
     study = _study()
     for precision in study.STUDY_PRECISIONS:
@@ -38,15 +55,8 @@ def test_table_pairs_gaps_by_seed(tmp_path: Path) -> None:
         "tensorwise": [2.02, 2.121, 2.20],
         "torchao-tensorwise": [2.00, 2.10, 2.22],
     }
-    runs = {
-        p: {"per_seed": [{"seed": s, "final_val_loss": v} for s, v in enumerate(vals)]}
-        for p, vals in losses.items()
-    }
-    (tmp_path / "results.json").write_text(json.dumps({"runs": runs}))
-    rows = {
-        line.split(" | ")[0].removeprefix("| "): line.split(" | ")
-        for line in _study().table(tmp_path).splitlines()[2:]
-    }
+    _write_results(tmp_path, losses)
+    rows = _table_rows(tmp_path)
     # tensorwise: +1%, +1%, 0% -> mean +0.67%, SE 0.33%; its own tensorwise gap is blank.
     assert rows["tensorwise"][3:5] == ["+0.67%", "0.33%"]
     assert rows["tensorwise"][6:] == ["", " |"]
@@ -60,26 +70,15 @@ def test_table_pairs_gaps_by_seed(tmp_path: Path) -> None:
 def test_table_says_when_a_gap_is_beyond_two_standard_errors(tmp_path: Path) -> None:
     # +1.0%, +1.1%, +0.9%: mean +1.0%, SE 0.058%: far beyond 2 SE. One seed: no SE.
     losses = {"bf16": [2.0, 2.0, 2.0], "rowwise": [2.02, 2.022, 2.018], "mxfp8": [2.1]}
-    runs = {
-        p: {"per_seed": [{"seed": s, "final_val_loss": v} for s, v in enumerate(vals)]}
-        for p, vals in losses.items()
-    }
-    (tmp_path / "results.json").write_text(json.dumps({"runs": runs}))
-    rows = {
-        line.split(" | ")[0].removeprefix("| "): line.split(" | ")
-        for line in _study().table(tmp_path).splitlines()[2:]
-    }
+    _write_results(tmp_path, losses)
+    rows = _table_rows(tmp_path)
     assert rows["rowwise"][3:6] == ["+1.00%", "0.06%", "no"]
     assert rows["mxfp8"][3:6] == ["+5.00%", "-", "-"]
 
 
 def test_per_seed_table_lists_each_seed_and_the_spread(tmp_path: Path) -> None:
     losses = {"bf16": [2.0, 2.0, 2.0], "tensorwise": [2.02, 1.98, 2.0]}
-    runs = {
-        p: {"per_seed": [{"seed": s, "final_val_loss": v} for s, v in enumerate(vals)]}
-        for p, vals in losses.items()
-    }
-    (tmp_path / "results.json").write_text(json.dumps({"runs": runs}))
+    _write_results(tmp_path, losses)
     lines = _study().per_seed(tmp_path).splitlines()
     assert lines[0] == "| precision | seed 0 | seed 1 | seed 2 | SD |"
     # +1%, -1%, 0%: standard deviation 1%.
