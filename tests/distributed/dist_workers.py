@@ -9,9 +9,9 @@ one 128-row block between the ranks.
 
 from __future__ import annotations
 
-import gc
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -93,10 +93,12 @@ def histories(model: nn.Module) -> dict[str, Any]:
 
 
 def _finish() -> None:
-    # Destroy the group only once the data-parallel models are gone: a DDP reducer freed
-    # after destroy_process_group can hang in its destructor.
-    gc.collect()
-    fd.shutdown()
+    # A DDP reducer freed after destroy_process_group can hang in its destructor (at the
+    # worker's return, on some runs only); fd.shutdown warns when a DDP model is still
+    # referenced, and here that fails every run instead.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "fp8train.distributed.shutdown", RuntimeWarning)
+        fd.shutdown()
 
 
 def _train(
@@ -595,7 +597,7 @@ def guard_agreement(
         },
     }
     guard.close()
-    del model, opt, guard
+    del model, opt, guard, closure  # the closure's default holds the DDP model
     _finish()
     return out
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,32 @@ def test_max_over_ranks_makes_every_non_finite_inf(one_rank_group: None) -> None
     got = max_over_ranks(torch.tensor([1.0, math.nan, -math.inf], dtype=torch.bfloat16), None)
     assert got.dtype == torch.float32
     assert got.tolist() == [1.0, math.inf, math.inf]  # -inf too: any non-finite is inf
+
+
+def test_shutdown_warns_while_a_ddp_model_is_still_referenced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A DDP model freed after its process group can hang its rank (the reducer's
+    destructor); shutdown names the hazard when one is alive, and is quiet once it is gone.
+    The group's destruction is deferred here so that this test never creates the hazard."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = nn.parallel.DistributedDataParallel(nn.Linear(4, 4))
+        destroyed: list[bool] = []
+        monkeypatch.setattr(dist, "destroy_process_group", lambda: destroyed.append(True))
+        with pytest.warns(RuntimeWarning, match="1 DistributedDataParallel model"):
+            fd.shutdown()
+        assert destroyed == [True]  # it warns, and still tears the group down
+        del model
+        monkeypatch.undo()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fd.shutdown()
+        assert not dist.is_initialized()
+    finally:
+        monkeypatch.undo()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_distributed_loss_scaler_from_config() -> None:

@@ -14,13 +14,6 @@ from fp8train.testing import assert_bitwise_equal
 FAULT_STEP = 6
 
 
-# Known bug (issue 32, open): about one run in twelve, one rank hangs in a collective
-# past the harness's deadline (seen on ddp with the ladder). Until it is found, any
-# failure here is reported as expected (xfail), so this test guards nothing by itself:
-# the reports' xpass count shows it still passing.
-@pytest.mark.xfail(
-    raises=AssertionError, strict=False, reason="intermittent rank hang, issue 32 (open)"
-)
 @pytest.mark.parametrize("ladder", [None, ["rowwise", "high"]])
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_ranks_demote_the_same_layer_when_only_one_rank_sees_the_fault(

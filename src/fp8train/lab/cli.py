@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import sys
@@ -394,12 +393,11 @@ def _join_process_group(config: LabConfig, out: Path | None, resume: bool) -> Pa
 
 def _leave_process_group() -> None:
     """Destroy the process group, if this process joined one (after the models are gone:
-    a DDP reducer that outlives its group can hang at exit)."""
+    a DDP reducer that outlives its group can hang at exit; shutdown warns if one is left)."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_initialized():
         from fp8train import distributed as fd
 
-        gc.collect()
         fd.shutdown()
 
 
