@@ -3,6 +3,7 @@ bit for bit on CPU: losses, final weights and optimiser state."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,34 @@ def test_resume_refuses_a_changed_config(run_cli, text_dir: Path, tmp_path: Path
     # the same command again, plus --resume, continues
     assert run_cli(*base, "--out", str(out), "--resume") == 0
     assert read_results(out)["runs"]["bf16"]["curves"]["train_step"][-1] == 6
+
+
+def test_a_resume_may_add_precisions_and_seeds(
+    run_cli, text_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """A finished comparison grown by a resume (a control row, more seeds) trains only
+    the new runs, leaves the old ones as they were, and ends where a comparison of the
+    grown set from scratch ends; dropping a precision or a seed is refused."""
+    base = ["compare", "--preset", "tiny", "--data", str(text_dir), "--kernels", "eager"]
+    grown = tmp_path / "grown"
+    assert run_cli(*base, "--precisions", "bf16", "--out", str(grown)) == 0
+    first = grown / "checkpoints" / "bf16-seed0.pt"
+    written = first.stat().st_mtime_ns
+    more = ["--precisions", "bf16,fp32", "--seeds", "2"]
+    assert run_cli("compare", "--resume", "--out", str(grown), *more) == 0
+    assert first.stat().st_mtime_ns == written  # the finished run was not trained again
+    saved = json.loads((grown / "config.json").read_text())["config"]
+    assert (saved["precisions"], saved["seeds"]) == (["bf16", "fp32"], 2)
+    scratch = tmp_path / "scratch"
+    assert run_cli(*base, *more, "--out", str(scratch)) == 0
+    a, b = read_results(grown)["runs"], read_results(scratch)["runs"]
+    assert a.keys() == b.keys() == {"bf16", "fp32"}
+    for p in a:
+        assert [(r["seed"], r["final_val_loss"], r["curves"]) for r in a[p]["per_seed"]] == [
+            (r["seed"], r["final_val_loss"], r["curves"]) for r in b[p]["per_seed"]
+        ], p
+    # Growing is the only change a resume accepts in these two fields.
+    for fewer in (["--precisions", "fp32"], ["--seeds", "1"]):
+        assert run_cli("compare", "--resume", "--out", str(grown), *fewer) == 2
+        assert "may add precisions or seeds, not drop them" in capsys.readouterr().err
+    assert run_cli("compare", "--resume", "--out", str(grown)) == 0  # the grown config

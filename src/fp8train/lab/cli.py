@@ -22,7 +22,7 @@ import textwrap
 import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -30,6 +30,7 @@ from fp8train.lab import plan as plan_cli
 from fp8train.lab.config import (
     FP4_RECIPES,
     PRECISIONS,
+    RUN_SET_FIELDS,
     TASKS,
     LabConfig,
     LabError,
@@ -334,12 +335,28 @@ def _config_for_resume(out: Path, args: argparse.Namespace, overrides: dict[str,
         overrides["task"] = args.task
     if args.preset is not None:  # the whole preset must match, not just the options given
         overrides = asdict(_fresh_config(args, overrides, config.task))
+    extended: dict[str, Any] = {}
     for key, value in overrides.items():
-        if getattr(config, key) != value:
+        saved_value = getattr(config, key)
+        if saved_value == value:
+            continue
+        # A comparison may grow: more precisions (every saved one kept) or more seeds.
+        grows = (key == "precisions" and set(saved_value) <= set(value)) or (
+            key == "seeds" and value > saved_value
+        )
+        if grows:
+            extended[key] = value
+        else:
+            grow = ""
+            if key in RUN_SET_FIELDS:
+                grow = " (a resume may add precisions or seeds, not drop them)"
             raise LabError(
-                f"--resume continues {out} as configured; {key} is {getattr(config, key)!r} "
-                f"there, not {value!r} (drop the option or start a new run)"
+                f"--resume continues {out} as configured; {key} is {saved_value!r} "
+                f"there, not {value!r}{grow} (drop the option or start a new run)"
             )
+    if extended:
+        config = replace(config, **extended)
+        config.validate()
     return config
 
 

@@ -31,7 +31,7 @@ import torch
 from fp8train import distributed as fd
 from fp8train.checkpoint import atomic_write_bytes
 from fp8train.lab import train as lab_train
-from fp8train.lab.config import LabConfig, LabError
+from fp8train.lab.config import LabConfig, LabError, from_dict, trains_alike
 from fp8train.lab.data import load_corpus, load_digits
 from fp8train.lab.verdicts import CLAIM_SE, verdict
 from fp8train.matmul import bf16_gemm_is_native
@@ -175,6 +175,12 @@ def run_all(
     if distributed:
         torch.distributed.barrier()  # every rank has checked config.json before it is written
     main = fd.is_main()
+    if resume and from_dict(saved["config"]) != config:
+        # Grown by the resume (more precisions or seeds): later resumes continue this one.
+        if not trains_alike(from_dict(saved["config"]), config):
+            raise LabError(f"--resume: {out} was made with another config")
+        if main:
+            _write_json(config_path, {**saved, "config": asdict(config)})
     if not resume:
         # The check above is early, not atomic: two runs started together both pass it.
         # The claim decides which one writes here; the other has written nothing.

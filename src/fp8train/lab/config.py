@@ -526,6 +526,16 @@ def guarded(precision: str) -> bool:
     return precision.endswith(GUARD_SUFFIX)
 
 
+# Fields that choose which runs a comparison holds, not how any one of them trains: a
+# resumed comparison may add precisions or seeds (each run's checkpoint ignores them).
+RUN_SET_FIELDS = ("precisions", "seeds")
+
+
+def trains_alike(a: LabConfig, b: LabConfig) -> bool:
+    """Whether a run of ``a`` and the same precision and seed of ``b`` train identically."""
+    return dataclasses.replace(a, precisions=b.precisions, seeds=b.seeds) == b
+
+
 def from_dict(values: dict[str, Any]) -> LabConfig:
     """Rebuild a saved config (JSON turns tuples into lists)."""
     fields = {f.name for f in dataclasses.fields(LabConfig)}

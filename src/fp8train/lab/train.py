@@ -64,6 +64,7 @@ from fp8train.lab.config import (
     recipe_for,
     recipe_of,
     stores_fp8_activations,
+    trains_alike,
     uses_fp8_optimizer,
 )
 from fp8train.lab.data import Corpus, Digits, eval_windows, sample_windows
@@ -349,7 +350,7 @@ def train_run(
     def same_run(state: dict[str, Any]) -> None:
         if (state["precision"], state["seed"]) != (precision, seed):
             raise LabError(f"checkpoint {checkpoint} is for another run; remove it to restart")
-        if from_dict(state["config"]) != config:
+        if not trains_alike(from_dict(state["config"]), config):
             raise LabError(f"checkpoint {checkpoint} was made with another config")
 
     state = world.load(checkpoint, model, optimizer, scaler, same_run)
