@@ -645,20 +645,31 @@ def _demote(model: nn.Module, demotions: dict[str, str]) -> None:
 
 
 def fsdp2_demoted_fp8_all_gather(
-    recipe: str, steps_before: int, steps_after: int, demotions: dict[str, str]
+    recipe: str,
+    steps_before: int,
+    steps_after: int,
+    demotions: dict[str, str],
+    demoted_weight_factor: float = 1.0,
 ) -> dict[str, Any]:
     """FSDP2 with the FP8 all-gather; after ``steps_before`` steps every rank demotes the
-    same layers (``demotions``), then trains ``steps_after`` more. Returns the global
-    losses, the full parameters and, per layer, whether each forward GEMM after the
-    demotion multiplied the gathered FP8 payload."""
+    same layers (``demotions``) and multiplies their weights by ``demoted_weight_factor``,
+    then trains ``steps_after`` more. Returns the global losses, the full parameters,
+    per layer whether each forward GEMM after the demotion multiplied the gathered FP8
+    payload, and for each demoted layer its full weight at the demotion and the payload
+    and scale its first forward after it multiplied."""
     info = fd.init_from_env(timeout_s=30)
     net = make_model(recipe)
     used: dict[str, list[bool]] = {}
+    first: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    demoted_now = {"yes": False}
 
     def observe(state: Any, role: str, t: torch.Tensor, qt: ScaledTensor | None) -> None:
         if role == "weight" and not _in_backward_pass():
             fp8 = isinstance(t, fd.Fp8GatheredWeight) and t.fp8_gathered is not None
             used.setdefault(state.name, []).append(fp8 and qt is t.fp8_gathered)
+            after = demoted_now["yes"] and state.name in demotions
+            if after and state.name not in first and qt is not None:
+                first[state.name] = (qt.data.clone(), qt.scale.clone())
 
     for _, layer in fp8_layers(net):
         layer.fp8_state.observer = observe
@@ -666,11 +677,20 @@ def fsdp2_demoted_fp8_all_gather(
     opt = make_optimizer(model)
     losses = _train(model, opt, range(steps_before), info)
     _demote(model, demotions)
+    at_demotion = {}
+    for name in demotions:
+        weight = unwrap(model).get_submodule(name).weight
+        with torch.no_grad():
+            weight.mul_(demoted_weight_factor)  # each rank its shard
+        at_demotion[name] = weight.full_tensor().detach().clone()
     used.clear()
+    demoted_now["yes"] = True
     losses += _train(model, opt, range(steps_before, steps_before + steps_after), info)
     out = {
         "losses": losses,
         "used_gathered": used,
+        "weights_at_demotion": at_demotion,
+        "first_after_demotion": first,
         "params": {k: v.full_tensor().detach().clone() for k, v in model.state_dict().items()},
     }
     del model, opt

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import dist_workers as w
@@ -9,6 +10,7 @@ import pytest
 import torch
 from dist_harness import run_ranks
 
+from fp8train import Recipe, quantize
 from fp8train.testing import assert_bitwise_equal
 
 FAULT_STEP = 6
@@ -59,3 +61,31 @@ def test_fsdp2_fp8_all_gather_follows_a_demotion(tmp_path: Path) -> None:
         assert used["blocks.0.fc1"] and not any(used["blocks.0.fc1"])  # rowwise: its own cast
         assert "head" not in used  # high precision: nothing quantised
         assert used["blocks.1.fc1"] and all(used["blocks.1.fc1"])  # undemoted: the FP8 gather
+
+
+def test_fsdp2_fp8_all_gather_serves_a_demotion_to_a_recipe_it_gathers(tmp_path: Path) -> None:
+    """delayed -> tensorwise (a ladder's first rung) keeps the FP8 all-gather, now with the
+    new recipe's scale: the current amax of the full weight, not the delayed history. The
+    demoted weight is shrunk 4x at the demotion, so the history's scale (from the larger
+    amaxes before) would be 4x too small: the payload and scale the first forward after
+    the demotion multiplies must be ``quantize(full weight)`` with tensorwise's spec."""
+    name = "blocks.0.fc1"
+    kw = {
+        "recipe": "delayed",
+        "steps_before": 3,
+        "steps_after": 2,
+        "demotions": {name: "tensorwise"},
+        "demoted_weight_factor": 0.25,
+    }
+    r0, r1 = (r.value for r in run_ranks("fsdp2_demoted_fp8_all_gather", tmp_path, **kw))
+    assert r0["losses"] == r1["losses"]
+    assert all(math.isfinite(v) for v in r0["losses"])
+    for k, v in r0["params"].items():
+        assert_bitwise_equal(v, r1["params"][k], k)
+    spec = Recipe.from_name("tensorwise").weight
+    for r in (r0, r1):
+        assert r["used_gathered"][name] and all(r["used_gathered"][name])  # still FP8
+        data, scale = r["first_after_demotion"][name]
+        q = quantize(r["weights_at_demotion"][name], spec)
+        assert_bitwise_equal(data, q.data, f"{name} gathered payload")
+        assert_bitwise_equal(scale, q.scale, f"{name} gathered scale")

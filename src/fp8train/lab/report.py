@@ -186,20 +186,23 @@ def _mark_guard_actions(ax: Any, runs: dict[str, Any]) -> None:
     taken (every seed's; the first seed's labelled): a train loss that spikes on the
     batch that triggered the guard would carry a mark on the curve off the chart."""
     foot = ax.get_xaxis_transform()  # x in steps, y in axes fractions
-    for precision, run in runs.items():
-        events = _guard_events(run)
-        if not events:
-            continue
+    guarded_runs = [(p, events) for p, r in runs.items() if (events := _guard_events(r))]
+    for k, (precision, events) in enumerate(guarded_runs):
         first_seed = events[0][0]
+        # Two guarded runs often act at the same step: the k-th one's triangles sit one
+        # row higher and its labels one text height to the right.
+        y = 0.015 + 0.03 * k
         for seed, e in events:
             # Events count steps from 0 (the step's index); the curves from 1.
             x = e["step"] + 1
-            ax.plot([x], [0.015], marker="^", ms=6, color=_color(precision), ls="", transform=foot)
+            ax.plot([x], [y], marker="^", ms=6, color=_color(precision), ls="", transform=foot)
             if seed == first_seed:
                 ax.annotate(
                     _event_label(e),
-                    (x, 0.04),
+                    (x, 0.04 + 0.03 * (len(guarded_runs) - 1)),
                     xycoords=foot,
+                    xytext=(8 * k, 0),
+                    textcoords="offset points",
                     fontsize=6.5,
                     color=_color(precision),
                     rotation=90,
