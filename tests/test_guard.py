@@ -227,3 +227,40 @@ def test_rollback_with_a_loss_scaler_and_clipping() -> None:
     # The first snapshot falls on step 4 (start=1): the rollback goes back to step 12's.
     assert [(e["action"], e.get("to_step")) for e in guard.events] == [("rollback", 12)]
     assert guard.demoted == ["2"]
+
+
+def test_state_dict_round_trip_and_malformed_states_are_refused() -> None:
+    """What the triggers learnt (windows, GEMM baselines, amax evidence) survives a
+    round trip through torch.save (weights_only); a state of another step, or a
+    malformed one, is refused before the guard changes."""
+    import io
+
+    model = make_model()
+    with Guard(model, _adam(model), thresholds=TH, policy="demote", every=2) as g:
+        train(g, Batches(), 12)
+    state = g.state_dict()
+    assert state["step_count"] == 12
+    assert len(state["scalars"]["losses"]) == 12 and state["baselines"] and state["evidence"]
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    with Guard(model, _adam(model), thresholds=TH, policy="demote", every=2, start=12) as h:
+        h.load_state_dict(loaded)
+        assert h.state_dict() == state
+        for layer, gemm, *_ in state["baselines"]:  # the evidence a diagnosis quotes
+            assert g._baselines.describe((layer, gemm)) == h._baselines.describe((layer, gemm))
+        before = h.state_dict()
+        bad = [
+            ({**state, "step_count": 11}, "of step 11, this guard is at step 12"),
+            ({**state, "format": 99}, "format 1"),
+            ({**state, "scalars": {"losses": [1.0, float("nan")], "norms": []}}, "losses"),
+            ({**state, "scalars": None}, "losses window is malformed"),
+            ({**state, "baselines": [["0", "output", 3]]}, "GEMM baseline 0 is malformed"),
+            ({**state, "baselines": {"a": 1}}, "GEMM baselines are malformed"),
+            ({**state, "evidence": [["0", "input", [[1, 2.0]]]]}, "amax evidence"),
+        ]
+        for wrong, fragment in bad:
+            with pytest.raises(ValueError, match=fragment):
+                h.load_state_dict(wrong)
+            assert h.state_dict() == before, fragment

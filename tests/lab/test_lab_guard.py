@@ -173,3 +173,28 @@ def test_an_unknown_stress_layer_is_refused_with_the_layers_named(
     err = capsys.readouterr().err
     assert "'blocks.9.fc' is not a Linear layer of the model" in err
     assert "blocks.0.mlp.proj" in err
+
+
+@pytest.mark.filterwarnings("ignore::fp8train.autograd.AmaxJumpWarning")
+def test_a_resumed_guard_keeps_what_its_triggers_learnt(
+    run_cli: Any, text_dir: Path, tmp_path: Path
+) -> None:
+    """The loss and gradient-norm triggers judge only after 16 steps of history: a guard
+    resumed at step 18 with fresh windows would let the outlier of step 20 through.
+    From the checkpoint's guard state it acts as the uninterrupted run does, bit for bit."""
+    extra = ("--steps", "22", "--stress", "outlier:head:20:1e6")
+    precisions = "bf16+guard,tensorwise+guard"
+    full = _compare(run_cli, text_dir, tmp_path / "full", precisions, *extra)
+    split = tmp_path / "split"
+    args = ["compare", "--preset", "tiny", "--data", str(text_dir), "--kernels", "eager"]
+    args += ["--precisions", precisions, "--out", str(split), *extra]
+    assert run_cli(*args, "--stop-at", "18") == 0
+    assert run_cli("compare", "--resume", "--out", str(split)) == 0
+    resumed = read_results(split)
+    for p in precisions.split(","):
+        a, b = full["runs"][p]["per_seed"][0], resumed["runs"][p]["per_seed"][0]
+        steps = [e["step"] for e in a["guard"]["events"]]
+        assert 19 in steps, f"{p}: the outlier after the resume point must trigger ({steps})"
+        assert b["guard"]["events"] == a["guard"]["events"], p
+        assert b["curves"]["train_loss"] == a["curves"]["train_loss"], p
+        assert b["final_val_loss"] == a["final_val_loss"], p

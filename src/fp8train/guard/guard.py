@@ -54,6 +54,12 @@ DEFAULT_GUARD_EVERY = 100
 # autocast), nothing quantised (LayerState.high_precision).
 HIGH_PRECISION = "high"
 
+# Bumped when Guard.state_dict() changes shape.
+_STATE_FORMAT = 1
+
+# Observed steps of amax evidence kept per (layer, role) for a diagnosis.
+_EVIDENCE_LEN = 16
+
 # Actions by severity: agree() takes the max over ranks, so every rank takes the most
 # severe action any rank chose.
 _ACTIONS = ("step", "warn", "skip", "demote", "rollback")
@@ -331,6 +337,55 @@ class Guard:
             self.monitor.close()
         self._closed = True
 
+    # ------------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """What the triggers have learnt, for a checkpoint: the loss and gradient-norm
+        windows, each GEMM's error baseline and the amax evidence, at :attr:`step_count`
+        (plain Python values). Demotions are not here: they are recipe state
+        (``fp8train.recipe_state_dict``). Not kept: :attr:`events`, :attr:`diagnoses`
+        (they are in the health log) and a rollback snapshot (a resumed guard takes one
+        when its first step is due one)."""
+        return {
+            "format": _STATE_FORMAT,
+            "step_count": self.step_count,
+            "scalars": self._scalars.state_dict(),
+            "baselines": self._baselines.state_dict(),
+            "evidence": [
+                [layer, role, [list(h) for h in hist]]
+                for (layer, role), hist in self._history.items()
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict` of a guard at the same step (``start=``).
+        ``ValueError`` before any change when it is of another step or malformed."""
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ValueError(
+                f"guard state: expected a dict of format {_STATE_FORMAT}, got "
+                f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r}"
+            )
+        if state.get("step_count") != self.step_count:
+            raise ValueError(
+                f"guard state is of step {state.get('step_count')!r}, this guard is at step "
+                f"{self.step_count} (pass start= the step the run resumes at)"
+            )
+        scalars = ScalarTriggers(self.thresholds)
+        baselines = GemmBaselines(self.thresholds)
+        scalars.load_state_dict(state.get("scalars"))  # type: ignore[arg-type]
+        baselines.load_state_dict(state.get("baselines", []))
+        evidence: dict[tuple[str, str], deque[tuple[int, float, float]]] = {}
+        entries = state.get("evidence", [])
+        if not isinstance(entries, list):
+            raise ValueError(f"guard state: amax evidence is malformed: {entries!r}")
+        for entry in entries:
+            try:
+                layer, role, hist = entry
+                rows = [(int(st), float(amax), float(scale)) for st, amax, scale in hist]
+            except (TypeError, ValueError):
+                raise ValueError(f"guard state: amax evidence is malformed: {entry!r}") from None
+            evidence[(str(layer), str(role))] = deque(rows, maxlen=_EVIDENCE_LEN)
+        self._scalars, self._baselines, self._history = scalars, baselines, evidence
+
     @property
     def demoted(self) -> list[str]:
         """The demoted FP8 layers, in model order (:attr:`demotions` says to what)."""
@@ -493,7 +548,7 @@ class Guard:
     def _note_history(self, s: int) -> None:
         for key, st in self.monitor.step_stats.items():
             if st.calls > st.nonfinite_calls:
-                hist = self._history.setdefault(key, deque(maxlen=16))
+                hist = self._history.setdefault(key, deque(maxlen=_EVIDENCE_LEN))
                 hist.append((s, st.amax, st.scale_min))
 
     def _monitor_step(self, loss: float, norm: float, skipped: bool = False) -> None:

@@ -120,6 +120,34 @@ class GemmBaselines:
             b.count += 1
             b.recent.append((step, err))
 
+    def state_dict(self) -> list[list[Any]]:
+        """``[layer, gemm, count, mean, spread, recent]`` per baseline (plain Python)."""
+        return [
+            [*key, b.count, b.mean, b.spread, [list(r) for r in b.recent]]
+            for key, b in self._b.items()
+        ]
+
+    def load_state_dict(self, state: list[list[Any]]) -> None:
+        """Replace the baselines with ``state`` (from :meth:`state_dict`); ``ValueError``
+        naming the entry, before any change, if one is malformed."""
+        if not isinstance(state, list):
+            raise ValueError(f"guard state: the GEMM baselines are malformed: {state!r}")
+        loaded: dict[tuple[str, str], _Baseline] = {}
+        for i, entry in enumerate(state):
+            try:
+                layer, gemm, count, mean, spread, recent = entry
+                b = _Baseline()
+                b.count, b.mean, b.spread = int(count), float(mean), float(spread)
+                b.recent.extend((int(st), float(err)) for st, err in recent)
+                ok = isinstance(layer, str) and isinstance(gemm, str) and b.count >= 0
+                ok = ok and math.isfinite(b.mean) and math.isfinite(b.spread) and b.spread >= 0
+            except (TypeError, ValueError):
+                ok = False
+            if not ok:
+                raise ValueError(f"guard state: GEMM baseline {i} is malformed: {entry!r}")
+            loaded[(layer, gemm)] = b
+        self._b = loaded
+
     def describe(self, key: tuple[str, str]) -> dict[str, Any]:
         """The baseline of ``key`` as evidence: typical error, spread factor, count and
         the latest observations."""
@@ -175,6 +203,26 @@ class ScalarTriggers:
                     )
                 )
         return out
+
+    def state_dict(self) -> dict[str, list[float]]:
+        """The windows of recent losses and gradient norms."""
+        return {"losses": list(self.losses), "norms": list(self.norms)}
+
+    def load_state_dict(self, state: dict[str, list[float]]) -> None:
+        """Replace the windows with ``state`` (from :meth:`state_dict`); ``ValueError``,
+        before any change, unless each is a list of finite floats."""
+        windows = {}
+        for name in ("losses", "norms"):
+            values = state.get(name) if isinstance(state, dict) else None
+            try:
+                floats = [float(v) for v in values]  # type: ignore[union-attr]
+            except (TypeError, ValueError):
+                floats = [math.nan]
+            if not all(math.isfinite(v) for v in floats):
+                raise ValueError(f"guard state: the {name} window is malformed: {values!r}")
+            windows[name] = floats
+        self.losses = deque(windows["losses"], maxlen=self.thresholds.window)
+        self.norms = deque(windows["norms"], maxlen=self.thresholds.window)
 
     def end_step(self, loss: float, grad_norm: float | None) -> None:
         """A healthy step's values join the windows."""

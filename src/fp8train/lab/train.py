@@ -372,6 +372,11 @@ def train_run(
 
     monitor = _start_monitor(net, precision, seed, config, checkpoint, step, world)
     guard = _start_guard(net, precision, config, optimizer, scaler, monitor, data_gen, step)
+    if guard is not None and state is not None and "guard" in state:
+        try:  # what its triggers had learnt (checkpoints from before it start afresh)
+            guard.load_state_dict(state["guard"])
+        except ValueError as e:
+            raise LabError(f"checkpoint {checkpoint}: {e}") from None
     events_seen = 0  # guard.events already in the history
     # "<recipe>+fp8act": the model's saved activations go to FP8 (the loss stays outside).
     storage = None
@@ -480,7 +485,7 @@ def train_run(
         if step % config.ckpt_every == 0 or step == config.steps or step == stop_at:
             world.save(
                 checkpoint,
-                _run_state(precision, seed, config, step, data_gen, history),
+                _run_state(precision, seed, config, step, data_gen, history, guard),
                 model,
                 optimizer,
                 scaler,
@@ -531,9 +536,12 @@ def _run_state(
     step: int,
     data_gen: torch.Generator,
     history: dict[str, Any],
+    guard: fp8train.Guard | None,
 ) -> dict[str, Any]:
     """A checkpoint's run state: everything but the model, optimiser and scaler."""
+    guard_state = {} if guard is None else {"guard": guard.state_dict()}
     return {
+        **guard_state,
         "format": CHECKPOINT_FORMAT,
         "precision": precision,
         "seed": seed,
@@ -574,8 +582,8 @@ def _start_guard(
     """The ``fp8train.Guard`` of a "+guard" precision (None otherwise), on the run's
     monitor (its observed steps feed the GEMM baselines); fp32 and bf16, which have no
     monitor, get the guard's own (nothing to observe: their guard can only skip). A
-    resumed run's guard starts with fresh baselines; its demotions come back with the
-    recipe state."""
+    resumed run's guard loads what its triggers had learnt from the checkpoint; its
+    demotions come back with the recipe state."""
     if not guarded(precision):
         return None
     if monitor is None and recipe_of(precision) is not None:
