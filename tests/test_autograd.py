@@ -127,6 +127,7 @@ class FakeHooks:
 
     factor: float = 1.0
     gather: tuple[ScaledTensor, torch.Tensor] | None = None
+    stream_rank: int = 0
     reduced: list[torch.Tensor] = field(default_factory=list)
     asked: list[torch.Tensor] = field(default_factory=list)
 
@@ -143,6 +144,23 @@ class FakeHooks:
 def test_fake_hooks_meet_the_protocol() -> None:
     hooks: DistributedHooks = FakeHooks()  # mypy checks the structural match
     assert hooks.gathered(torch.zeros(1)) is None
+
+
+def test_each_rank_draws_its_own_random_streams() -> None:
+    """nvfp4 rounds dy stochastically and signs its Hadamard transform from the layer's
+    streams: rank 0 of a data-parallel group draws the single process's numbers, rank 1
+    others (ranks quantising different rows must not repeat each other's draws)."""
+    x, dy = _data()
+    alone = _step(_layer("nvfp4"), x, dy)
+    grads = {}
+    for rank in (0, 1):
+        layer = _layer("nvfp4")
+        layer.fp8_state.distributed = FakeHooks(stream_rank=rank)
+        grads[rank] = _step(layer, x, dy)
+    for got, want in zip(grads[0], alone, strict=True):
+        assert_bitwise_equal(got, want, "rank 0")
+    assert torch.equal(grads[1][0], alone[0])  # the forward draws nothing
+    assert not torch.equal(grads[1][1], alone[1]) and not torch.equal(grads[1][2], alone[2])
 
 
 def test_reduce_amax_feeds_the_delayed_histories() -> None:

@@ -140,6 +140,12 @@ class DistributedHooks(Protocol):
         has an amax history, before its amax is checked and recorded."""
         ...
 
+    @property
+    def stream_rank(self) -> int:
+        """This rank's index in the group, folded into the layer's random streams so that
+        the ranks' stochastic rounding and Hadamard signs are independent draws."""
+        ...
+
     def gathered(self, weight: torch.Tensor) -> tuple[ScaledTensor, torch.Tensor] | None:
         """``(quantised weight, the amax its scales came from)`` if FSDP2 already
         all-gathered ``weight`` in FP8 (cast with ``recipe.weight``, its delayed history
@@ -233,8 +239,12 @@ class LayerState:
     def generator(self, role: str, step: int, device: torch.device) -> torch.Generator:
         """The random stream of ``role`` in backward number ``step``: a generator on
         ``device`` seeded from (layer name, role, step), independent of torch's global
-        random state and of every other layer, role and step."""
-        seed = zlib.crc32(f"{self.name}\0{role}\0{step}".encode())
+        random state and of every other layer, role and step. Under a data-parallel
+        wrapper the rank joins the seed (rank 0 keeps the single process's streams), so
+        that ranks quantising different rows do not repeat each other's draws."""
+        rank = self.distributed.stream_rank if self.distributed is not None else 0
+        key = f"{self.name}\0{role}\0{step}" + (f"\0rank {rank}" if rank else "")
+        seed = zlib.crc32(key.encode())
         return torch.Generator(device=device).manual_seed(seed)
 
     @classmethod

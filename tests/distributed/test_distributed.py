@@ -52,9 +52,9 @@ STEPS = 4
 DELAYED_RTOL = 1e-5
 # nvfp4 quantises each rank's shard of the activations and gradients on its own: the
 # per-tensor fp32 scale of its two-level scaling comes from the shard's amax, and the
-# stochastic rounding of dy and the wgrad Hadamard signs draw a stream over the shard's
-# rows (docs/fp4.md, limits), so its losses move off the single process's by FP4's
-# rounding noise: under 1% in these 4 steps.
+# stochastic rounding of dy and the wgrad Hadamard signs draw each rank's own stream over
+# its rows (docs/fp4.md), so its losses move off the single process's by FP4's rounding
+# noise: under 1% in these 4 steps.
 SHARD_LOCAL_RECIPES = ("nvfp4",)
 SHARD_LOCAL_RTOL = 1e-2
 # FP8 payload: 1 byte per weight element against bf16's 2, plus the bf16 biases and

@@ -42,6 +42,11 @@ class Fp8LayerHooks:
             return amax
         return max_over_ranks(amax, self.group)
 
+    @property
+    def stream_rank(self) -> int:
+        """This process's rank in the group: its random streams differ from the others'."""
+        return dist.get_rank(self.group)
+
     def gathered(self, weight: torch.Tensor) -> tuple[ScaledTensor, torch.Tensor] | None:
         """``(quantised weight, amax its scales came from)`` if FSDP2 all-gathered
         ``weight`` in FP8 (an :class:`Fp8GatheredWeight`), else None.
