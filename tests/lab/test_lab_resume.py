@@ -153,3 +153,22 @@ def test_a_resume_may_add_precisions_and_seeds(
         assert run_cli("compare", "--resume", "--out", str(grown), *fewer) == 2
         assert "may add precisions or seeds, not drop them" in capsys.readouterr().err
     assert run_cli("compare", "--resume", "--out", str(grown)) == 0  # the grown config
+
+
+def test_a_resumed_report_says_whose_times_it_shows(
+    run_cli, text_dir: Path, tmp_path: Path
+) -> None:
+    """A report written by the process that resumed a comparison does not present its
+    own few seconds and load as those of the training: it counts the runs that earlier
+    processes trained and gives the load their sessions recorded."""
+    run_split(run_cli, text_dir, tmp_path / "full", "fp32,bf16", None)
+    run_split(run_cli, text_dir, tmp_path / "split", "fp32,bf16", 3)
+    full, split = read_results(tmp_path / "full"), read_results(tmp_path / "split")
+    assert full["runs_trained_elsewhere"] == 0
+    assert split["runs_trained_elsewhere"] == 2  # both trained steps 1-3 before the stop
+    low, high = split["training_load_1m"]  # two sessions per run, both recorded
+    assert 0 <= low <= high
+    assert " s in all" in (tmp_path / "full" / "report.md").read_text()
+    report = (tmp_path / "split" / "report.md").read_text()
+    assert "which resumed the comparison: 2 of 2 runs were trained" in report
+    assert "1-minute load average" in report and " s in all" not in report

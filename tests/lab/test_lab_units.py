@@ -210,3 +210,16 @@ def test_summarize_pairs_gaps_by_seed() -> None:
     assert fp32["curves"]["val_loss"] == pytest.approx([5.0, 2.525])
     assert out["noise_floor"]["fp32_vs_bf16_gap_pct"] == pytest.approx(1.0)
     assert not math.isnan(fp32["step_time_vs_bf16"])
+
+
+def test_every_named_precision_has_a_colour_of_its_own() -> None:
+    """The curves tell runs apart by colour: the default precisions, the FP4 recipes, the
+    torchao peers and every ablation of a recipe each get their own (none falls back to
+    the shared grey of an unknown name), a "+fp8act" variant its recipe's."""
+    from fp8train.lab.report import _color
+
+    names = [*config.PRECISIONS, *config.FP4_RECIPES, *config.PEER_PRECISIONS]
+    names += [f"nvfp4~{a}" for a in config.ABLATIONS]
+    colours = [_color(p) for p in names]
+    assert len(set(colours)) == len(colours), dict(zip(names, colours, strict=True))
+    assert _color("tensorwise+fp8act") == _color("tensorwise")

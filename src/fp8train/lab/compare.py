@@ -56,13 +56,6 @@ def versions() -> dict[str, Any]:
     }
 
 
-def _loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):  # not on every platform
-        return None
-
-
 def _finite(x: float | None) -> float | None:
     """JSON has no NaN: a diverged number is written as null."""
     return x if x is not None and math.isfinite(x) else None
@@ -117,6 +110,20 @@ def claim_out_dir(out: Path) -> None:
         raise LabError(
             f"{out} already holds a run; add --resume to continue it, or pick another --out"
         )
+
+
+def _load_range(records: dict[str, list[dict[str, Any]]]) -> list[float] | None:
+    """The lowest and highest 1-minute load average any run's training sessions
+    recorded (at their starts and ends), or None when none did."""
+    loads = [
+        x
+        for rs in records.values()
+        for r in rs
+        for session in r["sessions"]
+        for x in (session["load_1m_start"], session["load_1m_end"])
+        if x is not None
+    ]
+    return [min(loads), max(loads)] if loads else None
 
 
 def run_all(
@@ -203,7 +210,7 @@ def run_all(
             raise LabError(problem)
 
     started = time.perf_counter()
-    load_start = _loadavg()
+    load_start = lab_train.loadavg_1m()
     records: dict[str, list[dict[str, Any]]] = {p: [] for p in config.precisions}
     columns = (
         TextColumn("{task.description:<22}"),
@@ -251,7 +258,13 @@ def run_all(
         wall_time_s=time.perf_counter() - started,
         # Step times on a shared machine are only as good as its idleness: the 1-minute
         # load average (runnable processes) before and after, to read them against.
-        machine_load={"loadavg_1m_start": load_start, "loadavg_1m_end": _loadavg()},
+        machine_load={"loadavg_1m_start": load_start, "loadavg_1m_end": lab_train.loadavg_1m()},
+        # Runs resumed from another process's checkpoints: their step times were measured
+        # there, under the load their sessions recorded (not this process's).
+        runs_trained_elsewhere=sum(
+            r["steps_this_process"] < r["steps_done"] for rs in records.values() for r in rs
+        ),
+        training_load_1m=_load_range(records),
         distributed=None
         if not distributed
         else {
@@ -276,6 +289,8 @@ def run_all(
         "seeds",
         "wall_time_s",
         "machine_load",
+        "runs_trained_elsewhere",
+        "training_load_1m",
         "distributed",
         "noise_floor",
         "runs",

@@ -13,6 +13,8 @@ from typing import Any
 
 from fp8train.checkpoint import atomic_write_bytes, unique_tmp_path
 from fp8train.lab.config import (
+    ABLATION_SEPARATOR,
+    ABLATIONS,
     PRECISIONS,
     LabError,
     guarded,
@@ -45,26 +47,60 @@ def require_plotting() -> None:
         raise LabError("the lab needs rich and matplotlib: pip install 'fp8train[lab]'") from None
 
 
+# One fixed colour per precision, so reports compare at a glance: the default precisions
+# (in their order), then the FP4 recipes and the torchao peers; a guarded run takes one
+# of the last three; an ablation ("<recipe>~<name>") the colour of its ablation's name.
+_PALETTE = [
+    "#000000",
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+]
+_MORE_BASES = {
+    "mxfp4": "#637939",
+    "nvfp4": "#7b4173",
+    "torchao-tensorwise": "#843c39",
+    "torchao-rowwise": "#393b79",
+}
+_ABLATION_PALETTE = [  # as many as ABLATIONS has names: no two ablations share one
+    "#3182bd",
+    "#e6550d",
+    "#31a354",
+    "#756bb1",
+    "#d6616b",
+    "#8c6d31",
+    "#de9ed6",
+    "#636363",
+    "#9ecae1",
+    "#fd8d3c",
+    "#74c476",
+    "#ce6dbd",
+    "#e7ba52",
+    "#6baed6",
+    "#ad494a",
+    "#a1d99b",
+]
+
+
 def _color(precision: str) -> str:
-    # One fixed colour per precision, so reports compare at a glance.
-    palette = [
-        "#000000",
-        "#1f77b4",
-        "#ff7f0e",
-        "#2ca02c",
-        "#d62728",
-        "#9467bd",
-        "#8c564b",
-        "#e377c2",
-        "#7f7f7f",
-        "#bcbd22",
-        "#17becf",
-    ]
     base = precision.split("+")[0]  # a "+fp8act" variant shares its recipe's colour
+    recipe, _, ablation = base.partition(ABLATION_SEPARATOR)
     i = PRECISIONS.index(base) if base in PRECISIONS else len(PRECISIONS)
     if guarded(precision):  # its own colour, read against its unguarded run's
-        return palette[len(PRECISIONS) + (0 if i < 2 else 1 + i % 2)]
-    return palette[i % len(palette)]
+        return _PALETTE[len(PRECISIONS) + (0 if i < 2 else 1 + i % 2)]
+    if ablation:
+        k = list(ABLATIONS).index(ablation) if ablation in ABLATIONS else len(ABLATIONS)
+        return _ABLATION_PALETTE[k % len(_ABLATION_PALETTE)]
+    if recipe in _MORE_BASES:
+        return _MORE_BASES[recipe]
+    return _PALETTE[i % len(_PALETTE)]
 
 
 def _style(precision: str) -> str:
@@ -275,6 +311,28 @@ def _load_note(results: dict[str, Any]) -> str:
     return f" (1-minute load average {start:.1f} before, {end:.1f} after)"
 
 
+def _time_note(results: dict[str, Any]) -> str:
+    """How long this took and under what load; for a comparison assembled from runs that
+    other processes trained (resumed), says that its times are theirs."""
+    wall = f"{results['wall_time_s']:.0f} s"
+    elsewhere = results.get("runs_trained_elsewhere", 0)
+    if not elsewhere:
+        return f"{wall} in all{_load_note(results)}"
+    total = sum(len(run["per_seed"]) for run in results["runs"].values())
+    span = results.get("training_load_1m")
+    loads = (
+        f"1-minute load average {span[0]:.1f} to {span[1]:.1f} across the training "
+        "sessions that recorded it"
+        if span
+        else "their load was not recorded"
+    )
+    return (
+        f"{wall} in this process{_load_note(results)}, which resumed the comparison: "
+        f"{elsewhere} of {total} runs were trained, wholly or in part, by earlier "
+        f"processes, so their step times were measured there ({loads})"
+    )
+
+
 def markdown(results: dict[str, Any]) -> str:
     """The report: context, the table, the noise floor, the picture and the verdicts."""
     cfg, ver, data = results["config"], results["versions"], results["data"]
@@ -307,8 +365,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"Seeds {', '.join(map(str, seeds))}, paired: every precision starts from the same "
             f"weights and sees the same batches. fp8train {ver['fp8train']}, torch "
             f"{ver['torch']}, Python {ver['python']}, {ver['platform']}, "
-            f"{plural(ver['cpu_count'], 'CPU')}; {results['wall_time_s']:.0f} s in all"
-            f"{_load_note(results)}."
+            f"{plural(ver['cpu_count'], 'CPU')}; {_time_note(results)}."
         ),
         "",
     ]

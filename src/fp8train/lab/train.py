@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import random
 import statistics
 import time
@@ -79,6 +80,7 @@ __all__ = [
     "digits_task",
     "fp8_all_gather_for",
     "gpt_task",
+    "loadavg_1m",
     "lr_at",
     "require_fp8_layers",
     "train_run",
@@ -387,6 +389,12 @@ def train_run(
         )
 
     session_steps = 0  # steps in this process: the first few are excluded from timing
+    # Where this process's training starts and ends, and the machine's load then: the
+    # report reads step times against it (a resumed run has several sessions).
+    load = loadavg_1m()
+    session = {"first_step": step, "last_step": step, "load_1m_start": load, "load_1m_end": load}
+    if step < config.steps and (stop_at is None or step < stop_at):
+        history.setdefault("sessions", []).append(session)
     while step < config.steps and (stop_at is None or step < stop_at):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
@@ -474,6 +482,7 @@ def train_run(
             history["saved_activation_bytes"] = meter.total
         step += 1
         session_steps += 1
+        session.update(last_step=step, load_1m_end=loadavg_1m())
         elapsed = time.perf_counter() - t0
         # Observed (monitored) steps cost more; they are left out of the step-time median.
         warm = session_steps > config.timing_warmup_steps and not observed
@@ -498,6 +507,8 @@ def train_run(
     if stress_hook is not None:
         stress_hook.remove()
     record = _record(precision, seed, step, config, history, scaler)
+    record["steps_this_process"] = session_steps
+    record["sessions"] = history.get("sessions", [])  # none in checkpoints from before
     record["converted_linears"] = f"{fp8_linears}/{len(linears)}"
     record["fp8_all_gather"] = fp8_all_gather
     if guard is not None:
@@ -704,6 +715,15 @@ def _start_monitor(
     monitor = fp8train.Monitor(net, every=config.monitor_every, jsonl=log, start=step)
     monitor.attach()
     return monitor
+
+
+def loadavg_1m() -> float | None:
+    """The machine's 1-minute load average (runnable processes), or None where the
+    platform has none."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 def _record(
