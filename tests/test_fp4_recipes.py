@@ -212,6 +212,37 @@ def test_saved_input_is_packed(name: str) -> None:
         assert ((N, K // 2), torch.uint8) in saved, "W's 16x16 payload, reused by dgrad"
 
 
+@pytest.mark.parametrize("name", ["mxfp4", "nvfp4", "mxfp8"])
+def test_saved_scales_cost_a_byte_per_block_and_come_back_bit_for_bit(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """E8M0 and E4M3-under-fp32 scale grids are kept for backward as one byte per block
+    (codes into a table of the tensor's distinct scales), as those formats store them,
+    not as 4-byte fp32; the backward reads the same fp32 scales: its gradients are bitwise
+    those of a layer that keeps the fp32 grids."""
+    from fp8train import autograd
+
+    x, dy = _data()
+    saved: list[torch.Tensor] = []
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        compact = _step(_layer(name), x, dy)
+    block = Recipe.from_name(name).input.block[1]
+    codes = [t for t in saved if t.dtype == torch.uint8 and t.shape == (M, K // block)]
+    assert codes, [(tuple(t.shape), t.dtype) for t in saved]  # x's scales: a byte per block
+    assert not any(t.dtype == torch.float32 and t.shape == (M, K // block) for t in saved)
+    tables = [t for t in saved if t.dtype == torch.float32 and t.dim() == 1]
+    assert tables and all(t.numel() <= 256 for t in tables)
+    monkeypatch.setattr(autograd, "_compact_scale", lambda scale, spec: (scale, None))
+    whole = _step(_layer(name), x, dy)
+    for got, want in zip(compact, whole, strict=True):
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
 def test_fp4_layers_run_the_eager_kernels_and_say_so(caplog: pytest.LogCaptureFixture) -> None:
     fp8train.autograd._announce_fp4_eager.cache_clear()
     layer = _layer("mxfp4", kernels="compiled")

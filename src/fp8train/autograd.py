@@ -578,6 +578,35 @@ class _Step:
             state.report_amax_jump(jump)
 
 
+# Scale grids whose format is one byte per block (MX's E8M0; NVFP4's E4M3 block scales
+# under one fp32 tensor scale) hold at most 256 distinct fp32 values per tensor. Kept for
+# backward as a byte per block indexing a table of those values (lossless: the same fp32
+# bits come back), what is saved costs what such a format costs, not 4 bytes per block.
+# The price is a sort of the grid per forward (and on a GPU, one sync for the table size).
+_MAX_TABLE = 256
+
+
+def _compact_scale(
+    scale: torch.Tensor | None, spec: ScaleSpec
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(codes, table)`` to save for ``scale``: uint8 codes into an fp32 table for a
+    byte-scaled spec, else ``(scale, None)``."""
+    if scale is None or not (spec.granularity is Granularity.MX or spec.scale_fmt is not None):
+        return scale, None
+    table, codes = torch.unique(scale, return_inverse=True)
+    if table.numel() > _MAX_TABLE:  # not for these formats' scales; kept whole if it were
+        return scale, None
+    return codes.to(torch.uint8), table
+
+
+def _expand_scale(codes: torch.Tensor | None, table: torch.Tensor | None) -> torch.Tensor | None:
+    """The scale grid :func:`_compact_scale` saved, bit for bit."""
+    if table is None:
+        return codes
+    assert codes is not None  # saved together
+    return table[codes.long()]
+
+
 def _saved_input(
     ctx: Any, x_saved: torch.Tensor, x_scale: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
@@ -745,7 +774,9 @@ class _Fp8Linear(torch.autograd.Function):
         w_fp8 = w_scale = None
         if qw is not None and keep_w and fp8_forward:
             w_fp8, w_scale = qw.stored, qw.scale
-        ctx.save_for_backward(x_saved, x_scale, weight, w_fp8, w_scale)
+        x_codes, x_table = _compact_scale(x_scale, recipe.input)
+        w_codes, w_table = _compact_scale(w_scale, recipe.weight)
+        ctx.save_for_backward(x_saved, x_codes, x_table, weight, w_fp8, w_codes, w_table)
         ctx.fp8_saved = fp8_saved
         ctx.fp8_forward = fp8_forward
         ctx.state = state
@@ -758,7 +789,10 @@ class _Fp8Linear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x_saved, x_scale, weight, w_fp8, w_scale = ctx.saved_tensors
+        x_saved, x_codes, x_table, weight, w_fp8, w_codes, w_table = ctx.saved_tensors
+        # None exactly where the forward saved none, as the saved tensors themselves.
+        x_scale: Any = _expand_scale(x_codes, x_table)
+        w_scale: Any = _expand_scale(w_codes, w_table)
         state: LayerState = ctx.state
         kernels: Kernels = ctx.kernels
         recipe = state.recipe
