@@ -578,33 +578,43 @@ class _Step:
             state.report_amax_jump(jump)
 
 
-# Scale grids whose format is one byte per block (MX's E8M0; NVFP4's E4M3 block scales
-# under one fp32 tensor scale) hold at most 256 distinct fp32 values per tensor. Kept for
-# backward as a byte per block indexing a table of those values (lossless: the same fp32
-# bits come back), what is saved costs what such a format costs, not 4 bytes per block.
-# The price is a sort of the grid per forward (and on a GPU, one sync for the table size).
+# Scale grids whose format is one byte per block are kept for backward as bytes, so that
+# what is saved costs what such a format costs, not 4 bytes per block; the backward reads
+# the same fp32 bits back. MX (E8M0): the scales are powers of two from 2^-125 to 2^127,
+# all normal in fp32, so a scale's exponent byte is its E8M0 code. NVFP4 (E4M3 block
+# scales under one fp32 tensor scale): at most 256 distinct fp32 values per tensor, kept
+# as a byte per block indexing a table of them (a sort per saved grid).
 _MAX_TABLE = 256
+_FP32_FRACTION_BITS = 23
 
 
 def _compact_scale(
     scale: torch.Tensor | None, spec: ScaleSpec
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """``(codes, table)`` to save for ``scale``: uint8 codes into an fp32 table for a
-    byte-scaled spec, else ``(scale, None)``."""
-    if scale is None or not (spec.granularity is Granularity.MX or spec.scale_fmt is not None):
-        return scale, None
-    table, codes = torch.unique(scale, return_inverse=True)
-    if table.numel() > _MAX_TABLE:  # not for these formats' scales; kept whole if it were
-        return scale, None
-    return codes.to(torch.uint8), table
+    """``(saved, table)`` for ``scale``: E8M0 codes for MX, codes into an fp32 table for
+    two-level scales, else ``(scale, None)``."""
+    if scale is None:
+        return None, None
+    if spec.granularity is Granularity.MX:
+        exponent = scale.view(torch.int32) >> _FP32_FRACTION_BITS  # sign 0, fraction 0
+        return exponent.to(torch.uint8), None
+    if spec.scale_fmt is not None:
+        table, codes = torch.unique(scale, return_inverse=True)
+        if table.numel() <= _MAX_TABLE:  # always, for E4M3 block scales
+            return codes.to(torch.uint8), table
+    return scale, None
 
 
-def _expand_scale(codes: torch.Tensor | None, table: torch.Tensor | None) -> torch.Tensor | None:
+def _expand_scale(
+    saved: torch.Tensor | None, table: torch.Tensor | None, spec: ScaleSpec
+) -> torch.Tensor | None:
     """The scale grid :func:`_compact_scale` saved, bit for bit."""
-    if table is None:
-        return codes
-    assert codes is not None  # saved together
-    return table[codes.long()]
+    if saved is None or saved.dtype != torch.uint8:
+        return saved
+    if table is not None:
+        return table[saved.long()]
+    assert spec.granularity is Granularity.MX  # the only other byte form
+    return (saved.to(torch.int32) << _FP32_FRACTION_BITS).view(torch.float32)
 
 
 def _saved_input(
@@ -790,10 +800,10 @@ class _Fp8Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x_saved, x_codes, x_table, weight, w_fp8, w_codes, w_table = ctx.saved_tensors
-        # None exactly where the forward saved none, as the saved tensors themselves.
-        x_scale: Any = _expand_scale(x_codes, x_table)
-        w_scale: Any = _expand_scale(w_codes, w_table)
         state: LayerState = ctx.state
+        # None exactly where the forward saved none, as the saved tensors themselves.
+        x_scale: Any = _expand_scale(x_codes, x_table, state.recipe.input)
+        w_scale: Any = _expand_scale(w_codes, w_table, state.recipe.weight)
         kernels: Kernels = ctx.kernels
         recipe = state.recipe
         gdtype = dy.dtype

@@ -586,12 +586,15 @@ def test_fp8_activations_save_one_byte_per_input_element(name: str, data: Data) 
     assert fp8_bytes < ref_bytes, f"FP8 layer saves {fp8_bytes} B, nn.Linear {ref_bytes} B"
     assert hp_bytes > fp8_bytes, f"save_fp8_activations=False saves {hp_bytes} B vs {fp8_bytes} B"
     # Exactly the input's other bytes per element, less its scale grid, which only the
-    # FP8 copy needs: fp32, or for one-byte scale formats (MX's E8M0, NVFP4's E4M3) a byte
-    # per block plus the table of the grid's distinct fp32 values.
+    # FP8 copy needs: fp32, or for one-byte scale formats a byte per block (MX: the E8M0
+    # code; NVFP4: an index into a table of the grid's distinct fp32 values).
     spec = recipe.input
     grid = fp8train.quantize(data.x.reshape(M, K), spec).scale
-    byte_scales = spec.granularity is fp8train.scaling.Granularity.MX or spec.scale_fmt
-    x_scale_bytes = grid.numel() + 4 * grid.unique().numel() if byte_scales else 4 * grid.numel()
+    x_scale_bytes = 4 * grid.numel()
+    if spec.granularity is fp8train.scaling.Granularity.MX:
+        x_scale_bytes = grid.numel()
+    elif spec.scale_fmt is not None:
+        x_scale_bytes = grid.numel() + 4 * grid.unique().numel()
     extra = int((data.x.element_size() - (0.5 if packed else 1)) * M * K)
     assert hp_bytes - fp8_bytes == extra - x_scale_bytes
 
