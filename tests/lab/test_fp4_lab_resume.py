@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lab_helpers import read_results
+from lab_helpers import read_results, tiny_compare
 
 from fp8train.lab.cli import main
 
@@ -16,7 +16,7 @@ STEPS = 7
 
 
 def _compare(out: Path, text_dir: Path, precisions: str, *extra: str, steps: int = STEPS) -> int:
-    args = ["compare", "--preset", "tiny", "--data", str(text_dir), "--steps", str(steps)]
+    args = tiny_compare(text_dir, "--steps", str(steps))
     return main([*args, "--precisions", precisions, "--out", str(out), "--quiet", *extra])
 
 

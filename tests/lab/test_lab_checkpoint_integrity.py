@@ -7,11 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from lab_helpers import read_results
+from lab_helpers import read_results, tiny_compare
 
 
 def _stopped_run(run_cli, text_dir: Path, out: Path) -> Path:
-    args = ["compare", "--preset", "tiny", "--data", str(text_dir), "--precisions", "bf16"]
+    args = tiny_compare(text_dir, "--precisions", "bf16")
     assert run_cli(*args, "--out", str(out), "--stop-at", "2") == 0
     return out / "checkpoints" / "bf16-seed0.pt"
 

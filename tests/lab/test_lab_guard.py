@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from lab_helpers import read_results
+from lab_helpers import read_results, tiny_compare
 from torch import nn
 
 from fp8train.lab.config import LabError, resolve
@@ -86,7 +86,7 @@ def test_the_outlier_lands_where_documented() -> None:
 
 
 def _compare(run_cli: Any, text_dir: Path, out: Path, precisions: str, *extra: str) -> dict:
-    args = ["compare", "--preset", "tiny", "--data", str(text_dir), "--kernels", "eager"]
+    args = tiny_compare(text_dir, "--kernels", "eager")
     assert run_cli(*args, "--precisions", precisions, "--out", str(out), *extra) == 0
     return read_results(out)
 
@@ -167,7 +167,7 @@ def test_a_rollback_replays_and_the_curve_keeps_one_point_per_step(
 def test_an_unknown_stress_layer_is_refused_with_the_layers_named(
     run_cli: Any, text_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    args = ["compare", "--preset", "tiny", "--data", str(text_dir), "--precisions", "bf16"]
+    args = tiny_compare(text_dir, "--precisions", "bf16")
     code = run_cli(*args, "--stress", "outlier:blocks.9.fc:3:1e6", "--out", str(tmp_path / "o"))
     assert code == 2
     err = capsys.readouterr().err
@@ -186,7 +186,7 @@ def test_a_resumed_guard_keeps_what_its_triggers_learnt(
     precisions = "bf16+guard,tensorwise+guard"
     full = _compare(run_cli, text_dir, tmp_path / "full", precisions, *extra)
     split = tmp_path / "split"
-    args = ["compare", "--preset", "tiny", "--data", str(text_dir), "--kernels", "eager"]
+    args = tiny_compare(text_dir, "--kernels", "eager")
     args += ["--precisions", precisions, "--out", str(split), *extra]
     assert run_cli(*args, "--stop-at", "18") == 0
     assert run_cli("compare", "--resume", "--out", str(split)) == 0

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lab_helpers import read_results
+from lab_helpers import read_results, tiny_compare
 
 from fp8train.lab.config import LabError, check_precision, recipe_of, uses_fp8_optimizer
 from fp8train.lab.memory import LiveTensorBytes, tensor_bytes
@@ -67,7 +67,7 @@ def test_ledger_table_gives_ratios_to_bf16() -> None:
 def test_lab_ledger_end_to_end(run_cli, text_dir: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "out"
     precisions = ["bf16", "bf16+fp8optim", "tensorwise", "tensorwise+fp8act+fp8optim"]
-    args = ["compare", "--preset", "tiny", "--data", str(text_dir), "--out", str(out)]
+    args = tiny_compare(text_dir, "--out", str(out))
     assert run_cli(*args, "--kernels", "eager", "--precisions", ",".join(precisions)) == 0
     runs = read_results(out)["runs"]
     ledgers = {p: runs[p]["memory"] for p in precisions}

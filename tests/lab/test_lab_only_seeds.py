@@ -6,30 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from lab_helpers import read_results
+from lab_helpers import read_results, tiny_compare
 
 PRECISIONS = "bf16,tensorwise"
 
 
 def _compare(run_cli, text_dir: Path, out: Path, *extra: str) -> int:
-    return run_cli(
-        "compare",
-        "--preset",
-        "tiny",
-        "--data",
-        str(text_dir),
-        "--steps",
-        "4",
-        "--seeds",
-        "2",
-        "--precisions",
-        PRECISIONS,
-        "--kernels",
-        "eager",
-        "--out",
-        str(out),
-        *extra,
-    )
+    options = ["--steps", "4", "--seeds", "2", "--precisions", PRECISIONS, "--kernels", "eager"]
+    return run_cli(*tiny_compare(text_dir, *options, "--out", str(out), *extra))
 
 
 def test_seeds_trained_apart_give_the_report_of_one_process(

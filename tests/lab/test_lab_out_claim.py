@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from lab_helpers import tiny_compare
 
 from fp8train.checkpoint import unique_tmp_path
 from fp8train.lab.compare import CLAIM_NAME, _write_json, claim_out_dir
@@ -55,7 +56,7 @@ def test_run_into_a_claimed_folder_writes_nothing(
     # early "already holds a run" check passes, the claim does not.
     out = tmp_path / "out"
     claim_out_dir(out)
-    args = ["compare", "--preset", "tiny", "--data", str(text_dir), "--precisions", "bf16"]
+    args = tiny_compare(text_dir, "--precisions", "bf16")
     assert run_cli(*args, "--out", str(out), "--stop-at", "1") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "already holds a run" in err, err
@@ -64,7 +65,7 @@ def test_run_into_a_claimed_folder_writes_nothing(
 
 def test_a_claimed_run_resumes_in_its_own_folder(run_cli, text_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    args = ["compare", "--preset", "tiny", "--data", str(text_dir), "--precisions", "bf16"]
+    args = tiny_compare(text_dir, "--precisions", "bf16")
     assert run_cli(*args, "--out", str(out), "--stop-at", "2") == 0
     assert (out / CLAIM_NAME).exists()
     assert run_cli("compare", "--resume", "--out", str(out)) == 0

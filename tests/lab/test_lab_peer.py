@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lab_helpers import read_results
+from lab_helpers import read_results, tiny_compare
 from torch import nn
 
 import fp8train
@@ -160,7 +160,7 @@ def test_compare_runs_the_peer_and_an_ablation_beside_bf16(run_cli, text_dir: Pa
     pytest.importorskip("torchao.float8")
     out = Path("out")
     precisions = ["bf16", "torchao-tensorwise", "tensorwise~nopow2~hpsave"]
-    args = ["compare", "--preset", "tiny", "--data", str(text_dir), "--out", str(out)]
+    args = tiny_compare(text_dir, "--out", str(out))
     assert run_cli(*args, "--kernels", "eager", "--precisions", ",".join(precisions)) == 0
     runs = read_results(out)["runs"]
     for p in precisions:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lab_helpers import FP8_PRECISIONS, read_results
+from lab_helpers import FP8_PRECISIONS, read_results, tiny_compare
 
 
 def run_split(
@@ -19,21 +19,8 @@ def run_split(
     stop_at: int | None,
     kernels: str = "compiled",
 ) -> None:
-    args = [
-        "compare",
-        "--preset",
-        "tiny",
-        "--data",
-        str(text_dir),
-        "--steps",
-        "7",
-        "--precisions",
-        precisions,
-        "--kernels",
-        kernels,
-        "--out",
-        str(out),
-    ]
+    options = ["--steps", "7", "--precisions", precisions, "--kernels", kernels]
+    args = tiny_compare(text_dir, *options, "--out", str(out))
     if stop_at is None:
         assert run_cli(*args) == 0
         return
@@ -79,20 +66,7 @@ def test_resume_of_finished_run_changes_nothing(run_cli, text_dir: Path, tmp_pat
 
 
 def test_resume_picks_newest_run_without_out(run_cli, text_dir: Path, tmp_path: Path) -> None:
-    assert (
-        run_cli(
-            "compare",
-            "--preset",
-            "tiny",
-            "--data",
-            str(text_dir),
-            "--precisions",
-            "bf16",
-            "--stop-at",
-            "2",
-        )
-        == 0
-    )
+    assert run_cli(*tiny_compare(text_dir, "--precisions", "bf16", "--stop-at", "2")) == 0
     assert run_cli("compare", "--resume") == 0
     (out,) = (tmp_path / "runs").iterdir()
     assert read_results(out)["runs"]["bf16"]["curves"]["train_step"][-1] == 6
@@ -114,7 +88,7 @@ def test_resume_fp8_recipe_is_bitwise_identical(
 
 def test_resume_refuses_a_changed_config(run_cli, text_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
-    base = ["compare", "--preset", "tiny", "--data", str(text_dir), "--precisions", "bf16"]
+    base = tiny_compare(text_dir, "--precisions", "bf16")
     assert run_cli(*base, "--out", str(out), "--stop-at", "2") == 0
     assert run_cli("compare", "--resume", "--out", str(out), "--steps", "9") == 2
     assert "steps is 6 there, not 9" in capsys.readouterr().err
@@ -130,7 +104,7 @@ def test_a_resume_may_add_precisions_and_seeds(
     """A finished comparison grown by a resume (a control row, more seeds) trains only
     the new runs, leaves the old ones as they were, and ends where a comparison of the
     grown set from scratch ends; dropping a precision or a seed is refused."""
-    base = ["compare", "--preset", "tiny", "--data", str(text_dir), "--kernels", "eager"]
+    base = tiny_compare(text_dir, "--kernels", "eager")
     grown = tmp_path / "grown"
     assert run_cli(*base, "--precisions", "bf16", "--out", str(grown)) == 0
     first = grown / "checkpoints" / "bf16-seed0.pt"

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lab_helpers import FP8_PRECISIONS, read_results
+from lab_helpers import FP8_PRECISIONS, read_results, tiny_compare
 
 import fp8train.matmul
 
@@ -98,24 +98,8 @@ def test_compare_tiny_fp32_bf16(run_cli, text_dir: Path, tmp_path: Path) -> None
 
 def test_compare_two_seeds_reports_standard_error(run_cli, text_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    assert (
-        run_cli(
-            "compare",
-            "--preset",
-            "tiny",
-            "--data",
-            str(text_dir),
-            "--steps",
-            "3",
-            "--precisions",
-            "bf16,fp32",
-            "--seeds",
-            "2",
-            "--out",
-            str(out),
-        )
-        == 0
-    )
+    options = ["--steps", "3", "--precisions", "bf16,fp32", "--seeds", "2", "--out", str(out)]
+    assert run_cli(*tiny_compare(text_dir, *options)) == 0
     results = check_outputs(out, ["bf16", "fp32"], steps=3)
     fp32 = results["runs"]["fp32"]
     assert results["seeds"] == [0, 1]

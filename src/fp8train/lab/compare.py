@@ -182,9 +182,10 @@ def run_all(
     if distributed:
         torch.distributed.barrier()  # every rank has checked config.json before it is written
     main = fd.is_main()
-    if resume and from_dict(saved["config"]) != config:
+    saved_config = from_dict(saved["config"]) if resume else config
+    if saved_config != config:
         # Grown by the resume (more precisions or seeds): later resumes continue this one.
-        if not trains_alike(from_dict(saved["config"]), config):
+        if not trains_alike(saved_config, config):
             raise LabError(f"--resume: {out} was made with another config")
         if main:
             _write_json(config_path, {**saved, "config": asdict(config)})
