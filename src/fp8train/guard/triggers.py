@@ -216,9 +216,10 @@ class ScalarTriggers:
             values = state.get(name) if isinstance(state, dict) else None
             try:
                 floats = [float(v) for v in values]  # type: ignore[union-attr]
+                ok = all(math.isfinite(v) for v in floats)
             except (TypeError, ValueError):
-                floats = [math.nan]
-            if not all(math.isfinite(v) for v in floats):
+                ok = False
+            if not ok:
                 raise ValueError(f"guard state: the {name} window is malformed: {values!r}")
             windows[name] = floats
         self.losses = deque(windows["losses"], maxlen=self.thresholds.window)
